@@ -1,0 +1,70 @@
+"""The exception tree of agentcg, raised once where the OS or the input fails.
+
+    AgentcgError                  base; `exit_code` says what the CLI returns
+     ├── InvalidInput             malformed sizes, durations, names, config (exit 2)
+     ├── HostUnsupported          the host lacks a kernel feature agentcg needs
+     │    └── ControllerMissing   a cgroup controller is not available on this host
+     ├── CgroupError              a cgroup operation failed
+     │    ├── CgroupGone          the cgroup vanished underneath us
+     │    ├── CgroupExists        creating a cgroup that is already there
+     │    ├── CgroupBusy          could not be emptied or removed in bounded retries
+     │    └── AccessDenied        the kernel refused (EPERM/EACCES)
+     ├── BpfError                 compiling, loading or attaching a BPF program failed
+     ├── TraceError               a trace is unreadable, of an unknown version, or incomplete
+     └── ProtocolError            a malformed or refused daemon/engine message
+
+Every message says what went wrong and, where there is one, how to fix it.
+"""
+from __future__ import annotations
+
+
+class AgentcgError(Exception):
+    """Base of all agentcg errors."""
+
+    exit_code = 1
+
+
+class InvalidInput(AgentcgError, ValueError):
+    """Input that cannot be used as given: a malformed size, name, option or file."""
+
+    exit_code = 2
+
+
+class HostUnsupported(AgentcgError):
+    """The host lacks a feature; the message names it and the fix (see `agentcg doctor`)."""
+
+
+class ControllerMissing(HostUnsupported):
+    """A cgroup controller (memory, cpu, pids, freezer) is not available where needed."""
+
+
+class CgroupError(AgentcgError):
+    """A cgroup operation failed."""
+
+
+class CgroupGone(CgroupError):
+    """The cgroup no longer exists (removed by someone else, or never created)."""
+
+
+class CgroupExists(CgroupError):
+    """The cgroup to create is already there."""
+
+
+class CgroupBusy(CgroupError):
+    """The cgroup still has processes or children after bounded retries."""
+
+
+class AccessDenied(CgroupError, PermissionError):
+    """The kernel refused the operation: not root, or a delegation boundary."""
+
+
+class BpfError(AgentcgError):
+    """A BPF program could not be compiled, loaded or attached."""
+
+
+class TraceError(AgentcgError):
+    """A trace could not be read or written: version, columns or layout are wrong."""
+
+
+class ProtocolError(AgentcgError):
+    """A daemon or engine protocol message was malformed, oversized or not allowed."""

@@ -1,0 +1,106 @@
+"""Records that cross parts: written by the controller, read by the profiler, the
+daemon and the policies. Plain dataclasses in base units, serialised as JSON lines.
+
+Field names carry their unit (`_bytes`, `_s`); `None` means "not measured" (for
+example no eBPF on the host), never zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentcg.errors import InvalidInput
+
+RECORD_VERSION = 1
+COMMAND_MAX_CHARS = 512
+
+
+def truncate_command(argv: list[str] | str, limit: int = COMMAND_MAX_CHARS) -> str:
+    text = argv if isinstance(argv, str) else " ".join(argv)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class ToolCallRecord:
+    """One tool call: a command run in its own cgroup, and what it cost."""
+
+    sandbox: str
+    call_id: str
+    tool: str
+    command: str
+    start_monotonic_s: float
+    start_wall_s: float
+    end_monotonic_s: float | None = None
+    end_wall_s: float | None = None
+    exit_code: int | None = None          # set when the call exited
+    signal: int | None = None             # set when it was killed by a signal
+    oom_killed: bool = False
+    priority: str = "normal"
+    mem_hint_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # from the cgroup (memory.peak / max_usage)
+    peak_rss_bytes: int | None = None     # from eBPF kmem:rss_stat
+    cpu_s: float | None = None
+    runq_latency_p50_s: float | None = None
+    runq_latency_p99_s: float | None = None
+    page_faults: int | None = None
+    reclaim_stall_s: float | None = None
+    block_read_bytes: int | None = None
+    block_write_bytes: int | None = None
+    processes: int | None = None          # processes seen forked in the call
+    policy_action: str | None = None      # last action a policy took on the call
+    message: str | None = None            # what the agent is told (why it was killed)
+    version: int = RECORD_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.end_monotonic_s is None:
+            return None
+        return self.end_monotonic_s - self.start_monotonic_s
+
+    @property
+    def outcome(self) -> str:
+        if self.end_monotonic_s is None:
+            return "running"
+        if self.oom_killed:
+            return "oom_killed"
+        if self.policy_action == "kill":
+            return "policy_killed"
+        if self.signal is not None:
+            return "signaled"
+        return "ok" if self.exit_code == 0 else "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["duration_s"] = self.duration_s
+        data["outcome"] = self.outcome
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ToolCallRecord":
+        if not isinstance(data, dict):
+            raise InvalidInput(f"tool-call record: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", RECORD_VERSION)
+        if version != RECORD_VERSION:
+            raise InvalidInput(
+                f"tool-call record version {version} is not supported (this agentcg reads {RECORD_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("sandbox", "call_id", "tool", "command", "start_monotonic_s", "start_wall_s")
+                   if n not in data]
+        if missing:
+            raise InvalidInput(f"tool-call record lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, line: str) -> "ToolCallRecord":
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"tool-call record is not valid JSON: {exc}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,1 @@
+"""agentcg.bpf: eBPF programs (C, loaded with bcc) on tracepoints, keyed by cgroup id."""

@@ -1,0 +1,1 @@
+"""agentcg.gpu: NVML sampling, the tiered KV-cache store and the reference engine."""

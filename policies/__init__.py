@@ -1,0 +1,1 @@
+"""agentcg.policies: pure decisions. Observed state in, actions out; no I/O here."""

@@ -1,0 +1,1 @@
+"""agentcg.profiler: traces, reports, plots, importers and simulation."""
