@@ -1,0 +1,1 @@
+"""Importers of external traces into agentcg traces."""
