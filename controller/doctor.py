@@ -16,11 +16,9 @@ Statuses:
 """
 from __future__ import annotations
 
-import errno
 import gzip
 import os
 import re
-import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
+from agentcg.controller.doctor_btf import btf_has_struct, read_btf
 from agentcg.errors import HostUnsupported, InvalidInput
 
 OK, WARNING, MISSING, UNSUPPORTED = "ok", "warning", "missing", "unsupported"
@@ -207,44 +206,6 @@ def probe_kernel(host: _Host) -> Check:
     return Check("kernel", OK, text, "", data)
 
 
-# Two instructions, `r0 = 0; exit`, as a socket filter: the smallest program bpf(2) loads.
-_TINY_PROGRAM = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
-_BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-_BPF_PROG_LOAD, _BPF_PROG_TYPE_SOCKET_FILTER = 5, 1
-
-
-def probe_bpf_syscall(host: _Host) -> Check:
-    import ctypes
-
-    machine = os.uname().machine
-    number = _BPF_SYSCALL_NR.get(machine)
-    if number is None:
-        return Check("bpf_syscall", WARNING, f"bpf(2) not probed directly on {machine}; see bcc_load", "")
-    insns = ctypes.create_string_buffer(_TINY_PROGRAM, len(_TINY_PROGRAM))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    # union bpf_attr, BPF_PROG_LOAD prefix: prog_type, insn_cnt, insns, license, log_level,
-    # log_size, log_buf, kern_version (+4 bytes pad); the kernel zero-fills the rest.
-    attr = struct.pack("<IIQQIIQI4x", _BPF_PROG_TYPE_SOCKET_FILTER, len(_TINY_PROGRAM) // 8,
-                       ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0, 0)
-    attr_buf = ctypes.create_string_buffer(attr, len(attr))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(ctypes.c_long(number), ctypes.c_long(_BPF_PROG_LOAD),
-                      ctypes.c_void_p(ctypes.addressof(attr_buf)), ctypes.c_long(len(attr)))
-    if fd >= 0:
-        os.close(fd)
-        return Check("bpf_syscall", OK, "bpf(2) loaded a 2-instruction socket filter", "")
-    err = ctypes.get_errno()
-    if err == errno.ENOSYS:
-        return Check("bpf_syscall", UNSUPPORTED, "bpf(2) does not exist (CONFIG_BPF_SYSCALL not set)",
-                     "use a kernel built with CONFIG_BPF_SYSCALL=y")
-    if err in (errno.EPERM, errno.EACCES):
-        return Check("bpf_syscall", MISSING, f"bpf(2) refused: {os.strerror(err)}",
-                     "run as root (or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
-    return Check("bpf_syscall", MISSING, f"bpf(2) PROG_LOAD failed: {os.strerror(err)}",
-                 "check dmesg and `sysctl kernel.unprivileged_bpf_disabled`")
-
-
 def probe_bpf_jit(host: _Host) -> Check:
     path = host.roots.proc / "sys/net/core/bpf_jit_enable"
     value = _read_text(path)
@@ -258,71 +219,6 @@ def probe_bpf_jit(host: _Host) -> Check:
                      f"{', always on' if always_on else ''})", "", data)
     return Check("bpf_jit", MISSING, f"JIT disabled (bpf_jit_enable={value}): programs run interpreted",
                  "sysctl -w net.core.bpf_jit_enable=1", data)
-
-
-BTF_MAGIC = 0xEB9F
-_BTF_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off/len, str_off/len
-
-
-@dataclass(frozen=True)
-class BtfStrings:
-    """The string section of a raw BTF blob, and where the type section is."""
-
-    blob: bytes
-    types: memoryview
-    strings: bytes
-
-    def has_name(self, name: str) -> bool:
-        return self.name_offset(name) is not None
-
-    def name_offset(self, name: str) -> int | None:
-        needle = name.encode()
-        if self.strings.startswith(needle + b"\0"):
-            return 0
-        found = self.strings.find(b"\0" + needle + b"\0")
-        return None if found < 0 else found + 1
-
-
-def read_btf(path: Path) -> BtfStrings:
-    """Reads a raw BTF blob (/sys/kernel/btf/vmlinux); raises HostUnsupported if it is not one."""
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise HostUnsupported(f"cannot read {path}: {exc.strerror}") from None
-    if len(blob) < _BTF_HEADER.size:
-        raise HostUnsupported(f"{path} is too short to be BTF ({len(blob)} bytes)")
-    magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = _BTF_HEADER.unpack_from(blob)
-    if magic != BTF_MAGIC or hdr_len + max(type_off + type_len, str_off + str_len) > len(blob):
-        raise HostUnsupported(f"{path} is not a raw BTF blob (magic {magic:#x})")
-    view = memoryview(blob)
-    return BtfStrings(blob=blob, types=view[hdr_len + type_off: hdr_len + type_off + type_len],
-                      strings=blob[hdr_len + str_off: hdr_len + str_off + str_len])
-
-
-# Bytes that follow each 12-byte BTF type record, by kind (include/uapi/linux/btf.h).
-_BTF_KIND_STRUCT = 4
-_BTF_EXTRA: dict[int, Callable[[int], int]] = {
-    1: lambda vlen: 4, 3: lambda vlen: 12, 4: lambda vlen: 12 * vlen, 5: lambda vlen: 12 * vlen,
-    6: lambda vlen: 8 * vlen, 13: lambda vlen: 8 * vlen, 14: lambda vlen: 4,
-    15: lambda vlen: 12 * vlen, 17: lambda vlen: 4, 19: lambda vlen: 12 * vlen,
-}
-
-
-def btf_has_struct(btf: BtfStrings, name: str) -> bool:
-    """True when a STRUCT type named `name` is in the blob: a string-section search first
-    (fast, and enough to say no), then a walk of the type section to confirm the kind."""
-    offset = btf.name_offset(name)
-    if offset is None:
-        return False
-    types, pos = btf.types, 0
-    while pos + 12 <= len(types):
-        name_off, info = struct.unpack_from("<II", types, pos)
-        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if name_off == offset and kind == _BTF_KIND_STRUCT:
-            return True
-        extra = _BTF_EXTRA.get(kind)
-        pos += 12 + (extra(vlen) if extra else 0)
-    return False
 
 
 def probe_btf(host: _Host) -> Check:
@@ -563,6 +459,11 @@ def probe_zswap(host: _Host) -> Check:
                  "echo Y > /sys/module/zswap/parameters/enabled (zswap caches swap: enable swap too)", data)
 
 
+def _probe_bpf_syscall(host: _Host) -> Check:
+    from agentcg.controller.doctor_bpf import probe_bpf_syscall
+    return probe_bpf_syscall()
+
+
 def _probe_bcc(host: _Host) -> Check:
     from agentcg.controller.doctor_bpf import probe_bcc
     return probe_bcc()
@@ -606,7 +507,7 @@ def _text(value: str | bytes) -> str:
 
 
 _PROBES: dict[str, Callable[[_Host], Check]] = {
-    "kernel": probe_kernel, "bpf_syscall": probe_bpf_syscall, "bpf_jit": probe_bpf_jit,
+    "kernel": probe_kernel, "bpf_syscall": _probe_bpf_syscall, "bpf_jit": probe_bpf_jit,
     "btf": probe_btf, "tracefs": probe_tracefs, "bcc": _probe_bcc, "bcc_load": _probe_bcc_load,
     "kernel_headers": probe_kernel_headers, "kprobes": probe_kprobes, "uprobes": probe_uprobes,
     "sched_ext": probe_sched_ext, "memcg_bpf_struct_ops": probe_memcg_bpf_struct_ops,

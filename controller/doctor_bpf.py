@@ -1,15 +1,19 @@
-"""The doctor's bcc probes: is bcc importable, and can it really compile, load and
-attach a tracepoint program on this kernel? Imported only when those checks run."""
+"""The doctor's live BPF probes: does bpf(2) load a program, is bcc importable, and can
+it really compile, load and attach a tracepoint program on this kernel? Imported only
+when those checks run."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import struct
 import tempfile
 import time
 
-from agentcg.controller.doctor import MISSING, OK, SETUP_FIX, Check
+from agentcg.controller.doctor import MISSING, OK, SETUP_FIX, UNSUPPORTED, WARNING, Check
 from agentcg.errors import BpfError
 
 # Counts execs seen by sched:sched_process_exec into one array slot. Tracepoint args and
@@ -28,6 +32,42 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 _EXEC_TIMEOUT_S = 5.0
 _STDERR_TAIL_LINES = 3
 _BCC_FIX = f"apt-get install python3-bpfcc, then {SETUP_FIX} (links it into the venv)"
+
+
+# Two instructions, `r0 = 0; exit`, as a socket filter: the smallest program bpf(2) loads.
+_TINY_PROGRAM = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+_BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+_BPF_PROG_LOAD, _BPF_PROG_TYPE_SOCKET_FILTER = 5, 1
+
+
+def probe_bpf_syscall() -> Check:
+    machine = os.uname().machine
+    number = _BPF_SYSCALL_NR.get(machine)
+    if number is None:
+        return Check("bpf_syscall", WARNING, f"bpf(2) not probed directly on {machine}; see bcc_load", "")
+    insns = ctypes.create_string_buffer(_TINY_PROGRAM, len(_TINY_PROGRAM))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    # union bpf_attr, BPF_PROG_LOAD prefix: prog_type, insn_cnt, insns, license, log_level,
+    # log_size, log_buf, kern_version (+4 bytes pad); the kernel zero-fills the rest.
+    attr = struct.pack("<IIQQIIQI4x", _BPF_PROG_TYPE_SOCKET_FILTER, len(_TINY_PROGRAM) // 8,
+                       ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0, 0)
+    attr_buf = ctypes.create_string_buffer(attr, len(attr))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(ctypes.c_long(number), ctypes.c_long(_BPF_PROG_LOAD),
+                      ctypes.c_void_p(ctypes.addressof(attr_buf)), ctypes.c_long(len(attr)))
+    if fd >= 0:
+        os.close(fd)
+        return Check("bpf_syscall", OK, "bpf(2) loaded a 2-instruction socket filter", "")
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        return Check("bpf_syscall", UNSUPPORTED, "bpf(2) does not exist (CONFIG_BPF_SYSCALL not set)",
+                     "use a kernel built with CONFIG_BPF_SYSCALL=y")
+    if err in (errno.EPERM, errno.EACCES):
+        return Check("bpf_syscall", MISSING, f"bpf(2) refused: {os.strerror(err)}",
+                     "run as root (or grant CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
+    return Check("bpf_syscall", MISSING, f"bpf(2) PROG_LOAD failed: {os.strerror(err)}",
+                 "check dmesg and `sysctl kernel.unprivileged_bpf_disabled`")
 
 
 def probe_bcc() -> Check:
