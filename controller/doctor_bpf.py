@@ -18,7 +18,7 @@ from agentcg.errors import BpfError
 
 # Counts execs seen by sched:sched_process_exec into one array slot. Tracepoint args and
 # helpers only: the headers may be of another kernel version than the running one.
-PROBE_PROGRAM = r"""
+PROBE_PROGRAM = rb"""
 BPF_ARRAY(agentcg_doctor_execs, u64, 1);
 
 TRACEPOINT_PROBE(sched, sched_process_exec) {
@@ -138,5 +138,5 @@ def _trigger_and_count(program) -> int:
     true = shutil.which("true") or sys.executable
     argv = [true] if true != sys.executable else [true, "-c", ""]
     subprocess.run(argv, check=True, timeout=_EXEC_TIMEOUT_S)
-    table = program["agentcg_doctor_execs"]
+    table = program[b"agentcg_doctor_execs"]
     return int(table[table.Key(0)].value)
