@@ -1,0 +1,354 @@
+"""The characterisation of recorded sessions: pure functions from a trace's tables to
+typed results, then a text or JSON rendering.
+
+Definitions (docs/profiling.md explains them for users):
+- wall time: `setup_s` (before the first observation), traced time (first to last
+  observation) split into tool time (the union of tool-call intervals) and agent time
+  (the rest: the agent and its LLM requests), and `untraced_s` (known but not observed).
+- a memory burst: a run of samples whose memory is at least `burst_threshold_bytes`
+  above the lowest sample of the preceding `burst_window_s`; it is inside a tool call
+  when its rise (from that lowest sample to the run's peak) overlaps a tool call.
+- static-limit waste: a limit set at the session's peak memory for the whole traced
+  time, minus the memory used: the integral of (peak - used) over time, in GB*s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agentcg.errors import TraceError
+from agentcg.profiler.trace import EVENT_OOM_KILL, EVENT_POLICY_ACTION, TABLES, Trace
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+DEFAULT_BURST_THRESHOLD_BYTES = 300 * 1000**2     # 300 MB, decimal like podman and the study
+DEFAULT_BURST_WINDOW_S = 10.0
+MB, GB = 1000**2, 1000**3
+
+
+@dataclass(frozen=True)
+class WallSplit:
+    setup_s: float
+    tool_s: float
+    agent_s: float
+    untraced_s: float | None
+
+    @property
+    def traced_s(self) -> float:
+        return self.tool_s + self.agent_s
+
+    @property
+    def total_s(self) -> float:
+        return self.setup_s + self.traced_s + (self.untraced_s or 0.0)
+
+
+@dataclass(frozen=True)
+class ToolStats:
+    tool: str
+    count: int
+    duration_p50_s: float | None
+    duration_p95_s: float | None
+    peak_memory_measured: int                  # calls with a peak (a sample inside the call)
+    peak_memory_p50_bytes: int | None
+    peak_memory_p95_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Burst:
+    rise_start_s: float
+    peak_s: float
+    rise_bytes: int
+    in_tool_call: bool
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    samples: int
+    peak_bytes: int
+    mean_bytes: float
+    peak_to_mean: float | None
+    bursts: int
+    bursts_in_tool_calls: int
+    used_gb_s: float
+    static_waste_gb_s: float                   # limit at peak, minus used, over traced time
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    session_id: str
+    source: str
+    wall: WallSplit
+    tool_calls: int
+    llm_requests: int
+    input_tokens: int
+    output_tokens: int
+    memory: MemoryStats | None                 # None: no memory samples in the trace
+    tools: list[ToolStats]
+    oom_kills: int
+    policy_actions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AggregateReport:
+    sessions: int
+    wall: WallSplit
+    tool_calls: int
+    llm_requests: int
+    tools: list[ToolStats]
+    peak_to_mean_p50: float | None
+    peak_to_mean_max: float | None
+    peak_to_mean_max_session: str | None
+    bursts: int
+    bursts_in_tool_calls: int
+    static_waste_gb_s: float
+    used_gb_s: float
+    oom_kills: int
+    policy_actions: dict[str, int]
+
+    @property
+    def burst_share_in_tool_calls(self) -> float | None:
+        return self.bursts_in_tool_calls / self.bursts if self.bursts else None
+
+
+@dataclass(frozen=True)
+class Report:
+    burst_threshold_bytes: int
+    burst_window_s: float
+    aggregate: AggregateReport
+    sessions: list[SessionReport] = field(default_factory=list)
+
+
+def merge_traces(traces: list[Trace]) -> Trace:
+    """One trace of several; a session id that appears in two traces is an error."""
+    import pandas as pd
+
+    if len(traces) == 1:
+        return traces[0]
+    ids = pd.concat([t.sessions["session_id"] for t in traces], ignore_index=True)
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise TraceError(f"session {dup.iloc[0]!r} appears in more than one trace; report them separately")
+    merged = {name: pd.concat([t.table(name) for t in traces], ignore_index=True) for name in TABLES}
+    return Trace(**merged, source="+".join(sorted({t.source for t in traces})))
+
+
+def build_report(trace: Trace, *, burst_threshold_bytes: int = DEFAULT_BURST_THRESHOLD_BYTES,
+                 burst_window_s: float = DEFAULT_BURST_WINDOW_S) -> Report:
+    calls_by = dict(tuple(trace.toolcalls.groupby("session_id", sort=False)))
+    samples = trace.samples[trace.samples["scope"] == "sandbox"]
+    samples_by = dict(tuple(samples.groupby("session_id", sort=False)))
+    llm_by = dict(tuple(trace.llm_requests.groupby("session_id", sort=False)))
+    events_by = dict(tuple(trace.events.groupby("session_id", sort=False)))
+    sessions = []
+    for row in trace.sessions.sort_values("session_id").itertuples(index=False):
+        sid = row.session_id
+        calls = calls_by.get(sid, trace.toolcalls.iloc[:0])
+        llm = llm_by.get(sid, trace.llm_requests.iloc[:0])
+        events = events_by.get(sid, trace.events.iloc[:0])
+        sessions.append(SessionReport(
+            session_id=sid, source=str(row.source), wall=wall_split(row, calls),
+            tool_calls=len(calls), llm_requests=len(llm),
+            input_tokens=int(llm["input_tokens"].sum()), output_tokens=int(llm["output_tokens"].sum()),
+            memory=memory_stats(samples_by.get(sid), calls, burst_threshold_bytes, burst_window_s),
+            tools=tool_stats(calls), oom_kills=oom_kills(calls, events),
+            policy_actions=policy_actions(events)))
+    return Report(burst_threshold_bytes, burst_window_s, aggregate(sessions, trace.toolcalls), sessions)
+
+
+def _na(value: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def wall_split(session: Any, calls: "pd.DataFrame") -> WallSplit:
+    start, end = float(session.start_s), float(session.end_s)
+    if _na(start) or _na(end):
+        raise TraceError(f"session {session.session_id!r} has no start_s/end_s; was it closed?")
+    intervals = sorted(zip(calls["start_wall_s"].clip(start, end), calls["end_wall_s"].fillna(end).clip(start, end)))
+    tool_s, cursor = 0.0, start
+    for lo, hi in intervals:            # length of the union of the intervals
+        lo = max(lo, cursor)
+        if hi > lo:
+            tool_s += hi - lo
+            cursor = hi
+    setup = 0.0 if _na(session.setup_s) else float(session.setup_s)
+    untraced = None if _na(session.untraced_s) else float(session.untraced_s)
+    return WallSplit(setup, tool_s, (end - start) - tool_s, untraced)
+
+
+def _percentile(values: "np.ndarray", q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def tool_stats(calls: "pd.DataFrame") -> list[ToolStats]:
+    out = []
+    durations = (calls["end_monotonic_s"] - calls["start_monotonic_s"]).astype("float64")
+    for tool, group in calls.groupby("tool", sort=False):
+        dur = durations[group.index].dropna().to_numpy()
+        peaks = group["peak_memory_bytes"].dropna().to_numpy(dtype="float64")
+        p50, p95 = _percentile(peaks, 50), _percentile(peaks, 95)
+        out.append(ToolStats(str(tool), len(group), _percentile(dur, 50), _percentile(dur, 95), len(peaks),
+                             None if p50 is None else int(p50), None if p95 is None else int(p95)))
+    return sorted(out, key=lambda t: (-t.count, t.tool))
+
+
+def find_bursts(times: "np.ndarray", memory: "np.ndarray", calls: "pd.DataFrame",
+                threshold_bytes: int, window_s: float) -> list[Burst]:
+    import numpy as np
+
+    starts = calls["start_wall_s"].to_numpy(dtype="float64")
+    ends = calls["end_wall_s"].to_numpy(dtype="float64", na_value=np.inf)
+    lows = np.searchsorted(times, times - window_s, side="left")
+    bursts: list[Burst] = []
+    run: list[tuple[int, int]] = []            # (sample, its lowest earlier sample)
+    for i in range(len(times) + 1):
+        if i < len(times):
+            j = lows[i] + int(np.argmin(memory[lows[i]:i + 1]))
+            if memory[i] - memory[j] >= threshold_bytes:
+                run.append((i, j))
+                continue
+        if run:
+            peak, base = max(run, key=lambda pair: memory[pair[0]])
+            rise_start = times[min(b for _, b in run)]
+            inside = bool(np.any((starts <= times[peak]) & (ends >= rise_start)))
+            bursts.append(Burst(float(rise_start), float(times[peak]),
+                                int(memory[peak] - memory[base]), inside))
+            run = []
+    return bursts
+
+
+def memory_stats(samples: "pd.DataFrame | None", calls: "pd.DataFrame", threshold_bytes: int,
+                 window_s: float) -> MemoryStats | None:
+    import numpy as np
+
+    if samples is None:
+        return None
+    measured = samples[samples["memory_bytes"].notna()].sort_values("time_s")
+    if measured.empty:
+        return None
+    times = measured["time_s"].to_numpy(dtype="float64")
+    memory = measured["memory_bytes"].to_numpy(dtype="float64")
+    peak, mean = float(memory.max()), float(memory.mean())
+    used = float(np.trapezoid(memory, times)) if len(times) > 1 else 0.0
+    waste = float(np.trapezoid(peak - memory, times)) if len(times) > 1 else 0.0
+    bursts = find_bursts(times, memory, calls, threshold_bytes, window_s)
+    return MemoryStats(len(times), int(peak), mean, peak / mean if mean > 0 else None, len(bursts),
+                       sum(b.in_tool_call for b in bursts), used / GB, waste / GB)
+
+
+def oom_kills(calls: "pd.DataFrame", events: "pd.DataFrame") -> int:
+    ooms = events[events["kind"] == EVENT_OOM_KILL]
+    killed = set(calls.loc[calls["oom_killed"].fillna(False).astype(bool), "call_id"])
+    return len(ooms) + len(killed - set(ooms["call_id"].dropna()))
+
+
+def policy_actions(events: "pd.DataFrame") -> dict[str, int]:
+    actions = events.loc[events["kind"] == EVENT_POLICY_ACTION, "action"].fillna("unknown")
+    return {str(k): int(v) for k, v in actions.value_counts().sort_index().items()}
+
+
+def aggregate(sessions: list[SessionReport], all_calls: "pd.DataFrame") -> AggregateReport:
+    import numpy as np
+
+    walls = [s.wall for s in sessions]
+    untraced = [w.untraced_s for w in walls if w.untraced_s is not None]
+    mems = [(s.session_id, s.memory) for s in sessions if s.memory is not None]
+    ratios = [(m.peak_to_mean, sid) for sid, m in mems if m.peak_to_mean is not None]
+    actions: dict[str, int] = {}
+    for s in sessions:
+        for action, n in s.policy_actions.items():
+            actions[action] = actions.get(action, 0) + n
+    top = max(ratios) if ratios else (None, None)
+    return AggregateReport(
+        sessions=len(sessions),
+        wall=WallSplit(sum(w.setup_s for w in walls), sum(w.tool_s for w in walls),
+                       sum(w.agent_s for w in walls), sum(untraced) if untraced else None),
+        tool_calls=sum(s.tool_calls for s in sessions), llm_requests=sum(s.llm_requests for s in sessions),
+        tools=tool_stats(all_calls[all_calls["session_id"].isin({s.session_id for s in sessions})]),
+        peak_to_mean_p50=float(np.median([r for r, _ in ratios])) if ratios else None,
+        peak_to_mean_max=top[0], peak_to_mean_max_session=top[1],
+        bursts=sum(m.bursts for _, m in mems), bursts_in_tool_calls=sum(m.bursts_in_tool_calls for _, m in mems),
+        static_waste_gb_s=sum(m.static_waste_gb_s for _, m in mems), used_gb_s=sum(m.used_gb_s for _, m in mems),
+        oom_kills=sum(s.oom_kills for s in sessions), policy_actions=actions)
+
+
+# -- rendering -------------------------------------------------------------------
+def to_jsonable(report: Report) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    data = dataclasses.asdict(report)
+    data["aggregate"]["burst_share_in_tool_calls"] = report.aggregate.burst_share_in_tool_calls
+    for out, src in [(data["aggregate"]["wall"], report.aggregate.wall)] + [
+            (d["wall"], s.wall) for d, s in zip(data["sessions"], report.sessions)]:
+        out["traced_s"], out["total_s"] = src.traced_s, src.total_s
+    return clean(data)
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(to_jsonable(report), indent=1, allow_nan=False)
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / MB:,.0f}"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
+
+
+def render_tools(tools: list[ToolStats]) -> list[str]:
+    lines = [f"{'tool':<14}{'calls':>7}{'dur p50 s':>11}{'dur p95 s':>11}{'measured':>10}"
+             f"{'peak p50 MB':>13}{'peak p95 MB':>13}"]
+    for t in tools:
+        lines.append(f"{t.tool:<14}{t.count:>7}{_s(t.duration_p50_s):>11}{_s(t.duration_p95_s):>11}"
+                     f"{t.peak_memory_measured:>10}{_mb(t.peak_memory_p50_bytes):>13}{_mb(t.peak_memory_p95_bytes):>13}")
+    return lines
+
+
+def render_text(report: Report) -> str:
+    agg, w = report.aggregate, report.aggregate.wall
+    share = agg.burst_share_in_tool_calls
+    lines = [
+        f"sessions: {agg.sessions}   tool calls: {agg.tool_calls}   LLM requests: {agg.llm_requests}",
+        f"wall time: {w.total_s / 3600:.2f} h = setup {_pct(w.setup_s, w.total_s)}, tool calls "
+        f"{_pct(w.tool_s, w.total_s)}, agent/LLM {_pct(w.agent_s, w.total_s)}, untraced "
+        f"{_pct(w.untraced_s or 0.0, w.total_s)}",
+        f"peak-to-mean memory: median {agg.peak_to_mean_p50 or 0:.2f}, max {agg.peak_to_mean_max or 0:.2f} "
+        f"({agg.peak_to_mean_max_session or '-'})",
+        f"memory bursts (>= {report.burst_threshold_bytes / MB:.0f} MB within {report.burst_window_s:g} s): "
+        f"{agg.bursts}, in tool calls {agg.bursts_in_tool_calls}"
+        + (f" ({share:.0%})" if share is not None else ""),
+        f"static limit at each session's peak: {agg.static_waste_gb_s:,.0f} GB*s wasted of "
+        f"{agg.static_waste_gb_s + agg.used_gb_s:,.0f} GB*s allocated",
+        f"OOM kills: {agg.oom_kills}   policy actions: "
+        + (", ".join(f"{k} {v}" for k, v in agg.policy_actions.items()) or "none"),
+        "", *render_tools(agg.tools), "",
+        f"{'session':<44}{'traced s':>9}{'setup s':>8}{'tool':>6}{'agent':>6}{'calls':>6}{'LLM':>5}"
+        f"{'peak MB':>9}{'mean MB':>9}{'peak/mean':>10}{'bursts':>8}{'waste GB*s':>11}{'OOM':>4}",
+    ]
+    for s in report.sessions:
+        m, sw = s.memory, s.wall
+        mem = (f"{_mb(m.peak_bytes):>9}{_mb(m.mean_bytes):>9}{(m.peak_to_mean or 0):>10.2f}"
+               f"{f'{m.bursts_in_tool_calls}/{m.bursts}':>8}{m.static_waste_gb_s:>11,.0f}") if m else f"{'-':>47}"
+        lines.append(f"{s.session_id[:43]:<44}{sw.traced_s:>9.0f}{sw.setup_s:>8.0f}{_pct(sw.tool_s, sw.traced_s):>6}"
+                     f"{_pct(sw.agent_s, sw.traced_s):>6}{s.tool_calls:>6}{s.llm_requests:>5}{mem}{s.oom_kills:>4}")
+    return "\n".join(lines)
