@@ -78,5 +78,8 @@ def run_in_cgroup(alloc_bytes: int, *, root: str = DEMO_ROOT) -> DemoResult:
         cpu_s = tree.cpu_stat(name).usage_s
     finally:
         tree.remove(name)
+        # The root is shared by concurrent demos: remove it only when nothing is below it.
+        if not tree.children("") and not tree.is_populated(""):
+            tree.remove("")
     return DemoResult(cgroup=f"{root}/{name}", kind=tree.kind, command=f"python3 -c <allocate {alloc_bytes} bytes>",
                       exit_code=exit_code, wall_s=wall_s, peak_memory_bytes=peak_memory_bytes, cpu_s=cpu_s)
