@@ -149,7 +149,10 @@ def probe_host(roots: HostRoots | None = None, *, only: Iterable[str] | None = N
     checks: list[Check] = []
     for name in CHECK_NAMES:
         if name in names:
-            checks.append(_PROBES[name](host))
+            try:
+                checks.append(_PROBES[name](host))
+            except OSError as exc:  # a file the probe expected to read refused it
+                checks.append(Check(name, MISSING, f"probe failed: {exc}", "run as root"))
     return HostReport(checks=tuple(checks), elapsed_s=time.monotonic() - start)
 
 
