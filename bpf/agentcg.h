@@ -1,0 +1,151 @@
+/* Types shared by the agentcg BPF programs and mirrored, field for field, by
+ * bpf/events.py (a test compares the sizes). Map sizes and thresholds come in as
+ * -D defines from bpf/monitor.py; the defaults below only keep the file compilable. */
+#ifndef AGENTCG_H
+#define AGENTCG_H
+
+#ifndef MAX_CGROUPS
+#define MAX_CGROUPS 4096
+#endif
+#ifndef MAX_TASKS
+#define MAX_TASKS 65536
+#endif
+#ifndef MAX_MMS
+#define MAX_MMS 65536
+#endif
+#ifndef MAX_BLOCK_KEYS
+#define MAX_BLOCK_KEYS 8192
+#endif
+#ifndef MAX_INFLIGHT_IO
+#define MAX_INFLIGHT_IO 16384
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+#ifndef RECLAIM_STALL_NS
+#define RECLAIM_STALL_NS 10000000ULL
+#endif
+
+/* cgroup:cgroup_rmdir `root` of the v2 (default) hierarchy */
+#define V2_HIERARCHY_ID 0
+
+#define HIST_SLOTS 32
+#define COMM_LEN 16
+#define FILENAME_LEN 256
+
+/* event kinds (ring buffer) */
+#define EV_EXEC 1
+#define EV_EXIT 2
+#define EV_RSS_THRESHOLD 3
+#define EV_OOM_VICTIM 4
+#define EV_RECLAIM_STALL 5
+#define EV_CGROUP_REMOVED 6
+
+/* indices of the per-cpu `errors` array */
+#define ERR_RINGBUF_FULL 0
+#define ERR_TASKS_FULL 1
+#define ERR_MMS_FULL 2
+#define ERR_BLOCK_FULL 3
+#define ERR_INFLIGHT_FULL 4
+#define ERR_SLOTS 8
+
+/* watched: cgroup id -> this; written by user space, `fired` also by the kernel */
+struct acg_watch {
+    __u64 rss_threshold_bytes; /* 0: no threshold */
+    __u32 flags;
+    __u32 fired;               /* threshold event sent; cleared when RSS falls below */
+};
+
+/* counters: cgroup id -> this; created by user space at watch time */
+struct acg_counters {
+    __s64 rss_bytes;
+    __s64 rss_peak_bytes;
+    __u64 page_faults;
+    __u64 reclaim_ns;
+    __u64 reclaim_count;
+    __u64 cpu_ns;
+    __u64 forks;
+    __u64 threads;
+    __u64 execs;
+    __u64 exits;
+    __u64 oom_kills;
+};
+
+/* runq_hist: cgroup id -> this; slot i counts latencies in [2^i, 2^(i+1)) ns */
+struct acg_hist {
+    __u64 slots[HIST_SLOTS];
+};
+
+/* tasks: tid -> this */
+struct acg_task {
+    __u64 cgroup_id;
+    __u32 ppid;    /* tgid of the parent that forked it, 0 if unknown */
+    __u32 pad;
+};
+
+/* mms: mm_id (kmem:rss_stat) -> this */
+struct acg_mm {
+    __u64 cgroup_id;
+    __s64 file_bytes;
+    __s64 anon_bytes;
+    __s64 shmem_bytes;
+};
+
+/* per-tid timestamps (run-queue wait, reclaim) and per-tgid exit status */
+struct acg_stamp {
+    __u64 cgroup_id;
+    __u64 ns;
+};
+
+struct acg_exit {
+    __u64 cgroup_id;
+    __s32 exit_code;  /* -1: unknown */
+    __s32 signal;     /* 0: none */
+};
+
+struct acg_blk_key {
+    __u64 cgroup_id;
+    __u32 dev;        /* kernel dev_t: major << 20 | minor */
+    __u32 pad;
+};
+
+struct acg_blk_stats {
+    __u64 read_bytes;
+    __u64 write_bytes;
+    __u64 read_ios;
+    __u64 write_ios;
+    __u64 read_latency_ns;
+    __u64 write_latency_ns;
+};
+
+struct acg_io_key {
+    __u64 sector;
+    __u32 dev;
+    __u32 pad;
+};
+
+struct acg_io {
+    __u64 cgroup_id;
+    __u64 issue_ns;
+    __u32 bytes;
+    __u32 write;
+};
+
+/* the one ring-buffer record; `value`/`aux` depend on `kind`:
+ * EV_RSS_THRESHOLD: rss bytes / threshold bytes; EV_RECLAIM_STALL: stall ns / 0 */
+struct acg_event {
+    __u64 ktime_ns;
+    __u64 cgroup_id;
+    __u64 value;
+    __u64 aux;
+    __u32 kind;
+    __u32 pid;
+    __u32 ppid;
+    __s32 exit_code;
+    __s32 signal;
+    __u32 pad;
+    char comm[COMM_LEN];
+    char filename[FILENAME_LEN];
+};
+
+#endif

@@ -1,0 +1,59 @@
+/* block: bytes and latency per (cgroup, device). Completions run in whatever context the
+ * interrupt lands in, so a request is charged to the cgroup of the task that issued it. */
+#include "agentcg.h"
+
+BPF_HASH(io_inflight, struct acg_io_key, struct acg_io, MAX_INFLIGHT_IO);
+BPF_HASH(block_stats, struct acg_blk_key, struct acg_blk_stats, MAX_BLOCK_KEYS);
+
+int acg_block__block__block_rq_issue(struct tracepoint__block__block_rq_issue *args)
+{
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!watched.lookup(&cg) || args->bytes == 0)
+        return 0;
+    /* rwbs: an optional 'F' (preflush), then the operation R/W/D/E/N, then flags */
+    char op = args->rwbs[0] == 'F' ? args->rwbs[1] : args->rwbs[0];
+    if (op != 'R' && op != 'W')
+        return 0;
+    struct acg_io_key key = {.sector = args->sector, .dev = args->dev};
+    struct acg_io io = {.cgroup_id = cg, .issue_ns = bpf_ktime_get_ns(),
+                        .bytes = args->bytes, .write = op == 'W'};
+    if (io_inflight.update(&key, &io))
+        acg_error(ERR_INFLIGHT_FULL);
+    return 0;
+}
+
+int acg_block__block__block_rq_complete(struct tracepoint__block__block_rq_complete *args)
+{
+    struct acg_io_key key = {.sector = args->sector, .dev = args->dev};
+    struct acg_io *io = io_inflight.lookup(&key);
+    if (!io)
+        return 0;
+    u64 latency = bpf_ktime_get_ns() - io->issue_ns;
+    struct acg_blk_key bk = {.cgroup_id = io->cgroup_id, .dev = args->dev};
+    u64 bytes = io->bytes;
+    u32 write = io->write;
+    io_inflight.delete(&key);
+    if (!watched.lookup(&bk.cgroup_id))
+        return 0;
+    struct acg_blk_stats *st = block_stats.lookup(&bk);
+    if (!st) {
+        struct acg_blk_stats zero = {};
+        if (block_stats.update(&bk, &zero)) {
+            acg_error(ERR_BLOCK_FULL);
+            return 0;
+        }
+        st = block_stats.lookup(&bk);
+        if (!st)
+            return 0;
+    }
+    if (write) {
+        __sync_fetch_and_add(&st->write_bytes, bytes);
+        __sync_fetch_and_add(&st->write_ios, 1);
+        __sync_fetch_and_add(&st->write_latency_ns, latency);
+    } else {
+        __sync_fetch_and_add(&st->read_bytes, bytes);
+        __sync_fetch_and_add(&st->read_ios, 1);
+        __sync_fetch_and_add(&st->read_latency_ns, latency);
+    }
+    return 0;
+}

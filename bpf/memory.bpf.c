@@ -1,0 +1,180 @@
+/* memory: per-cgroup RSS (current, peak, threshold crossing) from kmem:rss_stat, user
+ * page faults, memcg and direct reclaim stall time, and OOM victims. */
+#include "agentcg.h"
+
+/* mm counter members (include/linux/mm_types_task.h, unchanged 4.x..6.18) */
+#define MM_FILEPAGES 0
+#define MM_ANONPAGES 1
+#define MM_SHMEMPAGES 3
+
+BPF_HASH(mms, u32, struct acg_mm, MAX_MMS);
+BPF_HASH(reclaim_start, u32, struct acg_stamp, MAX_TASKS);
+
+static __always_inline void acg_rss_add(u64 cg, s64 delta)
+{
+    struct acg_counters *c = counters.lookup(&cg);
+    struct acg_watch *w = watched.lookup(&cg);
+    if (!c || !w)
+        return;
+    __sync_fetch_and_add(&c->rss_bytes, delta);
+    s64 rss = c->rss_bytes;
+    if (rss > c->rss_peak_bytes)
+        c->rss_peak_bytes = rss;  /* a racing CPU may lower it by a few pages; peaks are coarse */
+    u64 limit = w->rss_threshold_bytes;
+    if (!limit)
+        return;
+    if (rss >= 0 && (u64)rss >= limit) {
+        if (w->fired)
+            return;
+        w->fired = 1;
+        struct acg_event *e = acg_reserve(EV_RSS_THRESHOLD, cg, bpf_get_current_pid_tgid() >> 32);
+        if (!e)
+            return;
+        e->value = rss;
+        e->aux = limit;
+        bpf_get_current_comm(e->comm, sizeof(e->comm));
+        events.ringbuf_submit(e, 0);
+    } else if (w->fired) {
+        w->fired = 0;  /* re-armed: the next crossing sends an event again */
+    }
+}
+
+/* `size` is the member's absolute value in bytes; the mm is charged to the cgroup of the
+ * task that last touched it as its own (curr=1), so a process moved to another cgroup
+ * takes its RSS along. */
+int acg_memory__kmem__rss_stat(struct tracepoint__kmem__rss_stat *args)
+{
+    int member = args->member;
+    if (member != MM_FILEPAGES && member != MM_ANONPAGES && member != MM_SHMEMPAGES)
+        return 0;
+    u32 mm_id = args->mm_id;
+    s64 size = args->size;
+    struct acg_mm *m = mms.lookup(&mm_id);
+    if (args->curr) {
+        u64 cg = bpf_get_current_cgroup_id();
+        if (!m) {
+            if (!watched.lookup(&cg))
+                return 0;
+            struct acg_mm fresh = {.cgroup_id = cg};
+            if (mms.update(&mm_id, &fresh)) {
+                acg_error(ERR_MMS_FULL);
+                return 0;
+            }
+            m = mms.lookup(&mm_id);
+            if (!m)
+                return 0;
+        } else if (m->cgroup_id != cg) {
+            s64 total = m->file_bytes + m->anon_bytes + m->shmem_bytes;
+            acg_rss_add(m->cgroup_id, -total);
+            m->cgroup_id = cg;
+            acg_rss_add(cg, total);
+        }
+    } else if (!m) {
+        return 0;
+    }
+    s64 delta;
+    if (member == MM_FILEPAGES) {
+        delta = size - m->file_bytes;
+        m->file_bytes = size;
+    } else if (member == MM_ANONPAGES) {
+        delta = size - m->anon_bytes;
+        m->anon_bytes = size;
+    } else {
+        delta = size - m->shmem_bytes;
+        m->shmem_bytes = size;
+    }
+    u64 cg = m->cgroup_id;
+    if (m->file_bytes == 0 && m->anon_bytes == 0 && m->shmem_bytes == 0)
+        mms.delete(&mm_id);  /* torn down at exit (or emptied) */
+    if (delta)
+        acg_rss_add(cg, delta);
+    return 0;
+}
+
+int acg_memory__exceptions__page_fault_user(struct tracepoint__exceptions__page_fault_user *args)
+{
+    u64 cg;
+    struct acg_counters *c = acg_current(&cg);
+    if (c)
+        __sync_fetch_and_add(&c->page_faults, 1);
+    return 0;
+}
+
+static __always_inline int acg_reclaim_begin(void)
+{
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!watched.lookup(&cg))
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    struct acg_stamp s = {.cgroup_id = cg, .ns = bpf_ktime_get_ns()};
+    reclaim_start.update(&tid, &s);
+    return 0;
+}
+
+static __always_inline int acg_reclaim_end(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct acg_stamp *s = reclaim_start.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 cg = s->cgroup_id;
+    u64 stall = bpf_ktime_get_ns() - s->ns;
+    reclaim_start.delete(&tid);
+    struct acg_counters *c = counters.lookup(&cg);
+    if (!c)
+        return 0;
+    __sync_fetch_and_add(&c->reclaim_ns, stall);
+    __sync_fetch_and_add(&c->reclaim_count, 1);
+    if (stall < RECLAIM_STALL_NS)
+        return 0;
+    struct acg_event *e = acg_reserve(EV_RECLAIM_STALL, cg, bpf_get_current_pid_tgid() >> 32);
+    if (!e)
+        return 0;
+    e->value = stall;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+int acg_memory__vmscan__mm_vmscan_memcg_reclaim_begin(struct tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin *args)
+{
+    return acg_reclaim_begin();
+}
+
+int acg_memory__vmscan__mm_vmscan_memcg_reclaim_end(struct tracepoint__vmscan__mm_vmscan_memcg_reclaim_end *args)
+{
+    return acg_reclaim_end();
+}
+
+int acg_memory__vmscan__mm_vmscan_direct_reclaim_begin(struct tracepoint__vmscan__mm_vmscan_direct_reclaim_begin *args)
+{
+    return acg_reclaim_begin();
+}
+
+int acg_memory__vmscan__mm_vmscan_direct_reclaim_end(struct tracepoint__vmscan__mm_vmscan_direct_reclaim_end *args)
+{
+    return acg_reclaim_end();
+}
+
+/* Runs in the OOM killer's context, not the victim's: the victim is found by pid. */
+int acg_memory__oom__mark_victim(struct tracepoint__oom__mark_victim *args)
+{
+    u32 pid = args->pid;
+    struct acg_task *t = tasks.lookup(&pid);
+    if (!t)
+        return 0;
+    u64 cg = t->cgroup_id;
+    struct acg_counters *c = counters.lookup(&cg);
+    if (!c)
+        return 0;
+    __sync_fetch_and_add(&c->oom_kills, 1);
+    struct acg_event *e = acg_reserve(EV_OOM_VICTIM, cg, pid);
+    if (!e)
+        return 0;
+    e->ppid = t->ppid;
+    e->value = (args->anon_rss + args->file_rss + args->shmem_rss) * 1024;  /* fields are in KiB */
+    unsigned short off = args->data_loc_comm & 0xFFFF;
+    bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), (void *)args + off);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}

@@ -1,0 +1,434 @@
+"""Compiles, loads and attaches the agentcg BPF programs once, and reads them back typed.
+
+    with BpfMonitor(concerns=("process", "memory", "sched", "block")) as mon:
+        mon.watch(cgroup_id, rss_threshold_bytes=512 * 2**20)
+        events = mon.poll(0.1)            # ExecEvent, RssThresholdEvent, ...
+        final = mon.forget(cgroup_id)     # CgroupCounters, then no map entry is left
+
+`bpf/shared.bpf.c` (maps every concern uses) and one `bpf/<concern>.bpf.c` per concern
+are compiled as one bcc module, so the maps are shared. A program is attached to the
+tracepoint named by its argument type (`struct tracepoint__<category>__<event>`). Only
+cgroups passed to `watch()` are tracked; map sizes are the constants below, passed as
+-D defines. bcc comes from the distribution package python3-bpfcc.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentcg.bpf import events as ev
+from agentcg.errors import BpfError, InvalidInput
+
+CONCERNS = ("process", "memory", "sched", "block")
+BPF_DIR = Path(__file__).resolve().parent
+
+MAX_CGROUPS = 4096
+MAX_TASKS = 65536
+MAX_MMS = 65536
+MAX_BLOCK_KEYS = 8192
+MAX_INFLIGHT_IO = 16384
+RINGBUF_PAGES = 256              # 1 MiB: about 3,400 events between two polls
+RECLAIM_STALL_S = 0.010          # a reclaim longer than this sends a ReclaimStallEvent
+REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a late forget()
+
+# maps with one entry per something; `live_entries()` reports them
+_HASH_MAPS = {
+    "shared": ("watched", "counters", "tasks"),
+    "process": ("exits",),
+    "memory": ("mms", "reclaim_start"),
+    "sched": ("runq_since", "runq_hist"),
+    "block": ("io_inflight", "block_stats"),
+}
+# maps whose values carry the owning cgroup id in a `cgroup_id` field
+_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "runq_since", "io_inflight")
+_PROGRAM_RE = re.compile(r"^int (acg_\w+)\(struct tracepoint__(\w+?)__(\w+) \*args\)", re.M)
+_ERROR_NAMES = {ev.ERR_TASKS_FULL: "tasks", ev.ERR_MMS_FULL: "mms",
+                ev.ERR_BLOCK_FULL: "block_stats", ev.ERR_INFLIGHT_FULL: "io_inflight"}
+
+
+@dataclass(frozen=True)
+class BlockDeviceCounters:
+    major: int
+    minor: int
+    read_bytes: int
+    write_bytes: int
+    read_ios: int
+    write_ios: int
+    read_latency_s: float    # sum over the reads; divide by read_ios for the mean
+    write_latency_s: float
+
+
+@dataclass(frozen=True)
+class CgroupCounters:
+    """What the programs counted for one cgroup. A field is None when its concern is not
+    loaded (not measured), never zero."""
+
+    cgroup_id: int
+    rss_bytes: int | None
+    rss_peak_bytes: int | None
+    page_faults: int | None
+    reclaim_s: float | None
+    reclaim_count: int | None
+    oom_kills: int | None
+    cpu_s: float | None
+    runq_samples: int | None
+    runq_latency_p50_s: float | None
+    runq_latency_p99_s: float | None
+    runq_histogram: tuple[int, ...] | None   # slot i: waits in [2**i, 2**(i+1)) ns
+    forks: int | None
+    threads: int | None
+    execs: int | None
+    exits: int | None
+    block_read_bytes: int | None
+    block_write_bytes: int | None
+    block_devices: tuple[BlockDeviceCounters, ...] | None
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    name: str
+    tracepoint: str
+    run_count: int | None     # None unless sysctl kernel.bpf_stats_enabled=1
+    run_time_s: float | None
+
+
+@dataclass(frozen=True)
+class MonitorStats:
+    concerns: tuple[str, ...]
+    watched: int
+    events_received: int
+    ringbuf_full: int                 # events lost: the ring buffer had no room
+    map_full: dict[str, int]          # map name -> inserts refused because it was full
+    decode_errors: int
+    programs: tuple[ProgramStats, ...]
+
+
+def cgroup_id_of(path: str | os.PathLike) -> int:
+    """The cgroup id of a v2 cgroup directory (its inode number)."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        raise InvalidInput(f"cgroup {path} does not exist; create it first") from None
+
+
+def runq_percentile_s(histogram: tuple[int, ...], q: float) -> float | None:
+    """The q-quantile (0..1) of a log2 histogram, interpolated linearly inside its slot."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    target = q * total
+    seen = 0
+    for slot, count in enumerate(histogram):
+        if count and seen + count >= target:
+            low = float(2**slot)
+            return (low + (target - seen) / count * low) / 1e9
+        seen += count
+    return float(2 ** len(histogram)) / 1e9
+
+
+def _load_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError:
+        raise BpfError("bcc is not importable: install the Debian/Ubuntu package python3-bpfcc "
+                       "(never the PyPI package 'bcc'); `bash scripts/host.sh setup` does it") from None
+    return bcc
+
+
+class BpfMonitor:
+    """The loaded programs and their maps; one per process is enough."""
+
+    def __init__(self, concerns: tuple[str, ...] | list[str] = CONCERNS, *,
+                 reclaim_stall_s: float = RECLAIM_STALL_S, bpf_dir: Path = BPF_DIR) -> None:
+        unknown = [c for c in concerns if c not in CONCERNS]
+        if unknown or not concerns:
+            raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(CONCERNS)}")
+        if not 0 < reclaim_stall_s < 60:
+            raise InvalidInput(f"reclaim_stall_s must be in (0, 60) seconds, got {reclaim_stall_s}")
+        self.concerns = tuple(c for c in CONCERNS if c in concerns)
+        self._b: Any = None
+        self._watched: set[int] = set()
+        self._removed: collections.OrderedDict[int, CgroupCounters] = collections.OrderedDict()
+        self._pending: list[ev.BaseEvent] = []
+        self._events_received = 0
+        self._decode_errors = 0
+        self._programs: list[tuple[str, str]] = []
+        self._load(bpf_dir, reclaim_stall_s)
+
+    # -- loading ---------------------------------------------------------------------
+    def _load(self, bpf_dir: Path, reclaim_stall_s: float) -> None:
+        bcc = _load_bcc()
+        parts = []
+        for name in ("shared",) + self.concerns:
+            path = bpf_dir / f"{name}.bpf.c"
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise BpfError(f"cannot read {path}: {exc.strerror}") from None
+            for fn, category, event in _PROGRAM_RE.findall(text):
+                if not fn.startswith(f"acg_{name}__"):
+                    raise BpfError(f"{path}: program {fn} must be named acg_{name}__<category>__<event>")
+                self._programs.append((fn, f"{category}:{event}"))
+            parts.append(text)
+        cflags = [
+            f"-I{bpf_dir}",
+            f"-DMAX_CGROUPS={MAX_CGROUPS}", f"-DMAX_TASKS={MAX_TASKS}", f"-DMAX_MMS={MAX_MMS}",
+            f"-DMAX_BLOCK_KEYS={MAX_BLOCK_KEYS}", f"-DMAX_INFLIGHT_IO={MAX_INFLIGHT_IO}",
+            f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DRECLAIM_STALL_NS={int(reclaim_stall_s * 1e9)}ULL",
+        ]
+        try:
+            self._b = bcc.BPF(text="\n".join(parts), cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception for compile and load failures
+            raise BpfError(f"compiling/loading the BPF programs ({', '.join(self.concerns)}) failed: {exc}; "
+                           "check kernel headers (`bash scripts/host.sh setup`) and `agentcg doctor`") from None
+        try:
+            for fn, tracepoint in self._programs:
+                self._b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+            self._b[b"events"].open_ring_buffer(self._on_event)
+        except Exception as exc:
+            self.close()
+            raise BpfError(f"attaching the BPF programs failed: {exc}; is tracefs mounted and are you root?") from None
+
+    def _on_event(self, ctx: Any, data: Any, size: int) -> None:
+        self._events_received += 1
+        if size < ct.sizeof(ev.Event):
+            self._decode_errors += 1
+            return
+        try:
+            self._pending.append(ev.decode_event(ct.cast(data, ct.POINTER(ev.Event)).contents))
+        except BpfError:
+            self._decode_errors += 1
+
+    def _require_open(self) -> Any:
+        if self._b is None:
+            raise BpfError("the BPF monitor is closed")
+        return self._b
+
+    # -- watching ----------------------------------------------------------------------
+    def watch(self, cgroup_id: int, rss_threshold_bytes: int | None = None) -> None:
+        """Start counting for `cgroup_id` (a v2 cgroup id, see `cgroup_id_of`). Watching a
+        watched cgroup again only changes its threshold."""
+        b = self._require_open()
+        key = ct.c_uint64(_cgroup_id(cgroup_id))
+        threshold = _threshold(rss_threshold_bytes)
+        if cgroup_id not in self._watched:
+            if len(self._watched) >= MAX_CGROUPS:
+                raise BpfError(f"already watching {MAX_CGROUPS} cgroups (MAX_CGROUPS); forget() some first")
+            b[b"counters"][key] = ev.Counters()
+            if "sched" in self.concerns:
+                b[b"runq_hist"][key] = ev.Hist()
+            self._removed.pop(cgroup_id, None)
+        b[b"watched"][key] = ev.Watch(threshold, 0, 0)
+        self._watched.add(cgroup_id)
+
+    def set_rss_threshold(self, cgroup_id: int, rss_threshold_bytes: int | None) -> None:
+        """Set (or clear with None) the RSS threshold; also re-arms a threshold that fired."""
+        b = self._require_open()
+        self._require_watched(cgroup_id)
+        b[b"watched"][ct.c_uint64(cgroup_id)] = ev.Watch(_threshold(rss_threshold_bytes), 0, 0)
+
+    def watch_pid(self, pid: int, cgroup_id: int) -> None:
+        """Track a process (all its threads) that joined a watched cgroup after it started."""
+        b = self._require_open()
+        self._require_watched(cgroup_id)
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise InvalidInput(f"pid must be a positive integer, got {pid!r}")
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except (FileNotFoundError, ProcessLookupError):
+            raise InvalidInput(f"process {pid} does not exist (it may have exited already)") from None
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tasks = b[b"tasks"]
+        for tid in tids:
+            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, 0)
+
+    def watched(self) -> frozenset[int]:
+        return frozenset(self._watched)
+
+    def _require_watched(self, cgroup_id: int) -> None:
+        if cgroup_id not in self._watched:
+            raise InvalidInput(f"cgroup id {cgroup_id} is not watched; call watch({cgroup_id}) first")
+
+    # -- reading -----------------------------------------------------------------------
+    def counters(self, cgroup_id: int) -> CgroupCounters:
+        """The counters of a watched cgroup (or of one removed recently)."""
+        self._require_open()
+        if cgroup_id in self._removed:
+            return self._removed[cgroup_id]
+        self._require_watched(cgroup_id)
+        return self._read(cgroup_id)
+
+    def _read(self, cgroup_id: int) -> CgroupCounters:
+        b = self._b
+        key = ct.c_uint64(cgroup_id)
+        try:
+            c = b[b"counters"][key]
+        except KeyError:
+            c = ev.Counters()
+        has = self.concerns.__contains__
+        hist: tuple[int, ...] | None = None
+        if has("sched"):
+            try:
+                hist = tuple(int(v) for v in b[b"runq_hist"][key].slots)
+            except KeyError:
+                hist = (0,) * ev.HIST_SLOTS
+        devices: tuple[BlockDeviceCounters, ...] | None = None
+        if has("block"):
+            devices = tuple(
+                BlockDeviceCounters(major=k.dev >> 20, minor=k.dev & 0xFFFFF, read_bytes=v.read_bytes,
+                                    write_bytes=v.write_bytes, read_ios=v.read_ios, write_ios=v.write_ios,
+                                    read_latency_s=v.read_latency_ns / 1e9, write_latency_s=v.write_latency_ns / 1e9)
+                for k, v in b[b"block_stats"].items() if k.cgroup_id == cgroup_id)
+
+        def when(concern: str, value: Any) -> Any:
+            return value if has(concern) else None
+
+        return CgroupCounters(
+            cgroup_id=cgroup_id,
+            rss_bytes=when("memory", max(0, c.rss_bytes)),
+            rss_peak_bytes=when("memory", max(0, c.rss_peak_bytes)),
+            page_faults=when("memory", c.page_faults),
+            reclaim_s=when("memory", c.reclaim_ns / 1e9),
+            reclaim_count=when("memory", c.reclaim_count),
+            oom_kills=when("memory", c.oom_kills),
+            cpu_s=when("sched", c.cpu_ns / 1e9),
+            runq_samples=sum(hist) if hist is not None else None,
+            runq_latency_p50_s=runq_percentile_s(hist, 0.50) if hist is not None else None,
+            runq_latency_p99_s=runq_percentile_s(hist, 0.99) if hist is not None else None,
+            runq_histogram=hist,
+            forks=when("process", c.forks),
+            threads=when("process", c.threads),
+            execs=when("process", c.execs),
+            exits=when("process", c.exits),
+            block_read_bytes=sum(d.read_bytes for d in devices) if devices is not None else None,
+            block_write_bytes=sum(d.write_bytes for d in devices) if devices is not None else None,
+            block_devices=devices,
+        )
+
+    def forget(self, cgroup_id: int) -> CgroupCounters:
+        """Stop watching; return the final counters and delete every map entry of the cgroup."""
+        b = self._require_open()
+        if cgroup_id in self._removed:
+            self._purge(cgroup_id)
+            return self._removed.pop(cgroup_id)
+        self._require_watched(cgroup_id)
+        try:
+            del b[b"watched"][ct.c_uint64(cgroup_id)]
+        except KeyError:
+            pass  # removed by the kernel (cgroup_rmdir) a moment ago
+        self._watched.discard(cgroup_id)
+        final = self._read(cgroup_id)
+        self._purge(cgroup_id)
+        return final
+
+    def _purge(self, cgroup_id: int) -> None:
+        b = self._b
+        key = ct.c_uint64(cgroup_id)
+        names = ["counters"] + (["runq_hist"] if "sched" in self.concerns else [])
+        for name in names:
+            try:
+                del b[name.encode()][key]
+            except KeyError:
+                pass
+        loaded = {m for c in ("shared",) + self.concerns for m in _HASH_MAPS[c]}
+        for name in [m for m in _PER_TASK_MAPS if m in loaded] + (["block_stats"] if "block_stats" in loaded else []):
+            table = b[name.encode()]
+            stale = [k for k, v in table.items()
+                     if (k.cgroup_id if name == "block_stats" else v.cgroup_id) == cgroup_id]
+            for k in stale:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+
+    def poll(self, timeout_s: float = 0.0) -> list[ev.BaseEvent]:
+        """Events from the ring buffer, waiting at most `timeout_s` for the first one.
+        A CgroupRemovedEvent has already been handled: counters kept, entries deleted."""
+        b = self._require_open()
+        if timeout_s < 0:
+            raise InvalidInput(f"poll timeout must be >= 0 seconds, got {timeout_s}")
+        if timeout_s == 0:
+            b.ring_buffer_consume()
+        else:
+            b.ring_buffer_poll(timeout=max(1, int(timeout_s * 1000)))
+        out, self._pending = self._pending, []
+        for event in out:
+            if isinstance(event, ev.CgroupRemovedEvent) and event.cgroup_id in self._watched:
+                self._watched.discard(event.cgroup_id)
+                self._removed[event.cgroup_id] = self._read(event.cgroup_id)
+                while len(self._removed) > REMOVED_KEPT:
+                    self._removed.popitem(last=False)
+                self._purge(event.cgroup_id)
+        return out
+
+    def live_entries(self) -> dict[str, int]:
+        """Map name -> number of entries, for every hash map loaded."""
+        b = self._require_open()
+        return {name: sum(1 for _ in b[name.encode()].keys())
+                for concern in ("shared",) + self.concerns for name in _HASH_MAPS[concern]}
+
+    def stats(self) -> MonitorStats:
+        b = self._require_open()
+        errors = [0] * ev.ERR_SLOTS
+        for slot in range(ev.ERR_SLOTS):
+            errors[slot] = int(sum(b[b"errors"][ct.c_int(slot)]))
+        programs = []
+        for fn, tracepoint in self._programs:
+            run_count = run_time_s = None
+            fd = getattr(b.funcs.get(fn.encode()) or b.funcs.get(fn), "fd", None)
+            if fd is not None:
+                info = _fdinfo(fd)
+                if info.get("run_time_ns", 0) or info.get("run_cnt", 0):
+                    run_count, run_time_s = info.get("run_cnt", 0), info.get("run_time_ns", 0) / 1e9
+            programs.append(ProgramStats(fn, tracepoint, run_count, run_time_s))
+        return MonitorStats(
+            concerns=self.concerns, watched=len(self._watched), events_received=self._events_received,
+            ringbuf_full=errors[ev.ERR_RINGBUF_FULL],
+            map_full={name: errors[slot] for slot, name in _ERROR_NAMES.items()},
+            decode_errors=self._decode_errors, programs=tuple(programs))
+
+    # -- lifetime ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Detach every program and free the maps; safe to call twice."""
+        if self._b is not None:
+            b, self._b = self._b, None
+            b.cleanup()
+        self._watched.clear()
+
+    def __enter__(self) -> "BpfMonitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cgroup_id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInput(f"cgroup id must be a positive integer (the v2 directory's inode), got {value!r}")
+    return value
+
+
+def _threshold(value: Any) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInput(f"rss_threshold_bytes must be a positive number of bytes or None, got {value!r}")
+    return value
+
+
+def _fdinfo(fd: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("run_time_ns", "run_cnt"):
+                out[name] = int(value.strip())
+    except (OSError, ValueError):
+        pass
+    return out

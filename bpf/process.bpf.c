@@ -1,0 +1,134 @@
+/* process: fork, exec and exit of processes in watched cgroups (comm, filename, exit code). */
+#include "agentcg.h"
+
+#define CLONE_THREAD 0x00010000
+/* signals whose default action neither terminates nor dumps core */
+#define NOT_FATAL_MASK ((1ULL << 17) | (1ULL << 18) | (1ULL << 19) | (1ULL << 20) | \
+                        (1ULL << 21) | (1ULL << 22) | (1ULL << 23) | (1ULL << 28))
+
+BPF_HASH(exits, u32, struct acg_exit, MAX_TASKS);
+
+/* Runs in the parent's context, so the child starts in the parent's cgroup. */
+int acg_process__task__task_newtask(struct tracepoint__task__task_newtask *args)
+{
+    u64 cg;
+    struct acg_counters *c = acg_current(&cg);
+    if (!c)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (args->clone_flags & CLONE_THREAD)
+        __sync_fetch_and_add(&c->threads, 1);
+    else
+        __sync_fetch_and_add(&c->forks, 1);
+    acg_track((u32)pid_tgid, cg, 0);
+    acg_track(args->pid, cg, pid_tgid >> 32);
+    return 0;
+}
+
+int acg_process__sched__sched_process_exec(struct tracepoint__sched__sched_process_exec *args)
+{
+    u64 cg;
+    struct acg_counters *c = acg_current(&cg);
+    if (!c)
+        return 0;
+    __sync_fetch_and_add(&c->execs, 1);
+    u32 pid = args->pid, old_pid = args->old_pid;
+    u32 ppid = 0;
+    struct acg_task *t = tasks.lookup(&pid);
+    if (!t && old_pid != pid)
+        t = tasks.lookup(&old_pid);
+    if (t)
+        ppid = t->ppid;
+    acg_track(pid, cg, ppid);
+    struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
+    if (!e)
+        return 0;
+    e->ppid = ppid;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    unsigned short off = args->data_loc_filename & 0xFFFF;
+    bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + off);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+int acg_process__syscalls__sys_enter_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
+{
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!watched.lookup(&cg))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct acg_exit x = {.cgroup_id = cg, .exit_code = args->error_code & 0xff, .signal = 0};
+    exits.update(&tgid, &x);
+    return 0;
+}
+
+/* A default-fatal signal sent to a tracked process. The kernel turns most of them into
+ * SIGKILL before delivery (complete_signal), so the original number is kept here. */
+int acg_process__signal__signal_generate(struct tracepoint__signal__signal_generate *args)
+{
+    int sig = args->sig;
+    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)) || args->result != 0)
+        return 0;
+    u32 pid = args->pid;
+    struct acg_task *t = tasks.lookup(&pid);
+    if (!t)
+        return 0;
+    struct acg_exit *old = exits.lookup(&pid);
+    if (old && old->signal)
+        return 0;  /* the first fatal signal wins */
+    struct acg_exit x = {.cgroup_id = t->cgroup_id, .exit_code = -1, .signal = sig};
+    exits.update(&pid, &x);
+    return 0;
+}
+
+int acg_process__signal__signal_deliver(struct tracepoint__signal__signal_deliver *args)
+{
+    int sig = args->sig;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct acg_exit *old = exits.lookup(&tgid);
+    if (args->sa_handler != 0 && sig != 9) {
+        /* caught: the pending fatal signal did not kill it */
+        if (old && old->signal == sig)
+            exits.delete(&tgid);
+        return 0;
+    }
+    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)))
+        return 0;
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!watched.lookup(&cg))
+        return 0;
+    if (old && old->signal && sig == 9)
+        return 0;  /* SIGKILL standing in for the signal recorded at generation */
+    struct acg_exit x = {.cgroup_id = cg, .exit_code = -1, .signal = sig};
+    exits.update(&tgid, &x);
+    return 0;
+}
+
+int acg_process__sched__sched_process_exit(struct tracepoint__sched__sched_process_exit *args)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = pid_tgid, tgid = pid_tgid >> 32;
+    struct acg_task *t = tasks.lookup(&tid);
+    u32 ppid = t ? t->ppid : 0;
+    tasks.delete(&tid);
+    if (!args->group_dead)
+        return 0;
+    struct acg_exit *x = exits.lookup(&tgid);
+    s32 code = x ? x->exit_code : -1, sig = x ? x->signal : 0;
+    if (x)
+        exits.delete(&tgid);
+    u64 cg;
+    struct acg_counters *c = acg_current(&cg);
+    if (!c)
+        return 0;
+    __sync_fetch_and_add(&c->exits, 1);
+    struct acg_event *e = acg_reserve(EV_EXIT, cg, tgid);
+    if (!e)
+        return 0;
+    e->ppid = ppid;
+    e->exit_code = sig ? -1 : code;
+    e->signal = sig;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
