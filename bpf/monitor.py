@@ -182,7 +182,7 @@ class BpfMonitor:
             f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DRECLAIM_STALL_NS={int(reclaim_stall_s * 1e9)}ULL",
         ]
         try:
-            self._b = bcc.BPF(text="\n".join(parts), cflags=cflags)
+            self._b = bcc.BPF(text="\n".join(parts).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile and load failures
             raise BpfError(f"compiling/loading the BPF programs ({', '.join(self.concerns)}) failed: {exc}; "
                            "check kernel headers (`bash scripts/host.sh setup`) and `agentcg doctor`") from None

@@ -19,7 +19,7 @@ def test_ctypes_mirror_matches_c_layout():
     bcc = pytest.importorskip("bcc")
     text = '#include "agentcg.h"\n' + "".join(
         f"BPF_ARRAY(s_{name}, struct {name}, 1);\n" for name in events.C_STRUCTS)
-    b = bcc.BPF(text=text, cflags=[f"-I{BPF_DIR}"])
+    b = bcc.BPF(text=text.encode(), cflags=[f"-I{BPF_DIR}"])
     try:
         for name, mirror in events.C_STRUCTS.items():
             c_type = b[f"s_{name}".encode()].Leaf
