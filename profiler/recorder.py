@@ -85,6 +85,10 @@ class TraceRecorder:
     # -- writing -----------------------------------------------------------------
     def flush(self) -> None:
         """Write what is buffered as part files; after this returns it survives SIGKILL."""
+        with _signals_deferred():
+            self._flush()
+
+    def _flush(self) -> None:
         self._last_flush = self._clock()
         changed = False
         for table, rows in self._pending.items():
@@ -99,9 +103,13 @@ class TraceRecorder:
 
     def close(self) -> Path:
         """Merge everything into one Parquet file per table and mark the trace complete."""
+        with _signals_deferred():
+            return self._close()
+
+    def _close(self) -> Path:
         if self.closed:
             return self.path
-        self.flush()
+        self._flush()
         final = {name: [f"{name}.parquet"] for name in tr.TABLES}
         for name in tr.TABLES:
             tr.write_file_atomic(self.path / f"{name}.parquet", tr.parquet_bytes(name, self._merged(name)))
@@ -152,10 +160,31 @@ class Stopped(SystemExit):
     """Raised in the main thread by SIGTERM/SIGINT under stop_on_signals()."""
 
 
+# A signal that lands while a flush or close is writing is held until the write ends,
+# so a part file and the rows it holds never disagree.
+_critical_depth = 0
+_deferred_signals: list[int] = []
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    global _critical_depth
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+    if _critical_depth == 0 and _deferred_signals:
+        raise Stopped(128 + _deferred_signals.pop())
+
+
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
     """Make SIGTERM/SIGINT raise Stopped(128+signum) so `with` blocks unwind and close."""
     def handler(signum: int, _frame: object) -> None:
+        if _critical_depth:
+            _deferred_signals[:] = [signum]
+            return
         raise Stopped(128 + signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in signals}

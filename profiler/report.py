@@ -211,7 +211,8 @@ def find_bursts(times: "np.ndarray", memory: "np.ndarray", calls: "pd.DataFrame"
     run: list[tuple[int, int]] = []            # (sample, its lowest earlier sample)
     for i in range(len(times) + 1):
         if i < len(times):
-            j = lows[i] + int(np.argmin(memory[lows[i]:i + 1]))
+            # the latest lowest sample, so the rise interval is as tight as the samples allow
+            j = i - int(np.argmin(memory[lows[i]:i + 1][::-1]))
             if memory[i] - memory[j] >= threshold_bytes:
                 run.append((i, j))
                 continue
