@@ -345,13 +345,19 @@ def probe_cgroup_layout(host: _Host) -> Check:
 
 
 @contextmanager
-def _v2_sample_cgroup(layout: CgroupLayout) -> Iterator[tuple[Path | None, str]]:
-    """A non-root v2 cgroup to look at: an existing child of the v2 root, else one made
-    for the probe (and removed). Yields (path or None, how it was found)."""
-    root = layout.v2_mount
+def _v2_sample_cgroup(host: _Host) -> Iterator[tuple[Path | None, str]]:
+    """A non-root v2 cgroup to look at, one that will not vanish while we read it: this
+    process's own, else a child of the v2 root that agentcg did not make (agentcg's come
+    and go), else one made for the probe and removed. Yields (path or None, how found)."""
+    root = host.layout.v2_mount if host.layout else None
     assert root is not None
+    own = _own_v2_cgroup(host.roots.proc / "self/cgroup")
+    if own and (root / own / "cgroup.procs").exists():
+        yield root / own, f"in this process's cgroup {root / own}"
+        return
     try:
-        children = sorted(p for p in root.iterdir() if (p / "cgroup.procs").exists())
+        children = sorted(p for p in root.iterdir()
+                          if not p.name.startswith("agentcg") and (p / "cgroup.procs").exists())
     except OSError:
         children = []
     if children:
@@ -372,12 +378,20 @@ def _v2_sample_cgroup(layout: CgroupLayout) -> Iterator[tuple[Path | None, str]]
             pass  # a fixture tree's plain directory holds files; the kernel's never refuses an empty cgroup
 
 
+def _own_v2_cgroup(proc_self_cgroup: Path) -> str:
+    """This process's v2 cgroup relative to the v2 mount ("" for the root or unknown)."""
+    for line in (_read_text(proc_self_cgroup) or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip("/")
+    return ""
+
+
 def probe_cgroup_v2_freeze_kill(host: _Host) -> Check:
     layout = host.layout
     if layout is None or layout.v2_mount is None:
         return Check("cgroup_v2_freeze_kill", UNSUPPORTED, "no cgroup v2 tree",
                      "mount -t cgroup2 none /sys/fs/cgroup/unified")
-    with _v2_sample_cgroup(layout) as (cgroup, how):
+    with _v2_sample_cgroup(host) as (cgroup, how):
         if cgroup is None:
             return Check("cgroup_v2_freeze_kill", MISSING, how, "run as root")
         files = {f: (cgroup / f).exists() for f in ("cgroup.freeze", "cgroup.kill")}
@@ -416,7 +430,7 @@ def probe_psi_cgroup(host: _Host) -> Check:
     if layout is None or layout.v2_mount is None:
         return Check("psi_cgroup", UNSUPPORTED, "no cgroup v2 tree (per-cgroup PSI lives there)",
                      "mount -t cgroup2 none /sys/fs/cgroup/unified")
-    with _v2_sample_cgroup(layout) as (cgroup, how):
+    with _v2_sample_cgroup(host) as (cgroup, how):
         if cgroup is None:
             return Check("psi_cgroup", MISSING, how, "run as root")
         readable, failed = [], ""

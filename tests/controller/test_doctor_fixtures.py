@@ -102,13 +102,28 @@ def test_v1_only_host_is_unsupported(tmp_path):
     assert check.status == "unsupported" and "cgroup2" in check.fix
 
 
-def test_v2_root_without_children_gets_a_probe_cgroup_that_is_removed(pure_v2):
-    shutil.rmtree(pure_v2 / "sys/fs/cgroup/system.slice")
+def test_v2_root_with_only_agentcg_children_gets_a_probe_cgroup_that_is_removed(pure_v2):
+    """agentcg's own cgroups come and go under other processes: never borrow one."""
+    cgroups = pure_v2 / "sys/fs/cgroup"
+    (cgroups / "system.slice").rename(cgroups / "agentcg-test-1234")
     report = probe_host(HostRoots.under(pure_v2), only=["cgroup_v2_freeze_kill"])
     check = report.check("cgroup_v2_freeze_kill")
     # a plain directory is not a cgroup: mkdir gives no interface files
     assert check.status == "unsupported" and "probe cgroup" in check.detail
     assert not list((pure_v2 / "sys/fs/cgroup").glob("agentcg-doctor-*"))
+
+
+def test_the_process_own_v2_cgroup_is_preferred(pure_v2):
+    own = pure_v2 / "sys/fs/cgroup/user.slice/session-3.scope"
+    own.mkdir(parents=True)
+    for name in ("cgroup.procs", "cgroup.freeze", "cgroup.kill", "memory.pressure"):
+        (own / name).write_text("")
+    (pure_v2 / "proc/self").mkdir()
+    (pure_v2 / "proc/self/cgroup").write_text("0::/user.slice/session-3.scope\n")
+    report = probe_host(HostRoots.under(pure_v2), only=["cgroup_v2_freeze_kill", "psi_cgroup"])
+    assert report.check("cgroup_v2_freeze_kill").detail.endswith(f"this process's cgroup {own}")
+    assert report.check("psi_cgroup").status == "ok"
+    assert report.check("psi_cgroup").data["resources"] == ["memory"]
 
 
 def test_btf_struct_found_only_as_a_struct(tmp_path):
