@@ -532,3 +532,10 @@ _PROBES: dict[str, Callable[[_Host], Check]] = {
     "psi": probe_psi, "psi_cgroup": probe_psi_cgroup, "swap": probe_swap, "zswap": probe_zswap,
     "nvml": lambda host: probe_nvml(),
 }
+
+
+def require(*names: str) -> None:
+    """For tests: pytest.skip unless every named check is usable on this host (probed once).
+    Lives in `doctor_pytest`, imported here only when called, so doctor never imports pytest."""
+    from agentcg.controller.doctor_pytest import require as require_in_pytest
+    require_in_pytest(*names)
