@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 MB = 1000**2
 MIN_BAR_FRACTION = 0.003      # calls shorter than this share of the x range still show
-TOP_TOOLS = 8                 # more tools share one colour and lane, as "other"
+TOP_TOOLS = 10                # tab10 colours; more tools share one grey lane, as "other"
+# fixed colours for the common tools, so every chart of every trace agrees
+COMMON_TOOLS = ("Bash", "Read", "Edit", "Grep", "TodoWrite", "Glob", "Write", "WebFetch")
 
 
 def _pyplot():
@@ -30,7 +32,8 @@ def _safe(name: str) -> str:
 
 
 def _tool_order(calls: "pd.DataFrame") -> list[str]:
-    return [str(t) for t in calls["tool"].value_counts().index[:TOP_TOOLS]]
+    others = [str(t) for t in calls["tool"].value_counts().index if t not in COMMON_TOOLS]
+    return (list(COMMON_TOOLS) + others)[:TOP_TOOLS]
 
 
 def session_plot(trace: "Trace", session_id: str, out: Path, tools: list[str]) -> Path:
@@ -98,7 +101,7 @@ def tool_peak_plot(trace: "Trace", out: Path, tools: list[str]) -> Path:
     data = [(t, v) for t, v in data if len(v)]
     fig, ax = plt.subplots(figsize=(10, 5.5))
     if data:
-        ax.boxplot([v for _, v in data], showfliers=False, widths=0.5)
+        ax.boxplot([v for _, v in data], showfliers=False, widths=0.5, medianprops={"color": "black"})
         rng = np.random.default_rng(0)
         for i, (tool, values) in enumerate(data, start=1):
             ax.plot(i + rng.uniform(-0.18, 0.18, len(values)), values, ".", alpha=0.35, ms=4,
