@@ -29,6 +29,8 @@ RESOURCES = ("memory", "cpu", "io", "irq")
 KINDS = ("some", "full")
 WINDOW_MIN_S = 0.5
 WINDOW_MAX_S = 10.0
+UNPRIVILEGED_WINDOW_US = 2_000_000
+_CAP_SYS_RESOURCE = 24
 
 
 class PressureLine(NamedTuple):
@@ -96,7 +98,13 @@ class PressureTrigger:
 
     def __init__(self, path: str | os.PathLike, kind: str = "some", stall_s: float = 0.15,
                  window_s: float = 1.0) -> None:
+        self._fd: int | None = None
         stall_us, window_us = validate_trigger(kind, stall_s, window_s)
+        if window_us % UNPRIVILEGED_WINDOW_US and not has_cap_sys_resource():
+            raise InvalidInput(
+                f"PSI trigger window {window_s} s: without CAP_SYS_RESOURCE the kernel (6.5+) accepts only "
+                "multiples of 2 s; use window_s=2.0, or run with CAP_SYS_RESOURCE"
+            )
         self.path = Path(path)
         self.kind, self.stall_s, self.window_s = kind, stall_s, window_s
         try:
@@ -114,7 +122,7 @@ class PressureTrigger:
             if exc.errno == errno.EOPNOTSUPP:
                 raise HostUnsupported(f"{self.path}: this kernel does not support PSI triggers (5.2+ needed)") from None
             raise _translate(exc, self.path) from None
-        self._fd: int | None = fd
+        self._fd = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLPRI)
 
@@ -152,6 +160,17 @@ class PressureTrigger:
 
     def __repr__(self) -> str:
         return f"PressureTrigger({str(self.path)!r}, {self.kind!r}, stall_s={self.stall_s}, window_s={self.window_s})"
+
+
+def has_cap_sys_resource(status: str | os.PathLike = "/proc/self/status") -> bool:
+    """Whether this process may arm PSI triggers with any window (else multiples of 2 s)."""
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _translate(exc: OSError, path: str | os.PathLike) -> Exception:
