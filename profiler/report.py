@@ -150,8 +150,12 @@ def build_report(trace: Trace, *, burst_threshold_bytes: int = DEFAULT_BURST_THR
         calls = calls_by.get(sid, trace.toolcalls.iloc[:0])
         llm = llm_by.get(sid, trace.llm_requests.iloc[:0])
         events = events_by.get(sid, trace.events.iloc[:0])
+        seen = [calls["end_wall_s"].max(), llm["time_s"].max()]
+        if sid in samples_by:
+            seen.append(samples_by[sid]["time_s"].max())
+        seen = [float(t) for t in seen if not _na(t)]
         sessions.append(SessionReport(
-            session_id=sid, source=str(row.source), wall=wall_split(row, calls),
+            session_id=sid, source=str(row.source), wall=wall_split(row, calls, max(seen, default=None)),
             tool_calls=len(calls), llm_requests=len(llm),
             input_tokens=int(llm["input_tokens"].sum()), output_tokens=int(llm["output_tokens"].sum()),
             memory=memory_stats(samples_by.get(sid), calls, burst_threshold_bytes, burst_window_s),
@@ -166,10 +170,12 @@ def _na(value: Any) -> bool:
     return bool(pd.isna(value))
 
 
-def wall_split(session: Any, calls: "pd.DataFrame") -> WallSplit:
-    start, end = float(session.start_s), float(session.end_s)
-    if _na(start) or _na(end):
-        raise TraceError(f"session {session.session_id!r} has no start_s/end_s; was it closed?")
+def wall_split(session: Any, calls: "pd.DataFrame", last_seen_s: float | None = None) -> WallSplit:
+    """`last_seen_s` stands in for a missing end_s (a recording that was killed)."""
+    start = float(session.start_s) if not _na(session.start_s) else math.nan
+    end = float(session.end_s) if not _na(session.end_s) else (last_seen_s or math.nan)
+    if math.isnan(start) or math.isnan(end):
+        raise TraceError(f"session {session.session_id!r} has no start_s, or no end_s and no observation")
     intervals = sorted(zip(calls["start_wall_s"].clip(start, end), calls["end_wall_s"].fillna(end).clip(start, end)))
     tool_s, cursor = 0.0, start
     for lo, hi in intervals:            # length of the union of the intervals

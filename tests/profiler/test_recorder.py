@@ -12,6 +12,7 @@ import pytest
 
 from agentcg.errors import InvalidInput, TraceError
 from agentcg.profiler.recorder import MAX_PARTS_PER_TABLE, PARTS_DIR, TraceRecorder
+from agentcg.profiler.report import build_report
 from agentcg.profiler.trace import read_trace
 from agentcg.records import ToolCallRecord
 
@@ -75,6 +76,9 @@ def test_sigkill_keeps_everything_flushed(tmp_path):
     assert len(trace.samples) >= seen
     assert trace.samples["memory_bytes"].tolist() == list(range(len(trace.samples)))
     assert len(list((tmp_path / "t" / PARTS_DIR).glob("samples-*.parquet"))) <= MAX_PARTS_PER_TABLE + 1
+    # the session never ended, yet it can be reported: its last observation ends it
+    session = build_report(trace).sessions[0]
+    assert session.memory.samples == len(trace.samples) and session.wall.traced_s > 0
 
 
 def test_toolcall_and_session_updates_keep_the_last_row(tmp_path):
