@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-
 from agentcg.cli import main
 from agentcg.profiler.trace import MANIFEST, TRACE_VERSION, read_trace, write_trace
 
