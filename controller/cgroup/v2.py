@@ -150,6 +150,20 @@ class V2Tree(CgroupTree):
         return [self.root_dir]
 
     def _create_in(self, base: Path, path: str, exist_ok: bool, enable: bool) -> None:
+        target = base / path
+        if not enable or target.parent.is_dir():
+            # fast path: the parents exist (their own parents were enabled when they were made)
+            try:
+                if enable:
+                    self._enable_controllers(target.parent)
+                _fs.mkdir(target)
+                return
+            except CgroupExists:
+                if not exist_ok:
+                    raise
+                return
+            except CgroupGone:
+                pass  # a parent is missing: create the chain below
         if not base.is_dir():
             try:
                 _fs.mkdir(base)
@@ -211,22 +225,18 @@ class V2Tree(CgroupTree):
         deadline = time.monotonic() + timeout_s
         sleep_s = _REMOVE_BACKOFF_S[0]
         killed_at_least_once = False
+        directories = self._hierarchy_dirs(path)
         while True:
-            remaining = [d for d in self._hierarchy_dirs(path) if d.is_dir()]
-            if not remaining:
+            # rmdir first: an empty leaf (the common case) goes without reading anything
+            busy = [d for d in directories if not _rmdir_tree(d)]
+            if not busy:
                 return
             if self._any_process(path):
                 self._kill_quiet(path)
                 killed_at_least_once = True
-            busy = False
-            for directory in remaining:
-                busy |= not _rmdir_tree(directory)
-            if not busy:
-                return
             if time.monotonic() >= deadline:
-                left = [str(d) for d in self._hierarchy_dirs(path) if d.is_dir()]
                 raise CgroupBusy(
-                    f"could not remove {', '.join(left)} within {timeout_s} s"
+                    f"could not remove {', '.join(map(str, busy))} within {timeout_s} s"
                     f"{' after killing its processes' if killed_at_least_once else ''}: processes "
                     "remain (uninterruptible sleep?) or another agent keeps creating children"
                 )
@@ -397,18 +407,25 @@ def _joiner(fds: list[int], then: Callable[[], Any] | None) -> Callable[[], None
 
 
 def _rmdir_tree(directory: Path) -> bool:
-    """rmdir `directory` and its subdirectories, deepest first. False if any is busy."""
-    done = True
+    """rmdir `directory`, first its subdirectories (deepest first) when it has any.
+    False if something is still busy (processes, or children that could not go)."""
+    if _try_rmdir(directory):
+        return True
     try:
-        entries = [e.path for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+        children = [e.path for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return True
     except OSError as exc:
         raise _fs.translate(exc, directory, "list") from None
-    for child in entries:
+    if not children:
+        return False  # busy with processes
+    done = True
+    for child in children:
         done &= _rmdir_tree(Path(child))
-    if not done:
-        return False
+    return done and _try_rmdir(directory)
+
+
+def _try_rmdir(directory: Path) -> bool:
     try:
         _fs.rmdir(directory)
     except CgroupGone:

@@ -184,7 +184,7 @@ def test_freeze_and_thaw_change_process_state(cgroup_tree):
 def test_kill_empties_a_cgroup_tree(cgroup_tree):
     cgroup_tree.create("k/a")
     cgroup_tree.create("k/b")
-    procs = [cgroup_tree.spawn(p, ["sh", "-c", "sleep 60 & sleep 60"]) for p in ("k", "k/a", "k/b")]
+    procs = [cgroup_tree.spawn(p, ["sh", "-c", "sleep 60 & exec sleep 60"]) for p in ("k", "k/a", "k/b")]
     assert _wait_until(lambda: len(cgroup_tree.pids("k/b")) == 2)
     cgroup_tree.kill("k")
     assert [p.wait(timeout=10) for p in procs] == [-9, -9, -9]
