@@ -72,7 +72,9 @@ class CpuDeviceTier(DeviceTier):
     host_addressable = True
 
     def __init__(self, n_blocks: int, block_bytes: int) -> None:
-        self._region = HostRegion(max(n_blocks * block_bytes, 1), populate=True)
+        # Locked like GPU memory is never swapped; O_DIRECT into locked pages also measured
+        # markedly faster here than into merely populated ones (pages already pinned).
+        self._region = HostRegion(max(n_blocks * block_bytes, 1), locked_bytes=n_blocks * block_bytes)
         self.pool = self._region.tensor[: n_blocks * block_bytes].view(n_blocks, block_bytes)
         self.region = self._region
 

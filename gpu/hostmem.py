@@ -48,6 +48,11 @@ class HostRegion:
         if populate:
             flags |= mmap.MAP_POPULATE
         self._mmap = mmap.mmap(-1, self.max_bytes, flags=flags)
+        # Huge pages where THP allows it ("madvise" mode): physically contiguous 2 MiB pieces
+        # make O_DIRECT requests carry fewer, larger segments. Measured: with 4 KiB pages,
+        # reusing freed (fragmented) memory cut O_DIRECT bandwidth by a third.
+        if self.max_bytes >= 2 * 2**20 and hasattr(mmap, "MADV_HUGEPAGE"):
+            self._mmap.madvise(mmap.MADV_HUGEPAGE)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.address = self.tensor.data_ptr()
         self._use_cuda = use_cuda

@@ -1,0 +1,246 @@
+"""`agentcg gpu bench`: the KV store's achieved bandwidth beside the ceilings, in one run.
+
+For each block size, one store with room for `total_bytes` in every tier is filled and
+moved device -> host -> device -> SSD -> device, `repeats` times; each move is timed from
+submission to `wait()` returning. Beside each move, its ceiling is measured on the same
+memory and the same number of bytes:
+  swap_out / swap_in   one torch copy_ of all the bytes between the store's own pools
+                       (CUDA: pinned host <-> device; CPU tier: host memcpy, mlocked pool);
+  offload / load       sequential O_DIRECT (or buffered+fdatasync+fadvise, as the tier)
+                       writes/reads of MAX_IO_BYTES each, queue depth 1, of a separate file on
+                       the SSD tier's filesystem, from/to the store's host pool memory.
+With CUDA the pageable-memory copies are measured too, for reference. Figures are medians
+over the repeats; ratio = store / ceiling. Integrity is checked once per block size.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from agentcg.errors import InvalidInput
+from agentcg.gpu.hostmem import HostRegion
+from agentcg.gpu.kvgeometry import KVGeometry
+from agentcg.gpu.kvstore import TieredKVStore
+from agentcg.gpu.ssd_tier import MAX_IO_BYTES
+from agentcg.units import format_bytes
+
+DEFAULT_BLOCK_SIZES = (16 * 2**10, 64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
+DEFAULT_TOTAL_BYTES = 256 * 2**20
+SWAP_TARGET, SWAP_TARGET_MIN_BLOCK = 0.90, 64 * 2**10
+SSD_TARGET = 0.80
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    op: str
+    block_bytes: int
+    bytes: int
+    store_bytes_per_s: float
+    ceiling: str
+    ceiling_bytes_per_s: float
+    target_ratio: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.store_bytes_per_s / self.ceiling_bytes_per_s
+
+    @property
+    def meets_target(self) -> bool | None:
+        return None if self.target_ratio is None else self.ratio >= self.target_ratio
+
+
+@dataclass
+class BenchResult:
+    machine: dict[str, str]
+    device_kind: str
+    io_mode: str
+    host_lock: str
+    rows: list[BenchRow] = field(default_factory=list)
+    reference: list[tuple[str, int, float]] = field(default_factory=list)  # (name, bytes, bytes/s)
+    integrity_ok: bool = True
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def geometry_for(block_bytes: int) -> KVGeometry:
+    """A one-layer bf16 geometry with 16 tokens per block and the given block size."""
+    per_dim = 2 * 16 * 2  # K and V, 16 tokens, 2 bytes
+    if block_bytes % per_dim:
+        raise InvalidInput(f"gpu bench: block size must be a multiple of {per_dim} bytes, got {block_bytes}")
+    return KVGeometry(layers=1, kv_heads=1, head_dim=block_bytes // per_dim, dtype="bf16", tokens_per_block=16)
+
+
+def _timed(action: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    action()
+    sync()
+    return time.perf_counter() - start
+
+
+class _SsdCeiling:
+    """A scratch file beside the tier's: sequential writes and reads of MAX_IO_BYTES each."""
+
+    def __init__(self, path: Path, region: HostRegion, nbytes: int, direct: bool) -> None:
+        self.path, self.region, self.nbytes, self.direct = path, region, nbytes, direct
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
+        os.posix_fallocate(self.fd, 0, nbytes)
+
+    def write(self) -> None:
+        for offset in range(0, self.nbytes, MAX_IO_BYTES):
+            os.pwritev(self.fd, [self.region.view(offset, min(MAX_IO_BYTES, self.nbytes - offset))], offset)
+        if not self.direct:
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, 0, self.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def read(self) -> None:
+        for offset in range(0, self.nbytes, MAX_IO_BYTES):
+            os.preadv(self.fd, [self.region.view(offset, min(MAX_IO_BYTES, self.nbytes - offset))], offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+def machine_description(ssd_dir: Path) -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:"))
+    disk = "unknown"
+    best = ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        dev, mount, fstype = line.split()[:3]
+        if str(ssd_dir.resolve()).startswith(mount) and len(mount) >= len(best):
+            best, disk = mount, f"{dev} ({fstype}) mounted at {mount}"
+    stat = os.statvfs(ssd_dir)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (torch sees no CUDA device)"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "memory": format_bytes(mem_kib * 1024),
+        "disk": f"{disk}, {format_bytes(stat.f_bavail * stat.f_frsize)} free",
+        "kernel": platform.release(),
+        "torch": f"{torch.__version__} ({torch.get_num_threads()} intra-op threads)",
+        "gpu": gpu,
+    }
+
+
+def run_bench(ssd_dir: str | os.PathLike | None = None, block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES,
+              total_bytes: int = DEFAULT_TOTAL_BYTES, repeats: int = 3, device: str = "auto",
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    if repeats < 1:
+        raise InvalidInput(f"gpu bench: repeats must be at least 1, got {repeats}")
+    base = Path(ssd_dir) if ssd_dir is not None else Path(__file__).resolve().parents[1]
+    if not base.is_dir():
+        raise InvalidInput(f"gpu bench: SSD directory {base} does not exist")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="agentcg-gpu-bench-", dir=base) as tmp:
+        result: BenchResult | None = None
+        for block_bytes in block_sizes:
+            geometry = geometry_for(block_bytes)
+            n = total_bytes // block_bytes
+            if n < 1:
+                raise InvalidInput(f"gpu bench: total {total_bytes} bytes is smaller than a block of {block_bytes}")
+            nbytes = n * block_bytes
+            if progress:
+                progress(f"block size {format_bytes(block_bytes)}: {n} blocks, {format_bytes(nbytes)} per move")
+            with TieredKVStore(geometry, n, n, tmp, n, device=device) as store:
+                if result is None:
+                    result = BenchResult(machine_description(base), store.device_kind, store.ssd.io_mode,
+                                         store.host.lock_method)
+                _bench_one(store, n, nbytes, block_bytes, repeats, Path(tmp), result)
+        assert result is not None
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repeats: int, tmp: Path,
+               result: BenchResult) -> None:
+    cuda = store.device_kind == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dev, host = store.device.pool, store.host_pool[:n]
+    store.allocate("bench", n)
+    pattern = torch.arange(nbytes // 8, dtype=torch.int64)
+    dev.view(-1)[:nbytes].view(torch.int64).copy_(pattern)
+    sync()
+    before = zlib.crc32(pattern.numpy())
+    del pattern
+    times: dict[str, list[float]] = {k: [] for k in (
+        "swap_out", "swap_in", "offload", "load", "memcpy_d2h", "memcpy_h2d", "ssd_write", "ssd_read")}
+    direct = store.ssd.io_mode == "o_direct"
+    ceiling = _SsdCeiling(tmp / "ceiling.blocks", store.host, nbytes, direct)
+    try:
+        # Warm-up, untimed: starts the transfer thread, faults in every page on both sides,
+        # and writes both files once so no measured write meets unwritten extents.
+        store.swap_out("bench").wait()
+        store.swap_in("bench").wait()
+        host.copy_(dev)
+        ceiling.write()
+        store.offload("bench").wait()
+        store.load("bench").wait()
+        # Each store move runs right after its ceiling, so drift on a shared host hits both.
+        for _ in range(repeats):
+            times["memcpy_d2h"].append(_timed(lambda: host.copy_(dev, non_blocking=cuda), sync))
+            times["swap_out"].append(_timed(lambda: store.swap_out("bench").wait(), sync))
+            times["memcpy_h2d"].append(_timed(lambda: dev.copy_(host, non_blocking=cuda), sync))
+            times["swap_in"].append(_timed(lambda: store.swap_in("bench").wait(), sync))
+            times["ssd_write"].append(_timed(ceiling.write, sync))
+            times["offload"].append(_timed(lambda: store.offload("bench").wait(), sync))
+            times["ssd_read"].append(_timed(ceiling.read, sync))
+            times["load"].append(_timed(lambda: store.load("bench").wait(), sync))
+    finally:
+        ceiling.close()
+    after = zlib.crc32(dev.view(-1)[:nbytes].cpu().numpy()) if cuda else zlib.crc32(
+        dev.view(-1)[:nbytes].numpy())
+    if after != before:
+        result.integrity_ok = False
+        result.notes.append(f"block size {block_bytes}: data read back differs from data written")
+    rate = {k: nbytes / statistics.median(v) for k, v in times.items()}
+    kind = "pinned copy" if cuda else "host memcpy"
+    swap_target = SWAP_TARGET if block_bytes >= SWAP_TARGET_MIN_BLOCK else None
+    io = "O_DIRECT" if direct else "buffered"
+    for op, ceiling, name, target in (
+            ("swap_out", "memcpy_d2h", f"{kind} D2H", swap_target),
+            ("swap_in", "memcpy_h2d", f"{kind} H2D", swap_target),
+            ("offload", "ssd_write", f"SSD seq write ({io})", SSD_TARGET),
+            ("load", "ssd_read", f"SSD seq read ({io})", SSD_TARGET)):
+        result.rows.append(BenchRow(op, block_bytes, nbytes, rate[op], name, rate[ceiling], target))
+    if cuda and not result.reference:  # once: pageable copies do not depend on the block size
+        pageable = torch.empty(nbytes, dtype=torch.uint8)
+        flat = dev.view(-1)[:nbytes]
+        result.reference.append(("pageable H2D", nbytes, nbytes / _timed(lambda: flat.copy_(pageable), sync)))
+        result.reference.append(("pageable D2H", nbytes, nbytes / _timed(lambda: pageable.copy_(flat), sync)))
+        del pageable
+    store.discard("bench")
+
+
+def format_result(result: BenchResult) -> str:
+    lines = ["agentcg gpu bench", ""]
+    lines += [f"  {k:<7} {v}" for k, v in result.machine.items()]
+    lines += [f"  device tier: {result.device_kind}; host pool locked by: {result.host_lock}; "
+              f"SSD tier I/O: {result.io_mode}", ""]
+    header = f"{'op':<9} {'block':>9} {'moved':>9} {'store':>11} {'ceiling':>11}  {'ratio':>6}  {'target':>7}  ceiling is"
+    lines += [header, "-" * len(header)]
+    for row in result.rows:
+        target = "-" if row.target_ratio is None else f">={row.target_ratio:.2f}"
+        verdict = "" if row.meets_target is None else ("  ok" if row.meets_target else "  MISSED")
+        lines.append(f"{row.op:<9} {format_bytes(row.block_bytes):>9} {format_bytes(row.bytes):>9} "
+                     f"{row.store_bytes_per_s / 1e9:>7.2f} GB/s {row.ceiling_bytes_per_s / 1e9:>6.2f} GB/s  "
+                     f"{row.ratio:>6.3f}  {target:>7}  {row.ceiling}{verdict}")
+    for name, nbytes, rate in result.reference:
+        lines.append(f"reference: {name} of {format_bytes(nbytes)}: {rate / 1e9:.2f} GB/s")
+    met = [r.meets_target for r in result.rows if r.meets_target is not None]
+    lines += ["", f"targets met: {sum(met)}/{len(met)}; data integrity: "
+              f"{'every block read back equal' if result.integrity_ok else 'FAILED'}; "
+              f"elapsed {result.elapsed_s:.1f} s"]
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
