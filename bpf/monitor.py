@@ -24,7 +24,9 @@ from typing import Any
 from agentcg.bpf import events as ev
 from agentcg.errors import BpfError, InvalidInput
 
-CONCERNS = ("process", "memory", "sched", "block")
+CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
+OPTIONAL_CONCERNS = ("exit_codes",)                          # opt-in: costs every syscall
+ALL_CONCERNS = CONCERNS + OPTIONAL_CONCERNS
 BPF_DIR = Path(__file__).resolve().parent
 
 MAX_CGROUPS = 4096
@@ -43,6 +45,7 @@ _HASH_MAPS = {
     "memory": ("mms", "reclaim_start"),
     "sched": ("runq_since", "runq_hist"),
     "block": ("io_inflight", "block_stats"),
+    "exit_codes": (),
 }
 # maps whose values carry the owning cgroup id in a `cgroup_id` field
 _PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "runq_since", "io_inflight")
@@ -145,12 +148,14 @@ class BpfMonitor:
 
     def __init__(self, concerns: tuple[str, ...] | list[str] = CONCERNS, *,
                  reclaim_stall_s: float = RECLAIM_STALL_S, bpf_dir: Path = BPF_DIR) -> None:
-        unknown = [c for c in concerns if c not in CONCERNS]
+        unknown = [c for c in concerns if c not in ALL_CONCERNS]
         if unknown or not concerns:
-            raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(CONCERNS)}")
+            raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(ALL_CONCERNS)}")
+        if "exit_codes" in concerns and "process" not in concerns:
+            raise InvalidInput("the BPF concern exit_codes needs the concern process as well")
         if not 0 < reclaim_stall_s < 60:
             raise InvalidInput(f"reclaim_stall_s must be in (0, 60) seconds, got {reclaim_stall_s}")
-        self.concerns = tuple(c for c in CONCERNS if c in concerns)
+        self.concerns = tuple(c for c in ALL_CONCERNS if c in concerns)
         self._b: Any = None
         self._watched: set[int] = set()
         self._removed: collections.OrderedDict[int, CgroupCounters] = collections.OrderedDict()

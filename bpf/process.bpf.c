@@ -51,17 +51,6 @@ int acg_process__sched__sched_process_exec(struct tracepoint__sched__sched_proce
     return 0;
 }
 
-int acg_process__syscalls__sys_enter_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
-{
-    u64 cg = bpf_get_current_cgroup_id();
-    if (!watched.lookup(&cg))
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct acg_exit x = {.cgroup_id = cg, .exit_code = args->error_code & 0xff, .signal = 0};
-    exits.update(&tgid, &x);
-    return 0;
-}
-
 /* A default-fatal signal sent to a tracked process. The kernel turns most of them into
  * SIGKILL before delivery (complete_signal), so the original number is kept here. */
 int acg_process__signal__signal_generate(struct tracepoint__signal__signal_generate *args)

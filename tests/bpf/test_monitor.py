@@ -76,9 +76,28 @@ def test_fork_storm_stays_accounted_and_exec_carries_ppid(monitor, make_cgroup):
         assert {e.ppid for e in trues} == {shell.pid}
         assert all(e.cgroup_id == cg.id for e in trues)
         final = [e for e in events if isinstance(e, ExitEvent) and e.pid == shell.pid]
-        assert final[0].exit_code == 7 and final[0].signal is None
+        assert final[0].exit_code is None and final[0].signal is None  # exit_codes not loaded
     finally:
         monitor.forget(cg.id)
+
+
+def test_exit_codes_concern_reports_the_exit_status(make_cgroup):
+    from agentcg.bpf.monitor import BpfMonitor
+
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root")
+    with pytest.raises(InvalidInput, match="needs the concern process"):
+        BpfMonitor(concerns=("exit_codes",))
+    with BpfMonitor(concerns=("process", "exit_codes")) as mon:
+        cg = make_cgroup()
+        mon.watch(cg.id)
+        proc = cg.popen(["/bin/sh", "-c", "exit 7"])
+        assert proc.wait(timeout=10) == 7
+        events = drain(mon, lambda e: isinstance(e, ExitEvent) and e.pid == proc.pid)
+        final = [e for e in events if isinstance(e, ExitEvent) and e.pid == proc.pid]
+        assert final[0].exit_code == 7 and final[0].signal is None
+        mon.forget(cg.id)
+        assert set(mon.live_entries().values()) == {0}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
