@@ -139,12 +139,12 @@ class CudaCopyTracer:
                 path = self.libraries[library]
                 if path == "missing":
                     continue
-                self._bpf.attach_uprobe(name=path, sym=symbol, fn_name=fn_name, pid=pid)
+                self._bpf.attach_uprobe(name=path.encode(), sym=symbol.encode(), fn_name=fn_name.encode(), pid=pid)
                 self.attached.append(symbol)
         except Exception as exc:
             self.close()
             raise BpfError(f"CUDA copy tracer: attaching uprobe to {symbol} in {path} failed: {exc}") from None
-        self._stats = self._bpf["copy_stats"]
+        self._stats = self._bpf[b"copy_stats"]
 
     def counters(self) -> CudaCopyCounters:
         by_api: dict[str, dict[str, CopyTotals]] = {}

@@ -1,0 +1,33 @@
+"""`agentcg gpu bench` on a small size: the report's shape, integrity and clean-up (no
+speed assertions here: bench/bench_gpu.py prints the figures beside their ceilings)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from agentcg.cli import main
+from agentcg.gpu.bench import format_result, run_bench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_runs_small_and_cleans_up(capsys):
+    with tempfile.TemporaryDirectory(prefix="agentcg-test-bench-", dir=REPO) as d:
+        result = run_bench(d, block_sizes=(64 * 1024,), total_bytes=4 * 2**20, repeats=1)
+        assert list(Path(d).iterdir()) == []
+        assert result.integrity_ok and result.device_kind in ("cpu", "cuda")
+        assert [r.op for r in result.rows] == ["swap_out", "swap_in", "offload", "load"]
+        assert all(r.bytes == 4 * 2**20 and r.ratio > 0 for r in result.rows)
+        assert [r.target_ratio for r in result.rows] == [0.9, 0.9, 0.8, 0.8]
+        text = format_result(result)
+        assert "ceiling" in text and "memory" in text and "disk" in text
+        out = Path(d) / "report.txt"
+        assert main(["gpu", "bench", "--ssd-dir", d, "--block-sizes", "16K", "--total", "1M",
+                     "--repeats", "1", "--output", str(out)]) == 0
+        assert "swap_out" in out.read_text()
+        assert "swap_out" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_sizes(capsys):
+    assert main(["gpu", "bench", "--block-sizes", "12x"]) == 2
+    assert "--block-sizes" in capsys.readouterr().err
