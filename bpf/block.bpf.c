@@ -1,20 +1,42 @@
 /* block: bytes and latency per (cgroup, device). Completions run in whatever context the
- * interrupt lands in, so a request is charged to the cgroup of the task that issued it. */
+ * interrupt lands in, and a request may be issued from a kblockd worker, so a request is
+ * charged to the task that queued its first bio (block_bio_queue runs in its context). */
 #include "agentcg.h"
 
 BPF_HASH(io_inflight, struct acg_io_key, struct acg_io, MAX_INFLIGHT_IO);
 BPF_HASH(block_stats, struct acg_blk_key, struct acg_blk_stats, MAX_BLOCK_KEYS);
+/* bios merged into a request behind its first one are never issued under their own
+ * sector: LRU keeps those leftovers bounded */
+BPF_TABLE("lru_hash", struct acg_io_key, struct acg_stamp, io_owner, MAX_INFLIGHT_IO);
+
+int acg_block__block__block_bio_queue(struct tracepoint__block__block_bio_queue *args)
+{
+    u64 cg = bpf_get_current_cgroup_id();
+    if (!watched.lookup(&cg))
+        return 0;
+    struct acg_io_key key = {.sector = args->sector, .dev = args->dev};
+    struct acg_stamp owner = {.cgroup_id = cg, .ns = 0};
+    io_owner.update(&key, &owner);
+    return 0;
+}
 
 int acg_block__block__block_rq_issue(struct tracepoint__block__block_rq_issue *args)
 {
+    if (args->bytes == 0)
+        return 0;
+    struct acg_io_key key = {.sector = args->sector, .dev = args->dev};
     u64 cg = bpf_get_current_cgroup_id();
-    if (!watched.lookup(&cg) || args->bytes == 0)
+    struct acg_stamp *owner = io_owner.lookup(&key);
+    if (owner) {
+        cg = owner->cgroup_id;
+        io_owner.delete(&key);
+    }
+    if (!watched.lookup(&cg))
         return 0;
     /* rwbs: an optional 'F' (preflush), then the operation R/W/D/E/N, then flags */
     char op = args->rwbs[0] == 'F' ? args->rwbs[1] : args->rwbs[0];
     if (op != 'R' && op != 'W')
         return 0;
-    struct acg_io_key key = {.sector = args->sector, .dev = args->dev};
     struct acg_io io = {.cgroup_id = cg, .issue_ns = bpf_ktime_get_ns(),
                         .bytes = args->bytes, .write = op == 'W'};
     if (io_inflight.update(&key, &io))

@@ -44,11 +44,11 @@ _HASH_MAPS = {
     "process": ("exits",),
     "memory": ("mms", "reclaim_start"),
     "sched": ("runq_since", "runq_hist"),
-    "block": ("io_inflight", "block_stats"),
+    "block": ("io_owner", "io_inflight", "block_stats"),
     "exit_codes": (),
 }
 # maps whose values carry the owning cgroup id in a `cgroup_id` field
-_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "runq_since", "io_inflight")
+_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "runq_since", "io_owner", "io_inflight")
 _PROGRAM_RE = re.compile(r"^int (acg_\w+)\(struct tracepoint__(\w+?)__(\w+) \*args\)", re.M)
 _ERROR_NAMES = {ev.ERR_TASKS_FULL: "tasks", ev.ERR_MMS_FULL: "mms",
                 ev.ERR_BLOCK_FULL: "block_stats", ev.ERR_INFLIGHT_FULL: "io_inflight"}
