@@ -1,0 +1,131 @@
+"""Owner files of running tool calls, and reaping the calls whose owner died.
+
+Every call has `<state>/calls/<call-id>.json` while it runs: who owns it (pid and that
+pid's start time, so a recycled pid is not mistaken for the owner), where its cgroup is,
+and whether the owner created the sandbox for it. An `agentcg run` killed by SIGKILL
+leaves its file and its cgroup behind; the next `agentcg` start (or the daemon) calls
+`reap_orphans()`, which kills and removes the cgroup, removes a sandbox the dead owner
+created if nothing else uses it, and deletes the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agentcg.controller.cgroup import CgroupTree
+from agentcg.controller.sandbox import (
+    call_path, remove_sandbox_if_unused, sandbox_lock, state_dir, validate_name,
+)
+from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+
+OWNER_VERSION = 1
+MAX_OWNER_FILE_BYTES = 4096
+MAX_REAPED_PER_PASS = 10_000
+
+
+@dataclass(frozen=True)
+class CallOwner:
+    call_id: str
+    sandbox: str
+    root: str                   # the tree's root, e.g. "agentcg"
+    owner_pid: int
+    owner_start_ticks: int      # field 22 of /proc/<pid>/stat
+    start_wall_s: float
+    created_sandbox: bool
+    version: int = OWNER_VERSION
+
+
+@dataclass(frozen=True)
+class ReapedCall:
+    call_id: str
+    sandbox: str
+    owner_pid: int
+    cgroup_removed: bool
+    sandbox_removed: bool
+
+
+def calls_dir(state: Path | None = None) -> Path:
+    return state_dir(state) / "calls"
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot, or None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def is_alive(owner: CallOwner) -> bool:
+    return process_start_ticks(owner.owner_pid) == owner.owner_start_ticks
+
+
+def write_owner(owner: CallOwner, state: Path | None = None) -> Path:
+    directory = calls_dir(state)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{validate_name(owner.call_id, 'call id')}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(owner), sort_keys=True))
+    os.replace(tmp, path)   # a reader never sees half a file
+    return path
+
+
+def remove_owner(call_id: str, state: Path | None = None) -> None:
+    try:
+        (calls_dir(state) / f"{call_id}.json").unlink()
+    except FileNotFoundError:
+        pass
+
+
+def read_owner(path: Path) -> CallOwner:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_OWNER_FILE_BYTES + 1)[:MAX_OWNER_FILE_BYTES])
+        owner = CallOwner(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"{path}: not an agentcg owner file ({exc}); delete it") from None
+    if owner.version != OWNER_VERSION:
+        raise InvalidInput(f"{path}: owner file version {owner.version}, this agentcg reads {OWNER_VERSION}")
+    return owner
+
+
+def list_owners(state: Path | None = None) -> list[tuple[Path, CallOwner | None]]:
+    directory = calls_dir(state)
+    if not directory.is_dir():
+        return []
+    out: list[tuple[Path, CallOwner | None]] = []
+    for path in sorted(directory.glob("*.json"))[:MAX_REAPED_PER_PASS]:
+        try:
+            out.append((path, read_owner(path)))
+        except InvalidInput:
+            out.append((path, None))
+    return out
+
+
+def reap_orphans(tree: CgroupTree, state: Path | None = None, *, timeout_s: float = 5.0) -> list[ReapedCall]:
+    """Kill and remove the cgroup of every call of `tree.root` whose owner is dead."""
+    reaped = []
+    for path, owner in list_owners(state):
+        if owner is None:   # unreadable: a crash mid-write left only the .tmp, or garbage
+            path.unlink(missing_ok=True)
+            continue
+        if owner.root != tree.root or is_alive(owner):
+            continue
+        cgroup_removed = sandbox_removed = False
+        try:
+            if tree.exists(call_path(owner.sandbox, owner.call_id)):
+                tree.remove(call_path(owner.sandbox, owner.call_id), timeout_s=timeout_s)
+                cgroup_removed = True
+            if owner.created_sandbox:
+                with sandbox_lock(tree, owner.sandbox, state):
+                    sandbox_removed = remove_sandbox_if_unused(tree, owner.sandbox)
+        except CgroupGone:
+            pass
+        except AgentcgError:
+            raise
+        path.unlink(missing_ok=True)
+        reaped.append(ReapedCall(owner.call_id, owner.sandbox, owner.owner_pid, cgroup_removed, sandbox_removed))
+    return reaped

@@ -1,0 +1,359 @@
+"""The lifecycle of one tool call: its cgroup, its processes, its record.
+
+    mgr = ToolCallManager(tree, monitor=BpfMonitor() or None, records_path=Path(...))
+    call = mgr.begin("sb1", "pytest", ["pytest", "-x"])      # <root>/sb1/tools/<call-id>
+    proc = call.spawn(["pytest", "-x"])                        # joins the cgroup before exec
+    record = mgr.end(call, exit_code=proc.wait())              # grace, kill, read, remove
+
+`end` = `returned` + waiting for `finish_due`: background children of the call stay
+accounted to it until they exit, or until `grace_s` after the call returned, when the
+cgroup is killed. The record is read after the last process is gone, so it covers them.
+Callers with an event loop (the daemon, `sandbox exec`) call `returned` and then
+`finish_due()` every turn instead of blocking in `end`.
+
+Each call keeps an owner file (see `reaper`) so a killed owner's cgroup is reaped later.
+Without a BpfMonitor the eBPF fields of the record stay None (not measured), never 0.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from agentcg.controller.cgroup import CgroupTree
+from agentcg.controller.reaper import CallOwner, process_start_ticks, remove_owner, write_owner
+from agentcg.controller.sandbox import (
+    call_path, ensure_sandbox, tools_path, parse_priority, procs_files, remove_sandbox_if_unused,
+    sandbox_lock, set_priority, state_dir, validate_name,
+)
+from agentcg.errors import AgentcgError, CgroupError, CgroupGone, InvalidInput
+from agentcg.records import ToolCallRecord, truncate_command
+
+if TYPE_CHECKING:
+    from agentcg.bpf.monitor import BpfMonitor, CgroupCounters
+
+DEFAULT_GRACE_S = 5.0
+MAX_RUNNING_CALLS = 4096          # = the monitor's MAX_CGROUPS: one watched cgroup per call
+MAX_TOOL_CHARS = 64
+_FINISH_POLL_S = (0.0005, 0.02)   # first and largest sleep while `end` waits for the cgroup to empty
+
+
+@dataclass
+class ToolCall:
+    """A running tool call. `path` is relative to the tree's root."""
+
+    call_id: str
+    sandbox: str
+    tool: str
+    command: str
+    path: str
+    cgroup_id: int
+    procs_files: list[Path]
+    priority: str
+    mem_hint_bytes: int | None
+    start_monotonic_s: float
+    start_wall_s: float
+    created_sandbox: bool
+    _tree: CgroupTree = field(repr=False)
+    returned_monotonic_s: float | None = None
+    returned_wall_s: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    grace_s: float = DEFAULT_GRACE_S
+    measured: bool = True        # False: its process never ran inside the cgroup (exited first)
+    extra: dict[str, float] = field(default_factory=dict)   # copied into the record's `extra`
+
+    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        """Start argv in the call's cgroup (it joins before exec: it never runs outside)."""
+        return self._tree.spawn(self.path, argv, **popen_kwargs)
+
+    def attach(self, pid: int) -> None:
+        """Move a running process (all its threads) into the call's cgroup."""
+        self._tree.attach(self.path, pid)
+
+    @property
+    def has_returned(self) -> bool:
+        return self.returned_monotonic_s is not None
+
+
+class ToolCallManager:
+    """Begins and ends tool calls below one CgroupTree; thread-safe."""
+
+    def __init__(self, tree: CgroupTree, monitor: "BpfMonitor | None" = None, records_path: Path | None = None,
+                 grace_s: float = DEFAULT_GRACE_S, state: Path | None = None) -> None:
+        _check_grace(grace_s)
+        self.tree = tree
+        self.monitor = monitor
+        self.records_path = Path(records_path) if records_path is not None else None
+        self.grace_s = grace_s
+        self.state = state_dir(state)
+        self._calls: dict[str, ToolCall] = {}
+        self._lock = threading.Lock()
+        self._owner_ticks = process_start_ticks(os.getpid()) or 0
+
+    # ---- sandboxes --------------------------------------------------------------
+    def ensure_sandbox(self, name: str, priority: str | None = None) -> bool:
+        with sandbox_lock(self.tree, name, self.state):
+            return ensure_sandbox(self.tree, name, priority)
+
+    def remove_sandbox_if_unused(self, name: str) -> bool:
+        with sandbox_lock(self.tree, name, self.state):
+            return remove_sandbox_if_unused(self.tree, name)
+
+    # ---- calls ------------------------------------------------------------------
+    def begin(self, sandbox: str, tool: str | None, command: Sequence[str] | str, *,
+              mem_hint_bytes: int | None = None, priority: str = "normal",
+              grace_s: float | None = None, create_sandbox: bool = True, call_id: str | None = None) -> ToolCall:
+        """Create the call's cgroup (and the sandbox when missing and `create_sandbox`),
+        watch it in eBPF and write its owner file. The caller then spawns or attaches."""
+        validate_name(sandbox)
+        parse_priority(priority)
+        if mem_hint_bytes is not None and (isinstance(mem_hint_bytes, bool) or not isinstance(mem_hint_bytes, int)
+                                           or mem_hint_bytes <= 0):
+            raise InvalidInput(f"mem_hint_bytes must be a positive number of bytes, got {mem_hint_bytes!r}")
+        grace_s = self.grace_s if grace_s is None else _check_grace(grace_s)
+        tool = tool_name(tool, command)
+        call_id = validate_name(call_id, "call id") if call_id is not None else new_call_id()
+        with self._lock:
+            if len(self._calls) >= MAX_RUNNING_CALLS:
+                raise CgroupError(f"{MAX_RUNNING_CALLS} tool calls are running already; end some first")
+        path = call_path(sandbox, call_id)
+        with sandbox_lock(self.tree, sandbox, self.state):
+            if not create_sandbox and not self.tree.exists(sandbox):
+                raise CgroupGone(f"no sandbox {sandbox!r}; create it first (`agentcg sandbox create {sandbox}`)")
+            created = False if self.tree.exists(tools_path(sandbox)) else ensure_sandbox(self.tree, sandbox)
+            self.tree.create(path)
+        start_mono, start_wall = time.monotonic(), time.time()
+        try:
+            write_owner(CallOwner(call_id, sandbox, self.tree.root, os.getpid(), self._owner_ticks,
+                                  start_wall, created), self.state)
+            if priority != "normal":
+                set_priority(self.tree, path, priority)
+            cgroup_id = self.tree.cgroup_id(path)
+            if self.monitor is not None:
+                self.monitor.watch(cgroup_id)
+        except BaseException:
+            self._discard(sandbox, call_id, path, created)
+            raise
+        call = ToolCall(call_id=call_id, sandbox=sandbox, tool=tool, command=truncate_command(list(command)
+                        if not isinstance(command, str) else command), path=path, cgroup_id=cgroup_id,
+                        procs_files=procs_files(self.tree, path), priority=priority, mem_hint_bytes=mem_hint_bytes,
+                        start_monotonic_s=start_mono, start_wall_s=start_wall, created_sandbox=created,
+                        _tree=self.tree, grace_s=grace_s)
+        with self._lock:
+            self._calls[call_id] = call
+        return call
+
+    def get(self, call_id: str) -> ToolCall:
+        with self._lock:
+            call = self._calls.get(call_id)
+        if call is None:
+            raise CgroupGone(f"no running tool call {call_id!r}")
+        return call
+
+    def running(self) -> list[ToolCall]:
+        with self._lock:
+            return list(self._calls.values())
+
+    def returned(self, call: ToolCall, exit_code: int | None = None, signal: int | None = None, *,
+                 at_monotonic_s: float | None = None) -> None:
+        """The call's main process is done (at `at_monotonic_s`, default now): start its
+        grace period (non-blocking)."""
+        if call.has_returned:
+            return
+        _check_status(exit_code, signal)
+        call.exit_code, call.signal = exit_code, signal
+        now = time.monotonic()
+        at = now if at_monotonic_s is None else min(at_monotonic_s, now)
+        call.returned_monotonic_s, call.returned_wall_s = at, time.time() - (now - at)
+
+    def finish_due(self, now_s: float | None = None) -> list[ToolCallRecord]:
+        """Finish every returned call whose cgroup is empty or whose grace period is over."""
+        now_s = time.monotonic() if now_s is None else now_s
+        done = []
+        for call in self.running():
+            if call.has_returned and (not self._populated(call) or now_s >= call.returned_monotonic_s + call.grace_s):
+                done.append(self._finish(call))
+        return done
+
+    def end(self, call: ToolCall, exit_code: int | None = None, signal: int | None = None,
+            grace_s: float | None = None) -> ToolCallRecord:
+        """`returned`, then wait until the cgroup is empty or the grace period is over (then
+        kill it), read the counters, forget the BPF entries, remove the cgroup, append and
+        return the record."""
+        if grace_s is not None:
+            call.grace_s = _check_grace(grace_s)
+        self.returned(call, exit_code, signal)
+        sleep_s = _FINISH_POLL_S[0]
+        deadline = call.returned_monotonic_s + call.grace_s
+        while self._populated(call) and time.monotonic() < deadline:
+            time.sleep(min(sleep_s, max(0.0, deadline - time.monotonic())))
+            sleep_s = min(sleep_s * 2, _FINISH_POLL_S[1])
+        return self._finish(call)
+
+    def discard(self, call: ToolCall) -> None:
+        """Remove a call that never ran anything (a spare): no record."""
+        with self._lock:
+            self._calls.pop(call.call_id, None)
+        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
+
+    def close(self, *, kill: bool = True) -> list[ToolCallRecord]:
+        """End every running call (killing what is left when `kill`) and return their records."""
+        records = []
+        for call in self.running():
+            self.returned(call)
+            if kill:
+                call.grace_s = 0.0
+            records.append(self.end(call))
+        return records
+
+    # ---- internals --------------------------------------------------------------
+    def _populated(self, call: ToolCall) -> bool:
+        try:
+            return self.tree.is_populated(call.path)
+        except CgroupGone:
+            return False
+
+    def _finish(self, call: ToolCall) -> ToolCallRecord:
+        with self._lock:
+            if self._calls.pop(call.call_id, None) is None:
+                raise CgroupGone(f"tool call {call.call_id!r} has already ended")
+        killed_after_grace = False
+        try:
+            if self._populated(call):
+                self.tree.kill(call.path)
+                killed_after_grace = True
+                _wait_empty(self.tree, call.path, 5.0)
+            record = self._record(call)
+            if killed_after_grace:
+                record.policy_action = "grace_kill"
+                record.message = f"background processes still ran {call.grace_s:g} s after the call returned; killed"
+        finally:
+            self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
+        self._append(record)
+        return record
+
+    def _record(self, call: ToolCall) -> ToolCallRecord:
+        end_mono = call.returned_monotonic_s if call.returned_monotonic_s is not None else time.monotonic()
+        end_wall = call.returned_wall_s if call.returned_wall_s is not None else time.time()
+        record = ToolCallRecord(
+            sandbox=call.sandbox, call_id=call.call_id, tool=call.tool, command=call.command,
+            start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s,
+            end_monotonic_s=end_mono, end_wall_s=end_wall, exit_code=call.exit_code, signal=call.signal,
+            priority=call.priority, mem_hint_bytes=call.mem_hint_bytes, extra=dict(call.extra),
+        )
+        if not call.measured:
+            record.message = "exited before agentcg could move it into its own cgroup; its usage stays with the agent's"
+            if self.monitor is not None:
+                self.monitor.forget(call.cgroup_id)
+            return record
+        tree = self.tree
+        try:
+            record.peak_memory_bytes = tree.memory_peak(call.path) if "memory.peak" in tree.capabilities else None
+            record.cpu_s = tree.cpu_stat(call.path).usage_s
+            if "memory.max" in tree.capabilities:
+                events = tree.memory_events(call.path)
+                record.oom_killed = events.oom_kill > 0
+                record.page_faults = tree.memory_stat(call.path).pgfault
+        except CgroupGone:
+            pass
+        except AgentcgError as exc:  # a controller the host lacks: leave the field unmeasured
+            record.extra["cgroup_read_error"] = str(exc)
+        if self.monitor is not None:
+            try:
+                _apply_counters(record, self.monitor.forget(call.cgroup_id))
+            except AgentcgError as exc:
+                record.extra["ebpf_read_error"] = str(exc)
+        return record
+
+    def _discard(self, sandbox: str, call_id: str, path: str, created_sandbox: bool,
+                 cgroup_id: int | None = None) -> None:
+        """Forget the BPF entries, remove the cgroup, the owner file and a sandbox made for it."""
+        if self.monitor is not None and cgroup_id is not None and cgroup_id in self.monitor.watched():
+            self.monitor.forget(cgroup_id)
+        try:
+            self.tree.remove(path)
+        except CgroupGone:
+            pass
+        remove_owner(call_id, self.state)
+        if created_sandbox:
+            self.remove_sandbox_if_unused(sandbox)
+
+    def _append(self, record: ToolCallRecord) -> None:
+        if self.records_path is None:
+            return
+        self.records_path.parent.mkdir(parents=True, exist_ok=True)
+        line = (record.to_json() + "\n").encode()
+        # one write(2) on O_APPEND: concurrent writers' lines do not interleave
+        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def _apply_counters(record: ToolCallRecord, c: "CgroupCounters") -> None:
+    record.peak_rss_bytes = c.rss_peak_bytes
+    record.runq_latency_p50_s = c.runq_latency_p50_s
+    record.runq_latency_p99_s = c.runq_latency_p99_s
+    record.reclaim_stall_s = c.reclaim_s
+    record.block_read_bytes = c.block_read_bytes
+    record.block_write_bytes = c.block_write_bytes
+    if c.page_faults is not None:
+        record.page_faults = c.page_faults     # user faults; the cgroup's pgfault counts kernel ones too
+    if c.forks is not None:
+        record.processes = c.forks + 1         # forks inside the call plus the process that started it
+    if c.oom_kills:
+        record.oom_killed = True
+    if record.cpu_s is None:
+        record.cpu_s = c.cpu_s
+
+
+def _wait_empty(tree: CgroupTree, path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not tree.is_populated(path):
+                return
+        except CgroupGone:
+            return
+        time.sleep(0.001)
+
+
+def _check_grace(grace_s: float) -> float:
+    if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s <= 3600:
+        raise InvalidInput(f"grace period must be 0..3600 seconds, got {grace_s!r}")
+    return float(grace_s)
+
+
+def _check_status(exit_code: int | None, signal: int | None) -> None:
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)
+                                  or not 0 <= exit_code <= 255):
+        raise InvalidInput(f"exit_code must be 0..255, got {exit_code!r}")
+    if signal is not None and (isinstance(signal, bool) or not isinstance(signal, int) or not 1 <= signal <= 64):
+        raise InvalidInput(f"signal must be 1..64, got {signal!r}")
+
+
+def new_call_id() -> str:
+    return f"tc-{secrets.token_hex(6)}"
+
+
+def tool_name(tool: str | None, command: Sequence[str] | str) -> str:
+    """The given tool name, else the command's program name (basename of argv[0])."""
+    if tool is None:
+        first = command.split(None, 1)[0] if isinstance(command, str) and command.strip() else (
+            command[0] if not isinstance(command, str) and command else "")
+        tool = os.path.basename(first) or "unknown"
+    if not isinstance(tool, str) or not tool or len(tool) > MAX_TOOL_CHARS or not tool.isprintable():
+        raise InvalidInput(f"tool name must be 1..{MAX_TOOL_CHARS} printable characters, got {tool!r}")
+    return tool
+
+
+def status_of(returncode: int) -> tuple[int | None, int | None]:
+    """Popen.returncode -> (exit_code, signal)."""
+    return (None, -returncode) if returncode < 0 else (returncode, None)
