@@ -37,6 +37,7 @@ DEFAULT_BLOCK_SIZES = (16 * 2**10, 64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
 DEFAULT_TOTAL_BYTES = 256 * 2**20
 SWAP_TARGET, SWAP_TARGET_MIN_BLOCK = 0.90, 64 * 2**10
 SSD_TARGET = 0.80
+KERNEL_VIEW_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class BenchResult:
     rows: list[BenchRow] = field(default_factory=list)
     reference: list[tuple[str, int, float]] = field(default_factory=list)  # (name, bytes, bytes/s)
     integrity_ok: bool = True
+    kernel_view: object | None = None  # agentcg.gpu.kernel_view.KernelView when measured
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -136,7 +138,7 @@ def machine_description(ssd_dir: Path) -> dict[str, str]:
 
 def run_bench(ssd_dir: str | os.PathLike | None = None, block_sizes: tuple[int, ...] = DEFAULT_BLOCK_SIZES,
               total_bytes: int = DEFAULT_TOTAL_BYTES, repeats: int = 3, device: str = "auto",
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              progress: Callable[[str], None] | None = None, kernel_view: bool = False) -> BenchResult:
     if repeats < 1:
         raise InvalidInput(f"gpu bench: repeats must be at least 1, got {repeats}")
     base = Path(ssd_dir) if ssd_dir is not None else Path(__file__).resolve().parents[1]
@@ -159,6 +161,8 @@ def run_bench(ssd_dir: str | os.PathLike | None = None, block_sizes: tuple[int, 
                                          store.host.lock_method)
                 _bench_one(store, n, nbytes, block_bytes, repeats, Path(tmp), result)
         assert result is not None
+        if kernel_view:
+            _kernel_view(tmp, min(total_bytes, KERNEL_VIEW_BYTES), result, progress)
     result.elapsed_s = time.perf_counter() - started
     return result
 
@@ -223,6 +227,18 @@ def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repe
     store.discard("bench")
 
 
+def _kernel_view(ssd_dir: str, nbytes: int, result: BenchResult, progress: Callable[[str], None] | None) -> None:
+    from agentcg.errors import AgentcgError
+    from agentcg.gpu.kernel_view import measure
+
+    if progress:
+        progress(f"kernel view: offload and load {format_bytes(nbytes)} in a watched cgroup")
+    try:
+        result.kernel_view = measure(ssd_dir, nbytes)
+    except (AgentcgError, OSError) as exc:
+        result.notes.append(f"kernel view not measured: {exc}")
+
+
 def format_result(result: BenchResult) -> str:
     lines = ["agentcg gpu bench", ""]
     lines += [f"  {k:<7} {v}" for k, v in result.machine.items()]
@@ -238,6 +254,12 @@ def format_result(result: BenchResult) -> str:
                      f"{row.ratio:>6.3f}  {target:>7}  {row.ceiling}{verdict}")
     for name, nbytes, rate in result.reference:
         lines.append(f"reference: {name} of {format_bytes(nbytes)}: {rate / 1e9:.2f} GB/s")
+    view = result.kernel_view
+    if view is not None:
+        lines.append(f"kernel view (BPF block I/O charged to the store's cgroup, {view.io_mode}): "
+                     f"written: store {view.store_write_bytes} B, kernel {view.kernel_write_bytes} B; "
+                     f"read: store {view.store_read_bytes} B, kernel {view.kernel_read_bytes} B "
+                     "(kernel reads include the child's own start-up)")
     met = [r.meets_target for r in result.rows if r.meets_target is not None]
     lines += ["", f"targets met: {sum(met)}/{len(met)}; data integrity: "
               f"{'every block read back equal' if result.integrity_ok else 'FAILED'}; "

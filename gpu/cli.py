@@ -91,12 +91,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report to this file.")
-def bench(ssd_dir: Path | None, block_sizes: str, total: str, repeats: int, device: str, output: Path | None) -> None:
+@click.option("--kernel-view/--no-kernel-view", default=True, show_default=True,
+              help="Also compare the store's SSD bytes with the block I/O BPF charged to its cgroup.")
+def bench(ssd_dir: Path | None, block_sizes: str, total: str, repeats: int, device: str, output: Path | None,
+          kernel_view: bool) -> None:
     """Measure copy and SSD ceilings and the KV store's swap/offload/load bandwidth beside them."""
     from agentcg.gpu.bench import format_result, run_bench
 
     result = run_bench(ssd_dir, _sizes(block_sizes), parse_size(total, what="--total"), repeats, device,
-                       progress=lambda msg: click.echo(f"  ... {msg}", err=True))
+                       progress=lambda msg: click.echo(f"  ... {msg}", err=True), kernel_view=kernel_view)
     text = format_result(result)
     click.echo(text)
     if output is not None:

@@ -23,7 +23,7 @@ def test_bench_runs_small_and_cleans_up(capsys):
         assert "ceiling" in text and "memory" in text and "disk" in text
         out = Path(d) / "report.txt"
         assert main(["gpu", "bench", "--ssd-dir", d, "--block-sizes", "16K", "--total", "1M",
-                     "--repeats", "1", "--output", str(out)]) == 0
+                     "--repeats", "1", "--no-kernel-view", "--output", str(out)]) == 0
         assert "swap_out" in out.read_text()
         assert "swap_out" in capsys.readouterr().out
 
@@ -31,3 +31,23 @@ def test_bench_runs_small_and_cleans_up(capsys):
 def test_bench_refuses_bad_sizes(capsys):
     assert main(["gpu", "bench", "--block-sizes", "12x"]) == 2
     assert "--block-sizes" in capsys.readouterr().err
+
+
+def test_kernel_view_sees_the_store_bytes():
+    """Real BPF block-I/O program on the real kernel, the store in a throw-away v2 cgroup."""
+    import pytest
+
+    from agentcg.errors import AgentcgError
+    from agentcg.gpu.kernel_view import measure
+
+    with tempfile.TemporaryDirectory(prefix="agentcg-test-kview-", dir=REPO) as d:
+        try:
+            view = measure(d, 8 * 2**20)
+        except (AgentcgError, ImportError) as exc:
+            pytest.skip(f"BPF block monitor unavailable here: {exc}")
+    assert view.store_write_bytes == view.store_read_bytes == 8 * 2**20
+    assert view.kernel_write_bytes >= view.store_write_bytes
+    assert view.kernel_read_bytes >= view.store_read_bytes
+    if view.io_mode == "o_direct":  # issued by the child itself: nothing escapes the cgroup
+        assert view.kernel_write_bytes < view.store_write_bytes + 2**20
+    assert not list(Path("/sys/fs/cgroup/unified").glob("agentcg-gpu-kview-*"))
