@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.sandbox import (
-    call_path, remove_sandbox_if_unused, sandbox_lock, state_dir, validate_name,
+    call_path, remove_auto_sandbox_if_unused, sandbox_lock, state_dir, validate_name,
 )
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
 
@@ -33,7 +33,7 @@ class CallOwner:
     owner_pid: int
     owner_start_ticks: int      # field 22 of /proc/<pid>/stat
     start_wall_s: float
-    created_sandbox: bool
+    created_sandbox: bool       # informational; removal follows the sandbox's auto marker
     version: int = OWNER_VERSION
 
 
@@ -119,9 +119,8 @@ def reap_orphans(tree: CgroupTree, state: Path | None = None, *, timeout_s: floa
             if tree.exists(call_path(owner.sandbox, owner.call_id)):
                 tree.remove(call_path(owner.sandbox, owner.call_id), timeout_s=timeout_s)
                 cgroup_removed = True
-            if owner.created_sandbox:
-                with sandbox_lock(tree, owner.sandbox, state):
-                    sandbox_removed = remove_sandbox_if_unused(tree, owner.sandbox)
+            with sandbox_lock(tree, owner.sandbox, state):
+                sandbox_removed = remove_auto_sandbox_if_unused(tree, owner.sandbox, state)
         except CgroupGone:
             pass
         except AgentcgError:

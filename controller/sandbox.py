@@ -119,6 +119,32 @@ def sandbox_lock(tree: CgroupTree, sandbox: str, state: Path | None = None) -> I
         os.close(fd)   # releases the lock; the file stays (unlinking races with waiters)
 
 
+def _auto_marker(tree: CgroupTree, sandbox: str, state: Path | None) -> Path:
+    return state_dir(state) / "auto" / f"{tree.root.replace('/', '.')}.{validate_name(sandbox)}"
+
+
+def mark_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> None:
+    """Remember that a tool call created this sandbox: the last call to end removes it."""
+    marker = _auto_marker(tree, sandbox, state)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def clear_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> None:
+    _auto_marker(tree, sandbox, state).unlink(missing_ok=True)
+
+
+def remove_auto_sandbox_if_unused(tree: CgroupTree, sandbox: str, state: Path | None = None) -> bool:
+    """Remove a sandbox that a tool call created once nothing uses it. Hold `sandbox_lock`."""
+    marker = _auto_marker(tree, sandbox, state)
+    if not marker.exists():
+        return False
+    removed = remove_sandbox_if_unused(tree, sandbox)
+    if removed or not tree.exists(sandbox):
+        marker.unlink(missing_ok=True)
+    return removed
+
+
 def sandbox_exists(tree: CgroupTree, sandbox: str) -> bool:
     return tree.exists(validate_name(sandbox))
 

@@ -39,13 +39,16 @@ def sandbox() -> None:
 @_root_option
 def create(name: str, priority: str | None, root: str) -> None:
     """Create sandbox NAME (no error if it exists)."""
-    from agentcg.controller.sandbox import ensure_sandbox, parse_priority, sandbox_lock, validate_name
+    from agentcg.controller.sandbox import (
+        clear_auto_created, ensure_sandbox, parse_priority, sandbox_lock, validate_name,
+    )
 
     validate_name(name)
     if priority is not None:
         parse_priority(priority)
     tree = _tree(root)
     with sandbox_lock(tree, name):
+        clear_auto_created(tree, name)   # made on purpose: it outlives its tool calls
         created = ensure_sandbox(tree, name, priority)
     click.echo(f"{'created' if created else 'exists'}: {tree.cgroup_dir(name)}")
 
@@ -71,12 +74,13 @@ def list_(as_json: bool, root: str) -> None:
 @_root_option
 def rm(name: str, root: str) -> None:
     """Remove sandbox NAME: kills its agent and tool calls."""
-    from agentcg.controller.sandbox import remove_sandbox, sandbox_lock, validate_name
+    from agentcg.controller.sandbox import clear_auto_created, remove_sandbox, sandbox_lock, validate_name
 
     validate_name(name)
     tree = _tree(root)
     with sandbox_lock(tree, name):
         remove_sandbox(tree, name)
+        clear_auto_created(tree, name)
     click.echo(f"removed: {name}")
 
 

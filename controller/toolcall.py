@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.reaper import CallOwner, process_start_ticks, remove_owner, write_owner
 from agentcg.controller.sandbox import (
-    call_path, ensure_sandbox, tools_path, parse_priority, procs_files, remove_sandbox_if_unused,
-    sandbox_lock, set_priority, state_dir, validate_name,
+    call_path, clear_auto_created, ensure_sandbox, tools_path, mark_auto_created, parse_priority, procs_files,
+    remove_auto_sandbox_if_unused, remove_sandbox_if_unused, sandbox_lock, set_priority, state_dir, validate_name,
 )
 from agentcg.errors import AgentcgError, CgroupError, CgroupGone, InvalidInput
 from agentcg.records import ToolCallRecord, truncate_command
@@ -98,7 +98,9 @@ class ToolCallManager:
 
     # ---- sandboxes --------------------------------------------------------------
     def ensure_sandbox(self, name: str, priority: str | None = None) -> bool:
+        """Create the sandbox if missing; an explicitly made sandbox outlives its calls."""
         with sandbox_lock(self.tree, name, self.state):
+            clear_auto_created(self.tree, name, self.state)
             return ensure_sandbox(self.tree, name, priority)
 
     def remove_sandbox_if_unused(self, name: str) -> bool:
@@ -127,6 +129,8 @@ class ToolCallManager:
             if not create_sandbox and not self.tree.exists(sandbox):
                 raise CgroupGone(f"no sandbox {sandbox!r}; create it first (`agentcg sandbox create {sandbox}`)")
             created = False if self.tree.exists(tools_path(sandbox)) else ensure_sandbox(self.tree, sandbox)
+            if created:
+                mark_auto_created(self.tree, sandbox, self.state)
             self.tree.create(path)
         start_mono, start_wall = time.monotonic(), time.time()
         try:
@@ -281,8 +285,8 @@ class ToolCallManager:
         except CgroupGone:
             pass
         remove_owner(call_id, self.state)
-        if created_sandbox:
-            self.remove_sandbox_if_unused(sandbox)
+        with sandbox_lock(self.tree, sandbox, self.state):
+            remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
 
     def _append(self, record: ToolCallRecord) -> None:
         if self.records_path is None:
