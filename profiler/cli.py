@@ -5,6 +5,7 @@ commands stays light.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -119,4 +120,5 @@ def profile(output: Path | None, sandbox: str | None, interval: str, root: str, 
     summary = profile_command(list(command), output if output is not None else default_trace_path(),
                               sandbox=sandbox, interval_s=interval_s, root=root, state=state_dir)
     if summary.returncode:
-        raise click.exceptions.Exit(summary.returncode)
+        # sys.exit, not ctx.exit: agentcg.cli.main drops the code of click's Exit
+        sys.exit(summary.returncode)
