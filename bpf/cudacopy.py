@@ -130,7 +130,7 @@ class CudaCopyTracer:
 
         cflags = [f"-DTARGET_TGID={int(pid)}", f"-DN_APIS={len(APIS)}", f"-DN_DIRS={len(DIRECTIONS)}"]
         try:
-            self._bpf = BPF(text=PROGRAM.read_text(), cflags=cflags)
+            self._bpf = BPF(text=PROGRAM.read_bytes(), cflags=cflags)
         except Exception as exc:
             raise BpfError(f"CUDA copy tracer: compiling {PROGRAM.name} failed: {exc}") from None
         self.attached: list[str] = []
