@@ -1,0 +1,305 @@
+"""The daemon's configuration: TOML parsed into frozen dataclasses, validated before
+anything runs. Every field has a default, so `agentcg daemon` works with no file.
+
+    [daemon]    socket_path, socket_mode, socket_group, cgroup_root, state_dir,
+                records_path, oom_score_adj
+    [limits]    max_sandboxes, max_running_calls, call_pids_max, grace_s
+    [protocol]  line_timeout_s, idle_timeout_s, max_connections
+    [metrics]   address ("host:port", "" disables), max_tool_labels
+    [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
+    [psi]       enabled, stall_s, window_s
+    [policy]    name ("none" or a policy of agentcg.policies.sandbox), tick_s, dry_run
+
+An unknown section or key is an error (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentcg.controller.cgroup.base import validate_path
+from agentcg.errors import HostUnsupported, InvalidInput
+from agentcg.units import parse_duration
+
+MAX_MESSAGE_BYTES = 64 * 1024       # one request line; docs/daemon-protocol.md
+DEFAULT_SOCKET = "/run/agentcg/agentcg.sock"
+DEFAULT_STATE_DIR = "/run/agentcg"          # shared with `agentcg run` (owner files, locks)
+DEFAULT_RECORDS = "/var/lib/agentcg/toolcalls.jsonl"
+BPF_CONCERNS = ("process", "memory", "sched", "block")
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    socket_path: Path = Path(DEFAULT_SOCKET)
+    socket_mode: int = 0o660
+    socket_group: str | None = None       # group name or numeric gid; None keeps root's group
+    cgroup_root: str = "agentcg"
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    records_path: Path = Path(DEFAULT_RECORDS)
+    oom_score_adj: int = -1000            # the OOM killer never picks the daemon
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_sandboxes: int = 256
+    max_running_calls: int = 4096
+    call_pids_max: int = 4096            # pids.max of each tool call: a fork bomb stops here
+    grace_s: float = 5.0                 # how long toolcall.end waits for leftovers before killing
+
+
+@dataclass(frozen=True)
+class ProtocolSection:
+    line_timeout_s: float = 10.0         # a started line must complete within this
+    idle_timeout_s: float = 300.0        # a connection with nothing pending is closed after this
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    address: str = "127.0.0.1:9464"      # "" disables /metrics; port 0 picks a free port
+    max_tool_labels: int = 64            # more distinct tool names are counted as "other"
+
+
+@dataclass(frozen=True)
+class EbpfSection:
+    mode: str = "auto"                   # auto: load if possible, run without eBPF otherwise
+    concerns: tuple[str, ...] = BPF_CONCERNS
+    program_stats: bool = True           # BPF_ENABLE_STATS while the daemon runs (run counts)
+
+
+@dataclass(frozen=True)
+class PsiSection:
+    enabled: bool = True
+    stall_s: float = 0.2
+    window_s: float = 2.0                # multiples of 2 s work without CAP_SYS_RESOURCE (6.5+)
+
+
+@dataclass(frozen=True)
+class PolicySection:
+    name: str = "none"
+    tick_s: float = 1.0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    protocol: ProtocolSection = field(default_factory=ProtocolSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    ebpf: EbpfSection = field(default_factory=EbpfSection)
+    psi: PsiSection = field(default_factory=PsiSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+
+    @property
+    def records_path(self) -> Path:
+        return self.daemon.records_path
+
+    @property
+    def state_path(self) -> Path:
+        return self.daemon.state_dir / "state.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple):
+                return list(value)
+            return value
+        data = {s.name: {f.name: plain(getattr(getattr(self, s.name), f.name))
+                         for f in dataclasses.fields(getattr(self, s.name))}
+                for s in dataclasses.fields(self)}
+        data["daemon"]["socket_mode"] = f"0{self.daemon.socket_mode:o}"
+        return data
+
+
+def load_config(path: str | os.PathLike | None = None) -> DaemonConfig:
+    """The configuration in `path` (TOML), or the defaults when `path` is None."""
+    if path is None:
+        return parse_config({})
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise HostUnsupported("reading a TOML config needs Python 3.11+ (tomllib); "
+                              "run without --config, or upgrade Python") from None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInput(f"config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"config {path}: not valid TOML ({exc})") from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> DaemonConfig:
+    sections = {f.name: f.type for f in dataclasses.fields(DaemonConfig)}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise InvalidInput(f"{source}: unknown section(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sections)}")
+    built: dict[str, Any] = {}
+    for name in sections:
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{source}: [{name}] must be a table")
+        built[name] = _SECTION_PARSERS[name](_Fields(raw, f"{source} [{name}]"))
+    return DaemonConfig(**built)
+
+
+class _Fields:
+    """Typed reads of one TOML table; complains about keys nobody read."""
+
+    def __init__(self, raw: dict[str, Any], where: str) -> None:
+        self.raw, self.where, self.read = raw, where, set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.read.add(key)
+        if key not in self.raw:
+            return default
+        value = self.raw[key]
+        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise InvalidInput(f"{self.where}: {key} must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise InvalidInput(f"{self.where}: {key} must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self.get(key, (int, float, str), default)
+        seconds = parse_duration(value, what=f"{self.where}: {key}") if key.endswith("_s") else float(value)
+        if not low <= seconds <= high:
+            raise InvalidInput(f"{self.where}: {key} must be in {low}..{high}, got {value!r}")
+        return seconds
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.get(key, int, default)
+        if not low <= value <= high:
+            raise InvalidInput(f"{self.where}: {key} must be an integer in {low}..{high}, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.read)
+        if unknown:
+            raise InvalidInput(f"{self.where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(self.read))}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
+                        "list": "a list"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _daemon(f: _Fields) -> DaemonSection:
+    mode_text = f.get("socket_mode", (str, int), "0660")
+    try:
+        mode = int(mode_text, 8) if isinstance(mode_text, str) else int(mode_text)
+    except ValueError:
+        raise InvalidInput(f"{f.where}: socket_mode must be octal such as \"0660\", got {mode_text!r}") from None
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise InvalidInput(f"{f.where}: socket_mode must be 0600..0777 with owner read/write, got {mode_text!r}")
+    group = f.get("socket_group", (str, int), None)
+    if group is not None:
+        resolve_group(group, f.where)
+    root = f.get("cgroup_root", str, "agentcg")
+    try:
+        validate_path(root, allow_root=False)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{f.where}: cgroup_root: {exc}") from None
+    socket_path = Path(f.get("socket_path", str, DEFAULT_SOCKET))
+    if len(os.fsencode(socket_path)) > 107:
+        raise InvalidInput(f"{f.where}: socket_path {socket_path} is longer than 107 bytes (the sun_path limit)")
+    records = f.get("records_path", str, DEFAULT_RECORDS)
+    section = DaemonSection(
+        socket_path=socket_path, socket_mode=mode, socket_group=None if group is None else str(group),
+        cgroup_root=root, state_dir=Path(f.get("state_dir", str, DEFAULT_STATE_DIR)),
+        records_path=Path(records),
+        oom_score_adj=f.integer("oom_score_adj", -1000, -1000, 1000),
+    )
+    f.done()
+    return section
+
+
+def _limits(f: _Fields) -> LimitsSection:
+    section = LimitsSection(
+        max_sandboxes=f.integer("max_sandboxes", 256, 1, 4096),
+        max_running_calls=f.integer("max_running_calls", 4096, 1, 65536),
+        call_pids_max=f.integer("call_pids_max", 4096, 1, 4_194_304),
+        grace_s=f.number("grace_s", 5.0, 0.0, 3600.0),
+    )
+    f.done()
+    return section
+
+
+def _protocol(f: _Fields) -> ProtocolSection:
+    section = ProtocolSection(
+        line_timeout_s=f.number("line_timeout_s", 10.0, 0.1, 3600.0),
+        idle_timeout_s=f.number("idle_timeout_s", 300.0, 0.1, 86400.0),
+        max_connections=f.integer("max_connections", 256, 1, 4096),
+    )
+    f.done()
+    return section
+
+
+def _metrics(f: _Fields) -> MetricsSection:
+    address = f.get("address", str, "127.0.0.1:9464")
+    if address:
+        parse_address(address, f.where)
+    section = MetricsSection(address=address, max_tool_labels=f.integer("max_tool_labels", 64, 1, 1024))
+    f.done()
+    return section
+
+
+def _ebpf(f: _Fields) -> EbpfSection:
+    mode = f.get("mode", str, "auto")
+    if mode not in ("auto", "on", "off"):
+        raise InvalidInput(f"{f.where}: mode must be \"auto\", \"on\" or \"off\", got {mode!r}")
+    concerns = f.get("concerns", list, list(BPF_CONCERNS))
+    bad = [c for c in concerns if c not in BPF_CONCERNS]
+    if bad or not concerns:
+        raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(BPF_CONCERNS)}")
+    section = EbpfSection(mode=mode, concerns=tuple(concerns), program_stats=f.get("program_stats", bool, True))
+    f.done()
+    return section
+
+
+def _psi(f: _Fields) -> PsiSection:
+    from agentcg.controller.psi import validate_trigger
+
+    section = PsiSection(enabled=f.get("enabled", bool, True), stall_s=f.number("stall_s", 0.2, 0.001, 10.0),
+                         window_s=f.number("window_s", 2.0, 0.5, 10.0))
+    validate_trigger("some", section.stall_s, section.window_s)
+    f.done()
+    return section
+
+
+def _policy(f: _Fields) -> PolicySection:
+    section = PolicySection(name=f.get("name", str, "none"), tick_s=f.number("tick_s", 1.0, 0.01, 60.0),
+                            dry_run=f.get("dry_run", bool, False))
+    f.done()
+    return section
+
+
+_SECTION_PARSERS = {"daemon": _daemon, "limits": _limits, "protocol": _protocol, "metrics": _metrics,
+                    "ebpf": _ebpf, "psi": _psi, "policy": _policy}
+
+
+def parse_address(text: str, where: str = "metrics") -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InvalidInput(f"{where}: address must be host:port such as 127.0.0.1:9464, got {text!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def resolve_group(group: str | int, where: str = "config") -> int:
+    if isinstance(group, int) or (isinstance(group, str) and group.isdigit()):
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidInput(f"{where}: socket_group {group!r} does not exist; create it (groupadd {group}) "
+                           "or give a numeric gid") from None
