@@ -34,6 +34,10 @@ class HybridTree(V2Tree):
             raise ControllerMissing("hybrid cgroups need the v2 tree (e.g. /sys/fs/cgroup/unified); none is mounted")
         self.v1_mounts = {c: Path(m) for c, m in layout.v1_mounts.items() if c in JOINED_V1}
         super().__init__(layout.v2_mount, root, kernel_release=kernel_release)
+        if "freeze" in self._core_caps():
+            # Linux 5.2+ freezes through the v2 tree: joining the v1 freezer too would only
+            # add a mkdir, a join and an rmdir to every tool call.
+            self.v1_mounts.pop("freezer", None)
 
     def _probe(self) -> frozenset[str]:
         caps = self._core_caps()
