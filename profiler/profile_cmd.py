@@ -14,6 +14,7 @@ cgroups are removed on every path out.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -181,6 +182,10 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise TraceError(f"{output}: already exists; pass a new trace path with -o")
+    # a .zip is written at the end from the directory the recorder fills meanwhile
+    recording = output.with_name(output.name + ".recording") if output.suffix == ".zip" else output
+    if recording != output and recording.exists():
+        raise TraceError(f"{recording}: left by an earlier recording; read it with `agentcg report`, then remove it")
     setup_start = time.time()
     tree = open_tree(root=root) if tree is None else tree
     if tree.exists(sandbox):
@@ -190,7 +195,7 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
     status_line = StatusLine(sys.stderr if status is None else status)
     try:
         mgr = ToolCallManager(tree, monitor=monitor, state=state)
-        recorder = TraceRecorder(output, source="agentcg")
+        recorder = TraceRecorder(recording, source="agentcg")
         try:
             mgr.ensure_sandbox(sandbox)
             try:
@@ -202,8 +207,20 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
             recorder.close()
     finally:
         monitor.close()
+    if recording != output:
+        _pack(recording, output)
+        summary = dataclasses.replace(summary, trace=output)
     status_line.finish(summary.line())
     return summary
+
+
+def _pack(directory: Path, archive: Path) -> None:
+    import shutil
+
+    from agentcg.profiler.trace import read_trace, write_trace
+
+    write_trace(read_trace(directory), archive)
+    shutil.rmtree(directory)
 
 
 def _open_monitor() -> Any:
