@@ -1,0 +1,115 @@
+"""agentcg.client: local mode (root, no daemon socket) on the real kernel, and daemon mode
+against the real daemon in a subprocess (controller/daemon/testing.py), both without eBPF
+to stay fast; mode selection and protocol errors."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+import pytest
+
+from agentcg.client import Client, spawn_into
+from agentcg.errors import CgroupGone, HostUnsupported, InvalidInput, ProtocolError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
+
+PY = sys.executable
+
+
+@pytest.fixture
+def local(cgroup_tree, tmp_path):
+    with Client(mode="local", root=cgroup_tree.root, state=tmp_path / "state", records_path=tmp_path / "r.jsonl",
+                ebpf=False, grace_s=1.0) as client:
+        yield client
+
+
+def test_auto_mode_picks_local_without_a_socket(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTCG_SOCKET", str(tmp_path / "none.sock"))
+    assert Client(ebpf=False).mode == "local"
+    (tmp_path / "none.sock").touch()
+    assert Client(ebpf=False).mode == "daemon"
+    with pytest.raises(InvalidInput, match="mode"):
+        Client(mode="remote")
+
+
+def test_run_local(local, cgroup_tree, tmp_path):
+    result = local.run("s1", [PY, "-c", "import sys; b = bytearray(16 << 20); sys.exit(2)"], tool="alloc")
+    assert result.returncode == 2 and result.record.exit_code == 2 and result.record.tool == "alloc"
+    assert result.record.peak_memory_bytes >= 16 << 20
+    assert not cgroup_tree.exists("s1")
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
+
+
+def test_run_local_missing_program_is_127_with_a_record(local):
+    result = local.run("s1", ["no-such-program-xyz"])
+    assert result.returncode == 127 and result.record.exit_code == 127
+
+
+def test_tool_call_context_manager(local, cgroup_tree):
+    with local.tool_call("s1", "pipeline", "sh -c 'sleep 0.1'") as call:
+        proc = call.spawn(["sh", "-c", "sleep 0.1; exit 7"])
+        assert cgroup_tree.pids(f"s1/tools/{call.call_id}") == [proc.pid]
+        proc.wait()
+    assert call.record.exit_code == 7 and call.record.duration_s >= 0.1
+    with pytest.raises(InvalidInput, match="finished"):
+        call.spawn(["true"])
+
+
+def test_bad_sandbox_name(local):
+    with pytest.raises(InvalidInput):
+        local.run("../x", ["true"])
+
+
+def test_spawn_into_a_vanished_cgroup(tmp_path):
+    with pytest.raises(CgroupGone):
+        spawn_into([tmp_path / "gone" / "cgroup.procs"], ["true"])
+
+
+def test_protocol_errors_from_a_bad_server(tmp_path):
+    """A server that answers garbage or closes: a ProtocolError, not a hang or a crash."""
+    path = tmp_path / "bad.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"not json\n")
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client(mode="daemon", socket=path)
+    with pytest.raises(ProtocolError, match="invalid JSON"):
+        client.request("ping")
+    with pytest.raises(ProtocolError, match="closed"):
+        client.request("ping")
+    client.close()
+    thread.join(5)
+    server.close()
+    with pytest.raises(HostUnsupported, match="cannot connect"):
+        Client(mode="daemon", socket=tmp_path / "absent.sock").request("ping")
+
+
+def test_daemon_mode_against_the_real_daemon():
+    try:
+        from agentcg.controller.daemon.testing import daemon_process
+    except ImportError as exc:
+        pytest.skip(f"the daemon is not available yet: {exc}")
+    with daemon_process(ebpf={"mode": "off"}) as d:
+        with Client(mode="daemon", socket=d.socket_path) as client:
+            assert client.request("ping")["version"] == 1
+            result = client.run("s1", [PY, "-c", "b = bytearray(8 << 20)"], tool="alloc")
+            assert result.returncode == 0 and result.record.tool == "alloc"
+            assert result.record.peak_memory_bytes >= 8 << 20
+            with client.tool_call("s1", "sleep", ["sleep", "0.05"]) as call:
+                proc = call.spawn(["sh", "-c", "exit 4"])
+                proc.wait()
+            assert call.record.exit_code == 4
+            with pytest.raises(InvalidInput, match="daemon refused"):
+                client.begin("bad/name", "x", "x")
+        assert {r["call_id"] for r in d.records()} >= {result.record.call_id, call.record.call_id}
