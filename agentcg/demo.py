@@ -1,85 +1,93 @@
-"""`agentcg demo`: the doctor's table, then one command run in its own cgroup and what it
-cost (peak memory from the cgroup, CPU seconds), then the cgroup removed."""
+"""`agentcg demo`: what agentcg does on this host in about ten seconds.
+
+1. the doctor, one line per status;
+2. `agentcg report` of the traces agentcg recorded itself (the repository's `traces/`);
+3. a live `agentcg profile` of a small agent-like bash session (three commands, one
+   allocating memory) and the report of that recording.
+Everything it creates (the sandbox's cgroups, the trace in a temporary directory) is
+removed before it returns, also when it fails or is interrupted.
+"""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
+import tempfile
+from pathlib import Path
 
 import click
 
-from agentcg.errors import CgroupError, InvalidInput
-from agentcg.units import format_bytes, format_seconds, parse_size
+from agentcg.errors import InvalidInput
+from agentcg.units import format_bytes, parse_size
 
 DEMO_ROOT = "agentcg-demo"
-DEMO_TIMEOUT_S = 30.0
 MAX_ALLOC_BYTES = 1 << 30
-# Touches every page (b"\x01" * n writes them), so the cgroup charges all of it.
-ALLOC_SCRIPT = "import sys, time; data = b'\\x01' * int(sys.argv[1]); time.sleep(0.05)"
+TRACES_DIR = Path(__file__).resolve().parent.parent / "traces"
+
+
+def demo_session_argv(alloc_bytes: int) -> list[str]:
+    """Three commands like an agent's: a listing, a Python step that touches `alloc_bytes`
+    (every page, so the cgroup is charged all of it) and a short sleep."""
+    python = f"{sys.executable} -c 'import time; x = bytearray({alloc_bytes}); time.sleep(0.3)'"
+    return ["bash", "-c", f"ls / >/dev/null; {python}; sleep 0.2"]
+
+
+def format_doctor_short(report) -> str:
+    """The doctor's checks grouped by status, one line each, then the core verdict."""
+    from agentcg.controller.doctor import STATUSES
+
+    lines = []
+    for status in STATUSES:
+        names = [c.name for c in report.checks if c.status == status]
+        if names:
+            lines.append(f"  {status + ':':<13}{', '.join(names)}")
+    core = "ok" if report.core_ok else "NOT ok: " + ", ".join(report.core_failures)
+    lines.append(f"  core (BPF and cgroups): {core} (details and fixes: agentcg doctor)")
+    return "\n".join(lines)
+
+
+def shipped_traces(directory: Path = TRACES_DIR) -> list[Path]:
+    return sorted(directory.glob("*.zip")) if directory.is_dir() else []
 
 
 @click.command()
-@click.option("--alloc", default="64M", show_default=True, help="Memory the demo command allocates.")
-@click.option("--skip-doctor", is_flag=True, help="Do not print the doctor's table first.")
-def demo(alloc: str, skip_doctor: bool) -> None:
-    """Doctor, then a command that allocates memory, run in its own cgroup."""
+@click.option("--alloc", default="100M", show_default=True, help="Memory the demo's Python step allocates.")
+@click.option("--skip-doctor", is_flag=True, help="Do not print the doctor first.")
+@click.option("--root", default=DEMO_ROOT, envvar="AGENTCG_ROOT", show_default=True,
+              help="cgroup root of the demo's sandbox (env AGENTCG_ROOT).")
+def demo(alloc: str, skip_doctor: bool, root: str) -> None:
+    """Doctor, the report of the recorded traces, then a short live profile and its report."""
     from agentcg.controller.doctor import probe_host
-    from agentcg.controller.doctor_cli import format_report, raise_unless_core_ok
+    from agentcg.controller.doctor_cli import raise_unless_core_ok
+    from agentcg.profiler.profile_cmd import profile_command
+    from agentcg.profiler.report import build_report, render_text
+    from agentcg.profiler.trace import read_trace
 
     alloc_bytes = parse_size(alloc, what="--alloc")
     if not 0 < alloc_bytes <= MAX_ALLOC_BYTES:
         raise InvalidInput(f"--alloc: between 1 byte and {format_bytes(MAX_ALLOC_BYTES)}, got {alloc}")
     report = probe_host()
     if not skip_doctor:
-        click.echo(format_report(report))
+        click.echo("== agentcg doctor (short) ==")
+        click.echo(format_doctor_short(report))
         click.echo()
     raise_unless_core_ok(report)
-    result = run_in_cgroup(alloc_bytes)
-    click.echo(f"cgroup {result.cgroup} ({result.kind}): ran `{result.command}`")
-    click.echo(f"  exit code     {result.exit_code}")
-    click.echo(f"  wall time     {format_seconds(result.wall_s)}")
-    click.echo(f"  peak memory   {format_bytes(result.peak_memory_bytes)} (asked for {format_bytes(alloc_bytes)})")
-    click.echo(f"  CPU time      {format_seconds(result.cpu_s)}")
-    click.echo(f"  removed       {result.cgroup}")
 
+    traces = shipped_traces()
+    click.echo(f"== agentcg report {' '.join(f'traces/{p.name}' for p in traces) or '(no traces/)'} ==")
+    if traces:
+        from agentcg.profiler.report import merge_traces
 
-@dataclass(frozen=True)
-class DemoResult:
-    cgroup: str
-    kind: str
-    command: str
-    exit_code: int
-    wall_s: float
-    peak_memory_bytes: int
-    cpu_s: float
+        click.echo(render_text(build_report(merge_traces([read_trace(p) for p in traces]))))
+    else:
+        click.echo(f"  {TRACES_DIR} holds no traces (agentcg installed outside its repository)")
+    click.echo()
 
-
-def run_in_cgroup(alloc_bytes: int, *, root: str = DEMO_ROOT) -> DemoResult:
-    """Create `<root>/call-<pid>`, run the allocating command in it, measure, remove it."""
-    from agentcg.controller.cgroup import open_tree
-
-    tree = open_tree(root=root)
-    name = f"call-{os.getpid()}"
-    argv = [sys.executable, "-c", ALLOC_SCRIPT, str(alloc_bytes)]
-    tree.create(name)
-    try:
-        start = time.monotonic()
-        child = tree.spawn(name, argv)
-        try:
-            exit_code = child.wait(timeout=DEMO_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            raise CgroupError(f"the demo command ran past {DEMO_TIMEOUT_S:.0f} s and was killed") from None
-        wall_s = time.monotonic() - start
-        peak_memory_bytes = tree.memory_peak(name)
-        cpu_s = tree.cpu_stat(name).usage_s
-    finally:
-        tree.remove(name)
-        # The root is shared by concurrent demos: remove it only when nothing is below it.
-        if not tree.children("") and not tree.is_populated(""):
-            tree.remove("")
-    return DemoResult(cgroup=f"{root}/{name}", kind=tree.kind, command=f"python3 -c <allocate {alloc_bytes} bytes>",
-                      exit_code=exit_code, wall_s=wall_s, peak_memory_bytes=peak_memory_bytes, cpu_s=cpu_s)
+    argv = demo_session_argv(alloc_bytes)
+    click.echo(f"== agentcg profile -- bash -c '<ls; python allocating {format_bytes(alloc_bytes)}; sleep 0.2>' ==")
+    with tempfile.TemporaryDirectory(prefix="agentcg-demo-") as tmp:
+        trace = Path(tmp) / "demo-trace"
+        summary = profile_command(argv, trace, interval_s=0.05, root=root, state=Path(tmp) / "state")
+        click.echo()
+        click.echo(f"== agentcg report {trace.name} ==")
+        click.echo(render_text(build_report(read_trace(trace))))
+    if summary.returncode:
+        raise click.ClickException(f"the demo session exited {summary.returncode}")
