@@ -119,6 +119,7 @@ class RequestEvent:
     sandbox: str | None = None
     tool: str | None = None
     tool_call_id: str | None = None
+    cached_tokens: int | None = None   # ADMITTED: the prefix found in the KV cache
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,260 @@
+"""agentcg's KV policy: decide from what the agent's tool call is doing.
+
+- On a pause, predict the tool call's duration (per tool and sandbox, learned live). A
+  call shorter than a KV round trip keeps its KV pinned on the GPU. A longer one also
+  writes a host copy in the background (SWAP_TO_HOST with keep_gpu_copy: only the tokens
+  the host copy lacks) and stays on the GPU until the memory is wanted.
+- Under GPU pressure, free memory from agents in the longest tool calls first: drop GPU
+  copies that have a host copy (free at once), then swap out paused KV without one, then
+  release short calls' KV to the prefix cache; preempt a running request (to host) only
+  for a running requester, never for a waiting one.
+- Prefetch a dropped KV back a transfer time before the call is predicted to end, or at
+  once when the controller says the call exited, if the GPU has room.
+- The host KV pool shares one host memory budget with the sandboxes (`HostMemoryBudget`):
+  when sandboxes need RAM it shrinks, dropping redundant host copies first and then
+  moving the coldest ones to SSD; the controller throttles sandboxes only into memory the
+  KV pool cannot give back.
+- Waiting queue: requests whose KV is on the GPU first, then program-level FCFS (as
+  Continuum does): older sessions finish first.
+
+ORACLE used: `is_last_step` (as Continuum): the last call of a session is not kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from agentcg.engine_protocol import Action, Directive, EventKind, RequestEvent, Tier
+from agentcg.policies.kv.costs import transfer_time_s
+from agentcg.policies.kv.predictor import ToolDurationPredictor, ToolSignal, remaining_s
+from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, RequestView, State, Trigger
+
+MIN_COPY_S = 0.2            # calls predicted shorter than this never get a host copy
+PREFETCH_MARGIN_S = 0.05
+PREFETCH_HEADROOM = 0.02    # of GPU capacity left free after a prefetch
+PREFETCH_RETRY_S = 0.25
+
+
+@dataclass(frozen=True)
+class HostMemoryBudget:
+    """One host memory budget for the sandboxes and the host KV pool."""
+
+    total_bytes: int
+    reserve_bytes: int = 0        # OS, engine process, page cache floor
+    kv_floor_bytes: int = 0       # the KV pool never shrinks below this
+
+    def kv_capacity_bytes(self, sandbox_bytes: int) -> int:
+        return max(self.kv_floor_bytes, self.total_bytes - self.reserve_bytes - sandbox_bytes)
+
+    def sandbox_headroom_bytes(self, sandbox_bytes: int, kv_used_bytes: int, kv_spillable_bytes: int) -> int:
+        """How much more the sandboxes may take before they must be throttled: the KV
+        pool gives back what it does not use and what it can spill to SSD, not more."""
+        kv_needed = max(self.kv_floor_bytes, kv_used_bytes - kv_spillable_bytes)
+        return max(0, self.total_bytes - self.reserve_bytes - sandbox_bytes - kv_needed)
+
+
+@dataclass
+class AgentcgState:
+    predictor: ToolDurationPredictor = field(default_factory=ToolDurationPredictor)
+    paused: dict[str, tuple[float, str, str]] = field(default_factory=dict)  # request -> (at, sandbox, tool)
+    signals: dict[str, ToolSignal] = field(default_factory=dict)
+    exited: set[str] = field(default_factory=set)
+
+
+class AgentcgPolicy:
+    name = "agentcg"
+    shares_host_memory = True
+
+    def __init__(self, min_copy_s: float = MIN_COPY_S) -> None:
+        self.min_copy_s = min_copy_s
+        self.state = AgentcgState()
+
+    # -- learning -----------------------------------------------------------------
+    def observe(self, event: RequestEvent) -> None:
+        s = self.state
+        if event.kind is EventKind.PAUSED:
+            s.paused[event.request_id] = (event.at_s, event.sandbox or event.session_id, event.tool or "unknown")
+            s.signals.pop(event.request_id, None)
+        elif event.kind is EventKind.RESUMED:
+            paused = s.paused.pop(event.request_id, None)
+            s.signals.pop(event.request_id, None)
+            if paused is not None:
+                at, sandbox, tool = paused
+                s.predictor.record(sandbox, tool, event.at_s - at)
+        elif event.kind is EventKind.FINISHED:
+            s.paused.pop(event.request_id, None)
+            s.signals.pop(event.request_id, None)
+
+    def signal(self, request_id: str, signal: ToolSignal) -> None:
+        """A live tool-call signal from the controller (throttled, frozen, exited...)."""
+        if request_id in self.state.paused:
+            self.state.signals[request_id] = signal
+
+    def remaining_s(self, view: RequestView, now_s: float) -> float:
+        paused = self.state.paused.get(view.request_id)
+        sandbox, tool = (paused[1], paused[2]) if paused else (view.sandbox, view.tool or "unknown")
+        prediction = self.state.predictor.predict(sandbox, tool)
+        elapsed = now_s - view.paused_s if view.paused_s is not None else 0.0
+        return remaining_s(prediction, elapsed, self.state.signals.get(view.request_id))
+
+    # -- decisions ----------------------------------------------------------------
+    def decide(self, snap: KvSnapshot) -> Decision:
+        if snap.trigger is Trigger.PAUSE:
+            return self._pause(snap)
+        if snap.trigger is Trigger.PRESSURE:
+            return self._pressure(snap)
+        if snap.trigger is Trigger.HOST_PRESSURE:
+            return Decision(tuple(self._free_host(snap, snap.need_bytes, keep=None)[0]))
+        if snap.trigger is Trigger.TICK:
+            return self._prefetch(snap)
+        return NO_DECISION
+
+    def _pause(self, snap: KvSnapshot) -> Decision:
+        view = snap.view(snap.subject)
+        if view is None:
+            return NO_DECISION
+        rid = view.request_id
+        if view.is_last_step:
+            return Decision((Directive(rid, Action.DISCARD),))
+        keep = Directive(rid, Action.KEEP)
+        left = self.remaining_s(view, snap.now_s)
+        missing = max(0, view.gpu_tokens - view.host_tokens) * snap.bytes_per_token
+        round_trip = 2 * transfer_time_s(view.gpu_tokens * snap.bytes_per_token, snap.bytes_per_s(Tier.GPU, Tier.HOST))
+        if left < max(self.min_copy_s, round_trip) or missing == 0:
+            return Decision((keep,), wake_at_s=self._next_wake(snap))
+        room, freed = self._free_host(snap, missing - snap.host_free_bytes, keep=rid)
+        if freed < missing - snap.host_free_bytes:
+            return Decision((keep,))
+        return Decision(tuple(room) + (keep, Directive(rid, Action.SWAP_TO_HOST, keep_gpu_copy=True)),
+                        wake_at_s=self._next_wake(snap))
+
+    def _paused_by_remaining(self, snap: KvSnapshot) -> list[tuple[float, RequestView]]:
+        paused = [(self.remaining_s(v, snap.now_s), v) for v in snap.requests
+                  if v.state is State.PAUSED and v.gpu_tokens > 0]
+        paused.sort(key=lambda item: -item[0])
+        return paused
+
+    def _pressure(self, snap: KvSnapshot) -> Decision:
+        requester = snap.view(snap.subject)
+        if requester is None:
+            return NO_DECISION
+        need = snap.need_tokens
+        out: list[Directive] = []
+        paused = self._paused_by_remaining(snap)
+        # 1. GPU copies backed by a host or SSD copy: free at once.
+        for left, v in paused:
+            if need <= 0:
+                break
+            if v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending:
+                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
+                need -= v.gpu_tokens
+        done = {d.request_id for d in out}
+        host_free = snap.host_free_bytes
+        # 2. Paused KV without a copy, longest calls first: swap out (frees when the copy
+        #    lands). Even a short call's KV comes back far faster than it is recomputed.
+        swapped_bytes = 0
+        for left, v in paused:
+            if need <= 0:
+                break
+            nbytes = v.gpu_tokens * snap.bytes_per_token
+            if v.request_id in done:
+                continue
+            if nbytes > host_free:
+                room, freed = self._free_host(snap, nbytes - host_free + swapped_bytes, keep=v.request_id)
+                if freed < nbytes - host_free:
+                    continue
+                out += room
+                host_free += freed
+            out.append(Directive(v.request_id, Action.SWAP_TO_HOST))
+            done.add(v.request_id)
+            host_free -= nbytes
+            swapped_bytes += nbytes
+            need -= v.gpu_tokens
+        # 3. No host room: release to the prefix cache (the engine evicts tail blocks first).
+        for left, v in paused:
+            if need <= 0:
+                break
+            if v.request_id not in done and v.pinned:
+                out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
+                need -= v.gpu_tokens
+        # 4. A running requester may preempt the newest running request (to host if room).
+        if need > 0 and requester.state is State.RUNNING:
+            running = [v for v in snap.requests if v.state is State.RUNNING]
+            others = [v for v in running if v.request_id != requester.request_id] or running
+            victim = max(others, key=lambda v: v.admitted_s if v.admitted_s is not None else -1.0)
+            nbytes = victim.gpu_tokens * snap.bytes_per_token
+            room: list[Directive] = []
+            if nbytes > host_free:
+                room, freed = self._free_host(snap, nbytes - host_free, keep=victim.request_id)
+                if freed < nbytes - host_free:
+                    room = []
+            fits = nbytes <= host_free or bool(room)
+            out += room
+            out.append(Directive(victim.request_id, Action.PREEMPT, tier=Tier.HOST if fits else Tier.GPU))
+        return Decision(tuple(out))
+
+    def _free_host(self, snap: KvSnapshot, need_bytes: int, keep: str | None) -> tuple[list[Directive], int]:
+        """Free `need_bytes` of the host pool: stale copies of running requests, copies
+        whose GPU copy is whole, then the coldest copies go to SSD (or are dropped)."""
+        if need_bytes <= 0:
+            return [], 0
+        out: list[Directive] = []
+        freed = 0
+        holders = [v for v in snap.requests if v.host_tokens > 0 and v.request_id != keep]
+
+        def rank(v: RequestView) -> tuple:
+            if v.gpu_tokens >= v.host_tokens:          # the GPU holds it all: a redundant copy
+                return (0, 0.0) if v.state is not State.PAUSED else (1, -self.remaining_s(v, snap.now_s))
+            if v.state is not State.PAUSED:            # about to come back: keep it to the last
+                return (3, v.session_start_s)
+            return (2, -self.remaining_s(v, snap.now_s))
+
+        ssd_free = snap.ssd_capacity_bytes - snap.ssd_used_bytes
+        for v in sorted(holders, key=rank):
+            if freed >= need_bytes:
+                break
+            nbytes = v.host_tokens * snap.bytes_per_token
+            if rank(v)[0] >= 2 and nbytes <= ssd_free:
+                out.append(Directive(v.request_id, Action.OFFLOAD_TO_SSD))
+                ssd_free -= nbytes
+            else:
+                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.HOST))
+            freed += nbytes
+        return out, freed
+
+    def _prefetch_at(self, snap: KvSnapshot, view: RequestView) -> float:
+        off_gpu = max(0, view.context_tokens - view.gpu_tokens) * snap.bytes_per_token
+        if self.state.signals.get(view.request_id) is ToolSignal.EXITED:
+            return snap.now_s
+        left = self.remaining_s(view, snap.now_s)
+        back = transfer_time_s(off_gpu, snap.bytes_per_s(Tier.HOST, Tier.GPU))
+        return snap.now_s + left - back - PREFETCH_MARGIN_S
+
+    def _next_wake(self, snap: KvSnapshot) -> float | None:
+        times = [self._prefetch_at(snap, v) for v in snap.requests
+                 if v.state is State.PAUSED and v.gpu_tokens < v.context_tokens
+                 and (v.host_tokens or v.ssd_tokens)]
+        future = [t for t in times if math.isfinite(t)]
+        return max(snap.now_s, min(future)) if future else None
+
+    def _prefetch(self, snap: KvSnapshot) -> Decision:
+        room = snap.gpu_free_tokens + snap.gpu_evictable_tokens - int(PREFETCH_HEADROOM * snap.gpu_capacity_tokens)
+        out = []
+        due = [v for v in snap.requests
+               if v.state is State.PAUSED and v.gpu_tokens < v.context_tokens and (v.host_tokens or v.ssd_tokens)
+               and self._prefetch_at(snap, v) <= snap.now_s]
+        for v in sorted(due, key=lambda v: v.session_start_s):
+            want = v.context_tokens - v.gpu_tokens
+            if want <= room:
+                out.append(Directive(v.request_id, Action.PREFETCH))
+                room -= want
+        wake = [self._prefetch_at(snap, v) for v in snap.requests
+                if v.state is State.PAUSED and v.gpu_tokens < v.context_tokens and (v.host_tokens or v.ssd_tokens)
+                and v.request_id not in {d.request_id for d in out}]
+        future = [t for t in wake if math.isfinite(t) and t > snap.now_s]
+        if len(out) < len(due):
+            future.append(snap.now_s + PREFETCH_RETRY_S)      # due but no room yet
+        return Decision(tuple(out), wake_at_s=min(future) if future else None)
+
+    def waiting_key(self, view: RequestView) -> tuple:
+        return (0 if view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens else 1, view.session_start_s)

@@ -1,0 +1,835 @@
+"""`agentcg kv simulate`: KV-cache policies against a cost model of one inference engine.
+
+The simulated engine is vLLM V1's continuous batching, the same for every policy: each
+step decodes one token for every decoding request and spends the rest of the token budget
+on prefill chunks (running requests first, then waiting ones in the policy's order; a
+waiting request that does not fit stops admission). KV is counted in tokens; prefix hits
+are whole blocks and at most prompt - 1 tokens. Evictable KV (the prefix cache) is freed
+LRU, tail blocks first. Transfers run on their own links (GPU->host, host->GPU, host->SSD,
+SSD->GPU), first come first served, at the model's bandwidths; swapped-out GPU memory is
+free only when its copy lands; a request whose KV is coming back waits for it.
+
+Sessions start together (or `arrival_interval_s` apart); the next call of a session
+arrives its recorded tool gap after the previous one finished. The policy is asked on
+every pause, whenever a step does not fit in GPU memory (PRESSURE, repeated until it
+fits), when the host pool must shrink (HOST_PRESSURE, only for policies that share host
+memory with the sandboxes) and at the times it asks for (TICK). A policy that raises is
+replaced for that decision by vllm-v1 and counted; a directive for an unknown request or
+one the engine cannot carry out (a full tier) is refused and counted.
+
+Measured per policy: job (session) completion time, GPU KV waste (GB·s: GPU KV pinned
+for requests that are not computing, plus, while recomputed tokens are prefilled, their
+share of each step times the running requests' KV, as InferCept counts it), recomputed
+tokens, bytes moved per link, peak host KV memory.
+
+Steps whose batch does not change are advanced together (their times form an arithmetic
+series), so thousands of sessions take seconds.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from agentcg.engine_protocol import Action, Bandwidth, Directive, EventKind, RequestEvent, Tier
+from agentcg.errors import InvalidInput
+from agentcg.policies.kv import make_policy
+from agentcg.policies.kv.agentcg import HostMemoryBudget
+from agentcg.policies.kv.infercept import InferceptParams
+from agentcg.policies.kv.types import Decision, KvSnapshot, RequestView, State, Trigger
+from agentcg.policies.kv.vllm_v1 import VllmV1Policy, prefix_hit_tokens
+from agentcg.profiler.kvsim_cost import EngineModel
+from agentcg.profiler.kvsim_sessions import SimSession
+
+GB = 1e9
+MAX_PRESSURE_ROUNDS = 512
+MAX_STEPS_PER_ADVANCE = 1_000_000
+
+PENDING, WAITING, RUNNING, PAUSED, DONE = "pending", "waiting", "running", "paused", "done"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: EngineModel
+    gpu_kv_bytes: int
+    host_memory_bytes: int          # the host budget shared by sandboxes and the host KV pool
+    host_kv_static_bytes: int       # host KV pool of policies that do not share (fixed reservation)
+    ssd_bytes: int = 0
+    block_tokens: int = 16
+    arrival_interval_s: float = 0.0
+    host_reserve_bytes: int = 0
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    sessions: int
+    jct_s: list[float]
+    gpu_kv_waste_gbs: float = 0.0
+    idle_held_gbs: float = 0.0
+    recompute_gbs: float = 0.0
+    recomputed_tokens: int = 0
+    prefilled_tokens: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    peak_host_kv_bytes: int = 0
+    peak_host_total_bytes: int = 0   # host KV + sandboxes
+    makespan_s: float = 0.0
+    preemptions: int = 0
+    policy_errors: int = 0
+    fallbacks: int = 0
+    refused_directives: int = 0
+    unknown_directives: int = 0
+    stall_s: float = 0.0
+    wall_s: float = 0.0
+
+    def jct_quantile(self, q: float) -> float:
+        ordered = sorted(self.jct_s)
+        if not ordered:
+            return math.nan
+        pos = q * (len(ordered) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class _Link:
+    def __init__(self, name: str, bytes_per_s: float) -> None:
+        self.name, self.bytes_per_s, self.free_at, self.moved = name, bytes_per_s, 0.0, 0
+
+    def send(self, now: float, nbytes: int) -> float:
+        if self.bytes_per_s <= 0:
+            return math.inf
+        start = max(now, self.free_at)
+        self.free_at = start + nbytes / self.bytes_per_s
+        self.moved += nbytes
+        return self.free_at
+
+
+@dataclass
+class _Sess:
+    spec: SimSession
+    index: int
+    start_s: float
+    state: str = PENDING
+    turn: int = 0
+    ctx: int = 0                # tokens of the session's KV chain (computed)
+    hwm: int = 0                # tokens of the chain ever computed (for recompute counting)
+    g: int = 0                  # GPU prefix [0, g)
+    pinned: bool = False
+    evictable: bool = False
+    ttl_deadline: float | None = None
+    host: tuple[int, int] | None = None
+    ssd: tuple[int, int] | None = None
+    host_ready: float = 0.0     # when the host copy lands
+    gpu_ready: float = 0.0      # when a transfer back to the GPU lands
+    epoch: int = 0              # bumps when the KV is dropped, invalidating transfers in flight
+    pending_release: int = 0    # GPU tokens freed when a swap-out lands
+    # the current LLM call
+    prompt: int = 0
+    out: int = 0
+    prefilled: int = 0
+    decoded: int = 0
+    recompute_upto: int = 0     # prefill positions below this are recomputation
+    arrival_s: float = 0.0
+    admitted_s: float | None = None
+    paused_s: float | None = None
+    preempted_s: float | None = None
+    loading: bool = False
+    alloc: int = 0              # this step's prefill chunk
+
+    @property
+    def rid(self) -> str:
+        return self.spec.session_id
+
+    @property
+    def turn_spec(self):
+        return self.spec.turns[self.turn]
+
+
+class Simulator:
+    def __init__(self, sessions: list[SimSession], policy_name: str, config: SimConfig, **policy_params) -> None:
+        if not sessions:
+            raise InvalidInput("no sessions to simulate")
+        self.cfg = config
+        self.model = config.model
+        self.cost = config.model.cost
+        self.bpt = config.model.bytes_per_token
+        self.cap = config.gpu_kv_bytes // self.bpt
+        if self.cap < 1024:
+            raise InvalidInput(f"GPU KV capacity {config.gpu_kv_bytes} bytes holds under 1024 tokens; raise --gpu-kv")
+        self.policy = make_policy(policy_name, **policy_params)
+        self.fallback = VllmV1Policy()
+        self.result = PolicyResult(policy_name, len(sessions), [])
+        self.now = 0.0
+        self.sess = [_Sess(s, i, i * config.arrival_interval_s) for i, s in enumerate(sessions)]
+        self.by_id = {s.rid: s for s in self.sess}
+        if len(self.by_id) != len(self.sess):
+            raise InvalidInput("session ids must be unique")
+        self.running: list[_Sess] = []
+        self.waiting: list[_Sess] = []
+        self.waiting_dirty = True
+        self.lru: OrderedDict[str, _Sess] = OrderedDict()
+        self.gpu_used = 0
+        self.evictable_tokens = 0
+        self.host_used = 0          # tokens
+        self.ssd_used = 0
+        self.sandbox_bytes = 0
+        self.active = len(self.sess)
+        self.events: list[tuple[float, int, str, _Sess | None, int]] = []
+        self.seq = 0
+        self.wake_at: float | None = None
+        self.links = {
+            "gpu_to_host": _Link("gpu_to_host", self.model.d2h_bytes_per_s),
+            "host_to_gpu": _Link("host_to_gpu", self.model.h2d_bytes_per_s),
+            "host_to_ssd": _Link("host_to_ssd", self.model.ssd_write_bytes_per_s),
+            "ssd_to_gpu": _Link("ssd_to_gpu", self.model.ssd_read_bytes_per_s),
+        }
+        self.bandwidths = (
+            Bandwidth(Tier.GPU, Tier.HOST, self.model.d2h_bytes_per_s),
+            Bandwidth(Tier.HOST, Tier.GPU, self.model.h2d_bytes_per_s),
+            Bandwidth(Tier.HOST, Tier.SSD, self.model.ssd_write_bytes_per_s),
+            Bandwidth(Tier.SSD, Tier.GPU, self.model.ssd_read_bytes_per_s),
+        )
+        self.budget = HostMemoryBudget(config.host_memory_bytes, config.host_reserve_bytes)
+        for s in self.sess:
+            self._push(s.start_s, "arrive", s)
+
+    # -- events ---------------------------------------------------------------------
+    def _push(self, at: float, kind: str, sess: _Sess | None, epoch: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, sess, epoch))
+
+    def _next_event_s(self) -> float:
+        return self.events[0][0] if self.events else math.inf
+
+    def _handle(self, kind: str, s: _Sess | None, epoch: int) -> None:
+        if kind == "arrive":
+            self._arrive(s)
+        elif kind == "wake":
+            if self.wake_at is not None and self.wake_at <= self.now:
+                self.wake_at = None
+                self._ask(Trigger.TICK, None)
+        elif kind == "ttl":
+            if s.state == PAUSED and s.pinned and s.ttl_deadline is not None and s.ttl_deadline <= self.now:
+                self._make_evictable(s)
+        elif kind == "release" and epoch == s.epoch:
+            if s.pending_release and s.state == PAUSED:
+                self._gpu_drop_tail(s, s.pending_release)
+            s.pending_release = 0
+        elif kind == "ssd_done" and epoch == s.epoch:
+            if s.host is not None and s.ssd is not None:
+                self._set_host(s, None)
+
+    # -- GPU memory -----------------------------------------------------------------
+    def _free(self) -> int:
+        return self.cap - self.gpu_used
+
+    def _gpu_set(self, s: _Sess, g: int) -> None:
+        delta = g - s.g
+        self.gpu_used += delta
+        if s.evictable:
+            self.evictable_tokens += delta
+        s.g = g
+        if g == 0:
+            self._unevict(s)
+            s.pinned, s.ttl_deadline = False, None
+
+    def _gpu_drop_tail(self, s: _Sess, tokens: int) -> None:
+        self._gpu_set(s, max(0, s.g - tokens))
+
+    def _make_evictable(self, s: _Sess) -> None:
+        s.pinned, s.ttl_deadline = False, None
+        if s.g > 0 and not s.evictable:
+            s.evictable = True
+            self.evictable_tokens += s.g
+            self.lru[s.rid] = s
+            self.lru.move_to_end(s.rid)
+
+    def _unevict(self, s: _Sess) -> None:
+        if s.evictable:
+            s.evictable = False
+            self.evictable_tokens -= s.g
+            self.lru.pop(s.rid, None)
+
+    def _pin(self, s: _Sess, deadline: float | None) -> None:
+        self._unevict(s)
+        s.pinned, s.ttl_deadline = True, deadline
+        if deadline is not None:
+            self._push(deadline, "ttl", s)
+
+    def _alloc(self, tokens: int) -> bool:
+        """Make `tokens` free, evicting prefix-cache KV LRU, tail blocks first."""
+        if tokens <= self._free():
+            return True
+        if tokens > self._free() + self.evictable_tokens:
+            return False
+        while tokens > self._free() and self.lru:
+            rid, victim = next(iter(self.lru.items()))
+            take = min(victim.g, tokens - self._free())
+            self._gpu_set(victim, victim.g - take)
+        return tokens <= self._free()
+
+    # -- host and SSD ---------------------------------------------------------------
+    def _host_capacity_tokens(self) -> int:
+        if self.policy.shares_host_memory:
+            return self.budget.kv_capacity_bytes(self.sandbox_bytes) // self.bpt
+        return self.cfg.host_kv_static_bytes // self.bpt
+
+    def _set_host(self, s: _Sess, seg: tuple[int, int] | None) -> None:
+        old = s.host[1] - s.host[0] if s.host else 0
+        new = seg[1] - seg[0] if seg else 0
+        self.host_used += new - old
+        s.host = seg
+        self._note_host()
+
+    def _set_ssd(self, s: _Sess, seg: tuple[int, int] | None) -> None:
+        old = s.ssd[1] - s.ssd[0] if s.ssd else 0
+        new = seg[1] - seg[0] if seg else 0
+        self.ssd_used += new - old
+        s.ssd = seg
+
+    def _note_host(self) -> None:
+        kv = self.host_used * self.bpt
+        self.result.peak_host_kv_bytes = max(self.result.peak_host_kv_bytes, kv)
+        self.result.peak_host_total_bytes = max(self.result.peak_host_total_bytes, kv + self.sandbox_bytes)
+
+    def _recoverable(self, s: _Sess) -> int:
+        p = s.g
+        for _ in range(2):
+            for seg in (s.host, s.ssd):
+                if seg and seg[0] <= p < seg[1]:
+                    p = seg[1]
+        return min(p, s.ctx)
+
+    def _drop_all(self, s: _Sess) -> None:
+        self._unevict(s)
+        self._gpu_set(s, 0)
+        self._set_host(s, None)
+        self._set_ssd(s, None)
+        s.pinned, s.ttl_deadline, s.pending_release = False, None, 0
+        s.epoch += 1
+
+    # -- sessions -------------------------------------------------------------------
+    def _arrive(self, s: _Sess) -> None:
+        turn = s.turn_spec
+        if s.state == PENDING:
+            s.turn = 0
+            shared = 0
+        else:
+            self._event(EventKind.RESUMED, s)
+            prev_input = s.spec.turns[s.turn - 1].input_tokens
+            shared = 0 if turn.input_tokens < prev_input else min(turn.input_tokens, s.ctx)
+        if shared < s.ctx:                      # the context diverged: the tail is useless
+            s.ctx = shared
+            s.hwm = min(s.hwm, shared)
+            if s.g > shared:
+                self._gpu_set(s, shared)
+            for name in ("host", "ssd"):
+                seg = getattr(s, name)
+                if seg and seg[1] > shared:
+                    clipped = (seg[0], shared) if seg[0] < shared else None
+                    (self._set_host if name == "host" else self._set_ssd)(s, clipped)
+        s.state = WAITING
+        s.prompt, s.out = turn.input_tokens, turn.output_tokens
+        s.prefilled = s.decoded = 0
+        s.arrival_s, s.paused_s, s.preempted_s = self.now, None, None
+        s.admitted_s = None
+        if s.ttl_deadline is not None:
+            s.ttl_deadline = None               # Continuum: a pin does not expire while its job waits
+        self.waiting.append(s)
+        self.waiting_dirty = True
+
+    def _event(self, kind: EventKind, s: _Sess, cached: int | None = None) -> None:
+        tool = s.spec.turns[s.turn - 1].tool if kind is EventKind.PAUSED else None
+        event = RequestEvent(s.rid, s.rid, kind, self.now, s.ctx if kind is not EventKind.ADMITTED else s.prompt,
+                             sandbox=s.spec.sandbox, tool=tool, cached_tokens=cached)
+        self.policy.observe(event)
+
+    def _finish_call(self, s: _Sess) -> None:
+        self.running.remove(s)
+        s.ctx = s.prompt + s.out
+        s.hwm = max(s.hwm, s.ctx)
+        s.admitted_s = None
+        turn = s.turn_spec
+        if s.turn == len(s.spec.turns) - 1:   # the last call: the session is done
+            s.state = DONE
+            self._drop_all(s)
+            self.active -= 1
+            self.result.jct_s.append(self.now - s.start_s)
+            self._event(EventKind.FINISHED, s)
+            self._set_sandbox(s, 0)
+            return
+        s.state = PAUSED
+        s.paused_s = self.now
+        s.turn += 1                            # views of a paused session describe turn - 1
+        self._set_sandbox(s, turn.sandbox_bytes)
+        self._event(EventKind.PAUSED, s)
+        self._make_evictable(s)                # the engine's default: the prefix cache
+        self._ask(Trigger.PAUSE, s)
+        self._push(self.now + turn.tool_s, "arrive", s)
+
+    def _set_sandbox(self, s: _Sess, nbytes: int) -> None:
+        prev = getattr(s, "_sandbox", 0)
+        s._sandbox = nbytes
+        self.sandbox_bytes += nbytes - prev
+        self._note_host()
+        if self.policy.shares_host_memory:
+            over = self.host_used - self._host_capacity_tokens()
+            if over > 0:
+                self._ask(Trigger.HOST_PRESSURE, None, need_bytes=over * self.bpt)
+                over = self.host_used - self._host_capacity_tokens()
+                for other in sorted(self.sess, key=lambda o: o.host is None):
+                    if over <= 0 or other.host is None:
+                        break
+                    over -= other.host[1] - other.host[0]
+                    self._set_host(other, None)
+                    self.result.fallbacks += 1
+
+    # -- policy ---------------------------------------------------------------------
+    def _view(self, s: _Sess) -> RequestView:
+        now = self.now
+        turns = s.spec.turns
+        if s.state == PAUSED:
+            state, last, prev = State.PAUSED, s.turn - 1, turns[s.turn - 1]
+            remaining = max(0.0, s.paused_s + prev.tool_s - now)
+            tool, ctx = prev.tool, s.ctx
+        else:
+            state = State.RUNNING if s.state == RUNNING else State.WAITING
+            last, remaining, tool = s.turn, None, None
+            ctx = s.prefilled + s.decoded if s.state == RUNNING else s.ctx
+        host, ssd = s.host, s.ssd
+        return RequestView(
+            s.spec.session_id, s.spec.session_id, s.spec.sandbox, state, last, ctx, s.g,
+            host[1] - host[0] if host else 0, ssd[1] - ssd[0] if ssd else 0,
+            s.pinned and not s.evictable, host is not None and s.host_ready > now,
+            s.arrival_s, s.start_s, s.admitted_s, s.paused_s, s.preempted_s, tool,
+            last == len(turns) - 1, remaining, 0,
+        )
+
+    def _snapshot(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> KvSnapshot:
+        live = [s for s in self.sess if s.state in (RUNNING, WAITING, PAUSED)]
+        return KvSnapshot(
+            now_s=self.now, trigger=trigger, subject=subject.rid if subject else None,
+            bytes_per_token=self.bpt, gpu_capacity_tokens=self.cap, gpu_free_tokens=self._free(),
+            gpu_evictable_tokens=self.evictable_tokens,
+            host_capacity_bytes=self._host_capacity_tokens() * self.bpt, host_used_bytes=self.host_used * self.bpt,
+            ssd_capacity_bytes=self.cfg.ssd_bytes, ssd_used_bytes=self.ssd_used * self.bpt,
+            bandwidths=self.bandwidths, cost=self.cost,
+            running_batch_tokens=sum(1 for s in self.running if s.prefilled >= s.prompt),
+            running_kv_tokens=sum(s.g for s in self.running),
+            requests=tuple(self._view(s) for s in live), need_tokens=need_tokens, need_bytes=need_bytes,
+        )
+
+    def _ask(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> int:
+        snap = self._snapshot(trigger, subject, need_tokens, need_bytes)
+        try:
+            decision = self.policy.decide(snap)
+            if not isinstance(decision, Decision):
+                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision")
+        except Exception:   # a broken policy must not stop the engine: fall back and count
+            self.result.policy_errors += 1
+            decision = self.fallback.decide(snap)
+        if decision.wake_at_s is not None and math.isfinite(decision.wake_at_s):
+            at = max(self.now, decision.wake_at_s)
+            if self.wake_at is None or at < self.wake_at or self.wake_at <= self.now:
+                self.wake_at = at
+                self._push(at, "wake", None)
+        return sum(self._apply(d) for d in decision.directives)
+
+    def _refuse(self) -> int:
+        self.result.refused_directives += 1
+        return 0
+
+    def _apply(self, d: Directive) -> int:
+        """Carry out one directive; returns the GPU tokens it freed at once."""
+        s = self.by_id.get(d.request_id) if isinstance(d, Directive) else None
+        if s is None or s.state in (PENDING, DONE):
+            self.result.unknown_directives += 1
+            return 0
+        a = d.action
+        if a is Action.KEEP:
+            if s.state == RUNNING or s.g == 0:
+                return self._refuse()
+            if d.ttl_s is not None and d.ttl_s <= 0:
+                before = self._free() + self.evictable_tokens
+                self._make_evictable(s)
+                return self._free() + self.evictable_tokens - before
+            self._pin(s, None if d.ttl_s is None else self.now + d.ttl_s)
+            return 0
+        if a is Action.SWAP_TO_HOST:
+            return self._swap_out(s, d)
+        if a is Action.OFFLOAD_TO_SSD:
+            if s.host is None:
+                return self._refuse()
+            size = s.host[1] - s.host[0]
+            old = (s.ssd[1] - s.ssd[0]) if s.ssd else 0
+            if (self.ssd_used - old + size) * self.bpt > self.cfg.ssd_bytes:
+                return self._refuse()
+            self._set_ssd(s, s.host)
+            done = self.links["host_to_ssd"].send(max(self.now, s.host_ready), size * self.bpt)
+            self._push(done, "ssd_done", s, s.epoch)
+            return 0
+        if a is Action.DISCARD:
+            if s.state == RUNNING and d.tier in (None, Tier.GPU):
+                return self._refuse()
+            if d.tier in (None, Tier.GPU):
+                freed = self._discard_gpu(s, backed=d.tier is Tier.GPU)
+                if d.tier is None:
+                    self._set_host(s, None)
+                    self._set_ssd(s, None)
+                    s.epoch += 1
+                return freed
+            if d.tier is Tier.HOST:
+                self._set_host(s, None)
+            elif d.tier is Tier.SSD:
+                self._set_ssd(s, None)
+            return 0
+        if a is Action.PREFETCH:
+            if s.state != PAUSED:
+                return self._refuse()
+            return -self._bring_back(s)
+        if a is Action.PREEMPT:
+            if s.state != RUNNING:
+                return self._refuse()
+            return self._preempt(s, d.tier or Tier.GPU)
+        return self._refuse()
+
+    def _discard_gpu(self, s: _Sess, backed: bool) -> int:
+        if s.g == 0:
+            return 0
+        if backed and s.host is not None and s.host_ready > self.now:
+            # The host copy is still on its way: the GPU copy goes when it lands.
+            s.pending_release = s.g
+            self._push(s.host_ready, "release", s, s.epoch)
+            return 0
+        freed = s.g
+        self._unevict(s)
+        self._gpu_set(s, 0)
+        s.pinned, s.ttl_deadline = False, None
+        return freed
+
+    def _swap_out(self, s: _Sess, d: Directive) -> int:
+        if s.state == RUNNING or s.g == 0:
+            return self._refuse()
+        if d.keep_gpu_copy:
+            lo = s.host[1] if s.host and s.host[0] == 0 else 0
+            seg = (0, s.g)
+        else:
+            k = s.g if d.tokens is None else max(0, min(d.tokens, s.g))
+            lo = s.g - k
+            if s.host and s.host[0] <= lo <= s.host[1]:
+                seg = (s.host[0], max(s.host[1], s.g))
+                lo = max(lo, s.host[1]) if s.host[1] < s.g else s.g
+            else:
+                seg = (s.g - k, s.g)
+        size = seg[1] - seg[0]
+        old = (s.host[1] - s.host[0]) if s.host else 0
+        if self.host_used - old + size > self._host_capacity_tokens():
+            return self._refuse()
+        moved = max(0, s.g - lo) if d.keep_gpu_copy else max(0, s.g - lo)
+        self._set_host(s, seg)
+        s.host_ready = self.links["gpu_to_host"].send(self.now, moved * self.bpt) if moved else max(self.now, s.host_ready)
+        if not d.keep_gpu_copy:
+            release = s.g - (seg[0] if seg[0] < s.g else s.g)
+            release = min(release, s.g if d.tokens is None else d.tokens)
+            if s.host_ready <= self.now:
+                self._gpu_drop_tail(s, release)
+                return release
+            s.pending_release = release
+            self._push(s.host_ready, "release", s, s.epoch)
+        return 0
+
+    def _bring_back(self, s: _Sess) -> int:
+        """Start moving the recoverable KV back to the GPU; returns tokens allocated, or
+        refuses (0) when the GPU has no room."""
+        target = self._recoverable(s)
+        want = target - s.g
+        if want <= 0:
+            return 0
+        was_evictable = s.evictable
+        self._unevict(s)                        # its own cached prefix must not make the room
+        if not self._alloc(want):
+            if was_evictable:
+                self._make_evictable(s)
+            self._refuse()
+            return 0
+        from_host = 0
+        if s.host and s.host[0] <= s.g < s.host[1]:
+            from_host = min(s.host[1], target) - s.g
+        from_ssd = want - from_host
+        done = self.now
+        if from_host:
+            done = max(done, self.links["host_to_gpu"].send(max(self.now, s.host_ready), from_host * self.bpt))
+        if from_ssd:
+            done = max(done, self.links["ssd_to_gpu"].send(self.now, from_ssd * self.bpt))
+        self._unevict(s)
+        self._gpu_set(s, target)
+        s.pinned = True
+        s.gpu_ready = max(s.gpu_ready, done)
+        return want
+
+    def _preempt(self, s: _Sess, tier: Tier) -> int:
+        self.running.remove(s)
+        self.result.preemptions += 1
+        computed = s.prefilled + s.decoded
+        s.ctx = computed
+        s.hwm = max(s.hwm, computed)
+        # vLLM: num_computed_tokens = 0; what was generated becomes part of the prompt.
+        s.prompt, s.out = s.prompt + s.decoded, s.out - s.decoded
+        s.prefilled = s.decoded = 0
+        s.state = WAITING
+        s.preempted_s = self.now
+        s.admitted_s = None
+        self._event(EventKind.PREEMPTED, s)
+        self.waiting.append(s)
+        self.waiting_dirty = True
+        freed = 0
+        if tier is Tier.HOST and s.g and (self.host_used + s.g <= self._host_capacity_tokens()):
+            s.pinned = True
+            self._set_host(s, (0, s.g))
+            s.host_ready = self.links["gpu_to_host"].send(self.now, s.g * self.bpt)
+            s.pending_release = s.g
+            self._push(s.host_ready, "release_waiting", s, s.epoch)
+        elif tier is Tier.NONE:
+            freed = s.g
+            self._drop_all(s)
+        else:
+            before = self._free() + self.evictable_tokens
+            self._make_evictable(s)
+            freed = self._free() + self.evictable_tokens - before
+        return freed
+
+    # -- scheduling -----------------------------------------------------------------
+    def _order_waiting(self) -> None:
+        if self.waiting_dirty:
+            keys = {s.rid: self.policy.waiting_key(self._view(s)) for s in self.waiting}
+            self.waiting.sort(key=lambda s: keys[s.rid])
+            self.waiting_dirty = False
+
+    def _admit(self, budget: int, reserved: int) -> None:
+        """Admit waiting requests in the policy's order while the token budget and GPU
+        memory last; `reserved` tokens are already promised to this step's running batch.
+        A request whose KV is still coming back is skipped (vLLM's WAITING_FOR_REMOTE_KVS);
+        the first one that does not fit stops admission."""
+        self._order_waiting()
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.cost.max_running:
+            s = self.waiting[i]
+            target = self._recoverable(s)
+            if target > s.g and not s.loading:
+                if not self._fits(s, reserved + target - s.g):
+                    break
+                self._bring_back(s)
+                s.loading = True
+            if s.loading and s.gpu_ready > self.now:
+                i += 1
+                continue
+            s.loading = False
+            if budget <= 0:
+                break
+            hit = prefix_hit_tokens(min(s.g, s.ctx), s.prompt, self.cfg.block_tokens)
+            first = min(s.prompt - hit, budget)
+            if not self._fits(s, reserved + first):
+                break
+            self.waiting.pop(i)
+            self._unevict(s)
+            if s.g > hit:
+                self._gpu_set(s, hit)
+            s.pinned, s.ttl_deadline = False, None
+            s.state = RUNNING
+            s.admitted_s = self.now
+            s.prefilled = hit
+            s.recompute_upto = max(hit, min(s.hwm, s.prompt))
+            self.running.append(s)
+            self._event(EventKind.ADMITTED, s, cached=hit)
+            budget -= first
+            reserved += first
+
+    def _fits(self, s: _Sess, tokens: int) -> bool:
+        """Can `tokens` be allocated without evicting `s`'s own cached prefix? If not,
+        the policy may free memory (PRESSURE from a waiting request)."""
+        avail = self._free() + self.evictable_tokens - (s.g if s.evictable else 0)
+        if tokens <= avail:
+            return True
+        self._ask(Trigger.PRESSURE, s, need_tokens=tokens - avail)
+        return tokens <= self._free() + self.evictable_tokens - (s.g if s.evictable else 0)
+
+    def _composition(self) -> tuple[list[_Sess], list[_Sess], int]:
+        decoding, prefilling = [], []
+        for s in self.running:
+            (decoding if s.prefilled >= s.prompt else prefilling).append(s)
+        budget = self.cost.max_batched_tokens - len(decoding)
+        growth = len(decoding)
+        for s in prefilling:
+            s.alloc = max(0, min(s.prompt - s.prefilled, budget))
+            budget -= s.alloc
+            growth += s.alloc
+        return decoding, [s for s in prefilling if s.alloc > 0], growth
+
+    def _fit(self) -> tuple[list[_Sess], list[_Sess], int] | None:
+        """The step's batch, after resolving memory pressure; None: stall."""
+        for _ in range(MAX_PRESSURE_ROUNDS):
+            decoding, prefilling, growth = self._composition()
+            avail = self._free() + self.evictable_tokens
+            if growth <= avail:
+                return decoding, prefilling, growth
+            pending = self._pending_release()
+            if growth <= avail + pending:
+                return None                     # swap-outs in flight will make room: stall
+            # The first request (in running order) whose allocation fails asks.
+            acc, requester = 0, self.running[-1]
+            for s in self.running:
+                acc += 1 if s.prefilled >= s.prompt else s.alloc
+                if acc > avail:
+                    requester = s
+                    break
+            before = (len(self.running), avail)
+            self._ask(Trigger.PRESSURE, requester, need_tokens=growth - avail)
+            if (len(self.running), self._free() + self.evictable_tokens) != before:
+                continue
+            if self._pending_release() > 0:
+                return None
+            self.result.fallbacks += 1
+            victim = self.fallback.decide(self._snapshot(Trigger.PRESSURE, requester, growth - avail))
+            for d in victim.directives:
+                self._apply(d)
+            if not victim.directives:
+                return None
+        self.result.fallbacks += 1
+        return None
+
+    def _pending_release(self) -> int:
+        return sum(s.pending_release for s in self.sess if s.pending_release and s.state in (PAUSED, WAITING))
+
+    def _break_deadlock(self) -> bool:
+        """Nothing runs, nothing is in flight, and the head of the queue cannot get GPU
+        memory (pins hold it all): release pinned paused KV, oldest pause first."""
+        head = self.waiting[0] if self.waiting else None
+        pinned = sorted((s for s in self.sess if s.state in (PAUSED, WAITING) and s.g and not s.evictable
+                         and s is not head and not s.loading),
+                        key=lambda s: (s.state != PAUSED, s.paused_s or 0.0))
+        if not pinned:
+            return False
+        self.result.fallbacks += 1
+        self._make_evictable(pinned[0])
+        return True
+
+    # -- time -----------------------------------------------------------------------
+    def _account(self, dt: float, running_g: int, running_g_mean: float = 0.0, recompute_share: float = 0.0) -> None:
+        """Integrate waste over `dt`: GPU KV held (not evictable) by requests that do
+        not compute, and the recomputing share of the step times the running KV."""
+        if dt <= 0:
+            return
+        idle = self.gpu_used - self.evictable_tokens - running_g
+        self.result.idle_held_gbs += idle * self.bpt * dt / GB
+        self.result.recompute_gbs += recompute_share * dt * running_g_mean * self.bpt / GB
+
+    def run(self) -> PolicyResult:
+        started = time.perf_counter()
+        guard = 0
+        while self.active > 0:
+            guard += 1
+            if guard > 50_000_000:
+                raise RuntimeError("kv simulator made no progress")
+            while self.events and self.events[0][0] <= self.now:
+                _, _, kind, s, epoch = heapq.heappop(self.events)
+                if kind == "release_waiting":
+                    if epoch == s.epoch and s.state == WAITING and s.pending_release:
+                        self._gpu_drop_tail(s, s.pending_release)
+                        s.pinned = False
+                    s.pending_release = 0
+                    self.waiting_dirty = True
+                    continue
+                self._handle(kind, s, epoch)
+            _, _, growth = self._composition()
+            self._admit(self.cost.max_batched_tokens - growth, growth)
+            batch = self._fit() if self.running else None
+            if batch is None or (not batch[0] and not batch[1]):
+                nxt = self._next_event_s()
+                if not math.isfinite(nxt):
+                    if self.waiting and self._break_deadlock():
+                        continue
+                    raise RuntimeError(f"{self.policy.name}: simulation stuck with {len(self.waiting)} waiting, "
+                                       f"{len(self.running)} running, {self._free()} free tokens")
+                if self.running and batch is None:
+                    self.result.stall_s += nxt - self.now
+                if not self.running and self.waiting and not any(s.loading for s in self.waiting) \
+                        and not self._pending_release() and self._break_deadlock():
+                    continue
+                self._account(nxt - self.now, sum(s.g for s in self.running))
+                self.now = nxt
+                continue
+            self._advance(*batch)
+        r = self.result
+        r.makespan_s = self.now
+        r.gpu_kv_waste_gbs = r.idle_held_gbs + r.recompute_gbs
+        r.bytes_moved = {name: link.moved for name, link in self.links.items()}
+        r.wall_s = time.perf_counter() - started
+        return r
+
+    def _advance(self, decoding: list[_Sess], prefilling: list[_Sess], growth: int) -> None:
+        c = self.cost
+        tokens = len(decoding) + sum(s.alloc for s in prefilling)
+        ctx_sum = sum(s.prefilled + s.decoded for s in decoding)
+        a = (c.step_fixed_s + c.token_s * tokens + c.decode_kv_read_s_per_token * ctx_sum
+             + c.prefill_attn_s_per_token_pos * sum(s.alloc * (s.prefilled + s.alloc / 2) for s in prefilling))
+        b = c.decode_kv_read_s_per_token * len(decoding) + c.prefill_attn_s_per_token_pos * sum(s.alloc ** 2 for s in prefilling)
+        k = MAX_STEPS_PER_ADVANCE
+        for s in decoding:
+            k = min(k, s.out - s.decoded)
+        for s in prefilling:
+            k = min(k, max(1, (s.prompt - s.prefilled) // s.alloc))
+        if growth > 0:
+            k = min(k, max(1, (self._free() + self.evictable_tokens) // growth))
+        horizon = self._next_event_s() - self.now
+        if math.isfinite(horizon):
+            k = min(k, max(1, self._steps_within(a, b, horizon)))
+        k = max(1, k)
+        dt = k * a + b * k * (k - 1) / 2
+        if not self._alloc(growth * k):
+            k = 1
+            dt = a
+            self._alloc(growth)
+        recomputed = sum(max(0, min(s.recompute_upto, s.prefilled + s.alloc * k) - s.prefilled) for s in prefilling)
+        running_g = sum(s.g for s in self.running)
+        self._account(dt, running_g, running_g + growth * k / 2, recomputed / max(1, tokens * k))
+        self.result.recomputed_tokens += recomputed
+        self.result.prefilled_tokens += sum(s.alloc for s in prefilling) * k
+        for s in decoding:
+            s.decoded += k
+            self._gpu_set(s, s.g + k)
+        for s in prefilling:
+            s.prefilled += s.alloc * k
+            self._gpu_set(s, s.g + s.alloc * k)
+            if s.prefilled >= s.prompt:
+                s.decoded = 1             # the last chunk's step samples the first token
+        self.now += dt
+        for s in [s for s in self.running if s.prefilled >= s.prompt and s.decoded >= s.out]:
+            self._finish_call(s)
+
+    @staticmethod
+    def _steps_within(a: float, b: float, horizon: float) -> int:
+        if horizon <= 0:
+            return 1
+        if b <= 0:
+            return int(horizon // a)
+        # k·a + b·k(k-1)/2 <= horizon
+        disc = (a - b / 2) ** 2 + 2 * b * horizon
+        return int((-(a - b / 2) + math.sqrt(disc)) / b)
+
+
+def calibrated_params(policy: str, sessions: list[SimSession], config: SimConfig) -> dict:
+    """Constants a baseline fits per engine, fitted to this cost model: InferCept's
+    a, c, a', b' and L (see InferceptParams.from_cost), at the sessions' median context."""
+    if policy != "infercept":
+        return {}
+    contexts = sorted(s.mean_context_tokens for s in sessions)
+    model = config.model
+    return {"params": InferceptParams.from_cost(model.cost, model.bytes_per_token, model.d2h_bytes_per_s,
+                                                int(contexts[len(contexts) // 2]), config.block_tokens)}
+
+
+def simulate(sessions: list[SimSession], policy: str, config: SimConfig, **policy_params) -> PolicyResult:
+    params = {**calibrated_params(policy, sessions, config), **policy_params}
+    return Simulator(sessions, policy, config, **params).run()
