@@ -131,9 +131,8 @@ class _Progress:
         psi = "-" if s is None or s.psi_memory_some_avg10_pct is None else (
             f"{s.psi_memory_some_avg10_pct:.1f}/{s.psi_memory_full_avg10_pct:.1f}%")
         running = ",".join(self.running[-3:]) or "-"
-        return (f"agentcg profile {now_mono_s - self.started_mono_s:6.1f}s  calls {self.ended_calls} done, "
-                f"running {running}  mem {mem} (peak {peak})  cpu {cpu} cores  "
-                f"mem PSI some/full {psi}  samples {self.samples}")
+        return (f"profile {now_mono_s - self.started_mono_s:.1f}s  calls {self.ended_calls} done, running {running}"
+                f"  mem {mem} peak {peak}  cpu {cpu}  psi mem {psi}  {self.samples} samples")
 
 
 class StatusLine:
