@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from agentcg.errors import AgentcgError
 
     try:
-        cli.main(args=argv, prog_name="agentcg", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(code)'s code instead of exiting.
+        returned = cli.main(args=argv, prog_name="agentcg", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("agentcg: interrupted", err=True)
         return 130
-    return 0
+    return returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
 
 
 if __name__ == "__main__":
