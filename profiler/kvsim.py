@@ -38,7 +38,7 @@ from agentcg.errors import InvalidInput
 from agentcg.policies.kv import make_policy
 from agentcg.policies.kv.agentcg import HostMemoryBudget
 from agentcg.policies.kv.infercept import InferceptParams
-from agentcg.policies.kv.types import Decision, KvSnapshot, RequestView, State, Trigger
+from agentcg.policies.kv.types import Decision, KvPolicy, KvSnapshot, RequestView, State, Trigger
 from agentcg.policies.kv.vllm_v1 import VllmV1Policy, prefix_hit_tokens
 from agentcg.profiler.kvsim_cost import EngineModel
 from agentcg.profiler.kvsim_sessions import SimSession
@@ -148,7 +148,7 @@ class _Sess:
 
 
 class Simulator:
-    def __init__(self, sessions: list[SimSession], policy_name: str, config: SimConfig, **policy_params) -> None:
+    def __init__(self, sessions: list[SimSession], policy: "str | KvPolicy", config: SimConfig, **policy_params) -> None:
         if not sessions:
             raise InvalidInput("no sessions to simulate")
         self.cfg = config
@@ -158,9 +158,9 @@ class Simulator:
         self.cap = config.gpu_kv_bytes // self.bpt
         if self.cap < 1024:
             raise InvalidInput(f"GPU KV capacity {config.gpu_kv_bytes} bytes holds under 1024 tokens; raise --gpu-kv")
-        self.policy = make_policy(policy_name, **policy_params)
+        self.policy = make_policy(policy, **policy_params) if isinstance(policy, str) else policy
         self.fallback = VllmV1Policy()
-        self.result = PolicyResult(policy_name, len(sessions), [])
+        self.result = PolicyResult(self.policy.name, len(sessions), [])
         self.now = 0.0
         self.sess = [_Sess(s, i, i * config.arrival_interval_s) for i, s in enumerate(sessions)]
         self.by_id = {s.rid: s for s in self.sess}
@@ -830,6 +830,8 @@ def calibrated_params(policy: str, sessions: list[SimSession], config: SimConfig
                                                 int(contexts[len(contexts) // 2]), config.block_tokens)}
 
 
-def simulate(sessions: list[SimSession], policy: str, config: SimConfig, **policy_params) -> PolicyResult:
-    params = {**calibrated_params(policy, sessions, config), **policy_params}
+def simulate(sessions: list[SimSession], policy: "str | KvPolicy", config: SimConfig, **policy_params) -> PolicyResult:
+    """Run one policy (a name, or a policy object) over `sessions`."""
+    calibrated = calibrated_params(policy, sessions, config) if isinstance(policy, str) else {}
+    params = {**calibrated, **policy_params}
     return Simulator(sessions, policy, config, **params).run()
