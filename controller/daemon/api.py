@@ -293,6 +293,9 @@ class Api:
     def policy_set(self, conn: Connection, req: Request) -> dict[str, Any]:
         a = Args(req)
         name = a.str("name")
+        from agentcg.policies.sandbox import POLICY_NAMES
+        if name not in POLICY_NAMES:
+            raise ApiError("invalid_input", f"{req.op}: unknown policy {name!r}; available: {', '.join(POLICY_NAMES)}")
         dry_run = a._get("dry_run", False, None)
         if dry_run is not None and not isinstance(dry_run, bool):
             raise ApiError("invalid_input", f"{req.op}: 'dry_run' must be true or false, got {dry_run!r}")

@@ -9,15 +9,32 @@ time since adoption) and rewrites its owner file with this daemon as the owner, 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from agentcg.controller.daemon.state import CallEntry
 from agentcg.controller.reaper import CallOwner, write_owner
 from agentcg.controller.sandbox import call_path, procs_files
 from agentcg.controller.toolcall import ToolCall, ToolCallManager
 from agentcg.errors import BpfError, InvalidInput
+from agentcg.records import ToolCallRecord
 
 
 class DaemonCalls(ToolCallManager):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._notes: dict[str, tuple[str, str]] = {}     # call id -> (policy action, message)
+
+    def note(self, call_id: str, action: str, message: str) -> None:
+        """What a policy did to a running call; it goes into the call's record."""
+        self._notes[call_id] = (action, message)
+
+    def _record(self, call: ToolCall) -> ToolCallRecord:
+        record = super()._record(call)
+        note = self._notes.pop(call.call_id, None)
+        if note is not None:
+            record.policy_action, record.message = note
+        return record
+
     def adopt(self, entry: CallEntry) -> ToolCall:
         path = call_path(entry.sandbox, entry.call_id)
         cgroup_id = self.tree.cgroup_id(path)

@@ -8,7 +8,7 @@ anything runs. Every field has a default, so `agentcg daemon` works with no file
     [metrics]   address ("host:port", "" disables), max_tool_labels
     [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
     [psi]       enabled, stall_s, window_s
-    [policy]    name ("none" or a policy of agentcg.policies.sandbox), tick_s, dry_run
+    [policy]    name ("none", "static", "agentcg"), tick_s, dry_run, host_budget (a size)
 
 An unknown section or key is an error (a typo must not silently fall back to a default).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
 from agentcg.errors import HostUnsupported, InvalidInput
-from agentcg.units import parse_duration
+from agentcg.units import parse_duration, parse_size
 
 MAX_MESSAGE_BYTES = 64 * 1024       # one request line; docs/daemon-protocol.md
 DEFAULT_SOCKET = "/run/agentcg/agentcg.sock"
@@ -80,9 +80,10 @@ class PsiSection:
 
 @dataclass(frozen=True)
 class PolicySection:
-    name: str = "none"
-    tick_s: float = 1.0
-    dry_run: bool = False
+    name: str = "none"                   # none | static | agentcg (agentcg.policies.sandbox)
+    tick_s: float = 0.5
+    dry_run: bool = False                # decide and count, write nothing
+    host_budget_bytes: int | None = None  # the budget all sandboxes share (None: only their own)
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,15 @@ def _psi(f: _Fields) -> PsiSection:
 
 
 def _policy(f: _Fields) -> PolicySection:
-    section = PolicySection(name=f.get("name", str, "none"), tick_s=f.number("tick_s", 1.0, 0.01, 60.0),
-                            dry_run=f.get("dry_run", bool, False))
+    from agentcg.policies.sandbox import POLICY_NAMES
+
+    name = f.get("name", str, "none")
+    if name not in POLICY_NAMES:
+        raise InvalidInput(f"{f.where}: name must be one of {', '.join(POLICY_NAMES)}, got {name!r}")
+    budget = f.get("host_budget", (str, int), None)
+    section = PolicySection(name=name, tick_s=f.number("tick_s", 0.5, 0.01, 60.0),
+                            dry_run=f.get("dry_run", bool, False),
+                            host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"))
     f.done()
     return section
 

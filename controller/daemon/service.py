@@ -79,6 +79,8 @@ class Daemon:
         self._stop = False
         self._next_tick = 0.0
         self._next_owner_check = 0.0
+        self._observed_at: float | None = None
+        self._policy: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
@@ -94,7 +96,6 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
-        self._check_policy(self._policy_name)
         self._protect_self()
         self.tree = open_tree(root=cfg.daemon.cgroup_root)
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,7 @@ class Daemon:
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self._epoll = select.epoll()
         self._adopt()
+        self._policy = self._make_policy(self._policy_name, self._dry_run)
         self._arm_trigger("")
         for name in self.state.sandboxes:
             self._arm_trigger(name)
@@ -315,6 +317,8 @@ class Daemon:
     def _call_finished(self, record: ToolCallRecord) -> None:
         entry = self.state.calls.pop(record.call_id, None)
         self.stats.observe_call(record)
+        if self._policy is not None:
+            self._policy.call_ended(record)
         if record.policy_action == "grace_kill":
             self.stats.observe_action("kill", "grace_expired")
         for conn, request_id in self._waiters.pop(record.call_id, []):
@@ -326,25 +330,39 @@ class Daemon:
             self.save()
 
     # ---- policy -------------------------------------------------------------------
-    def _check_policy(self, name: str) -> None:
-        if name != "none":
-            raise InvalidInput(f"policy {name!r} is not available in this daemon yet; use \"none\" "
-                               "(the sandbox policies run through `agentcg replay` for now)")
+    def _make_policy(self, name: str, dry_run: bool) -> Any:
+        if name == "none":
+            return None
+        from agentcg.controller.daemon.policy import PolicyRunner
+        return PolicyRunner(name, self, dry_run, self.config.policy.host_budget_bytes)
 
     def policy_info(self) -> dict[str, Any]:
+        from agentcg.policies.sandbox import POLICY_NAMES
         return {"name": self._policy_name, "dry_run": self._dry_run, "tick_s": self.config.policy.tick_s,
-                "available": ["none"]}
+                "host_budget_bytes": self.config.policy.host_budget_bytes, "available": list(POLICY_NAMES)}
 
     def set_policy(self, name: str, dry_run: bool | None) -> None:
-        self._check_policy(name)
-        self._policy_name = name
-        if dry_run is not None:
-            self._dry_run = dry_run
+        dry_run = self._dry_run if dry_run is None else dry_run
+        self._policy = self._make_policy(name, dry_run)
+        self._policy_name, self._dry_run = name, dry_run
+        log.info("policy %s%s", name, " (dry run)" if dry_run else "")
+
+    def _decide_now(self, observed_at: float) -> None:
+        """Something needs a decision (PSI, eBPF): tick at once, latency from `observed_at`."""
+        self._observed_at = observed_at if self._observed_at is None else min(self._observed_at, observed_at)
+        self._next_tick = min(self._next_tick, observed_at)
 
     def _tick(self, now: float) -> None:
         self.stats.ticks += 1
+        observed_at, self._observed_at = self._observed_at or now, None
         if "" not in self._triggers:
             self._arm_trigger("")
+        if self._policy is not None:
+            try:
+                self._policy.tick(observed_at)
+            except Exception:  # a policy bug must not take the daemon (and every sandbox's API) down
+                log.exception("policy %s failed this tick; the next tick tries again", self._policy_name)
+                self.stats.observe_action("error", "policy_failed")
 
     # ---- the loop -----------------------------------------------------------------
     def loop(self) -> None:
@@ -354,10 +372,17 @@ class Daemon:
             for fd, mask in self._epoll.poll(self._timeout(now)):
                 handler = self._handlers.get(fd)
                 if handler is not None:
-                    handler(fd, mask)
+                    self._guarded(handler, fd, mask)
                 if self._stop:
                     break
-            self._housekeeping(time.monotonic())
+            self._guarded(self._housekeeping, time.monotonic())
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one unit of loop work; a bug in it is logged, the loop goes on."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("internal error in %s; carrying on", getattr(fn, "__name__", fn))
 
     def _timeout(self, now: float) -> float:
         timeout = min(IDLE_POLL_S, max(0.0, self._next_tick - now))
@@ -395,8 +420,12 @@ class Daemon:
         except AgentcgError as exc:
             log.error("eBPF poll: %s", exc)
             return
+        now = time.monotonic()
         for event in events:
-            self.stats.bump(self.stats.bpf_events, type(event).__name__.removesuffix("Event").lower())
+            kind = type(event).__name__.removesuffix("Event").lower()
+            self.stats.bump(self.stats.bpf_events, kind)
+            if kind in ("rssthreshold", "oomvictim", "reclaimstall"):
+                self._decide_now(now)
 
     def _check_owners(self) -> None:
         for call in self.calls.running():
@@ -645,5 +674,5 @@ class Daemon:
             self._disarm_trigger(scope)
             return
         self.stats.bump(self.stats.psi_triggers, "root" if scope == "" else "sandbox")
-        self._next_tick = min(self._next_tick, time.monotonic())   # decide now, not at the next tick
+        self._decide_now(time.monotonic())
 

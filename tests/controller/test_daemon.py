@@ -105,7 +105,7 @@ def test_bad_requests_get_clear_errors():
             (("toolcall.end", {"call_id": "tc-1", "exit_code": 300}), "invalid_input", "0..255"),
             (("toolcall.begin", {"sandbox": "A", "tool": "x", "command": {"a": 1}}), "invalid_input", "command"),
             (("toolcall.attach", {"call_id": "tc-1"}), "invalid_input", "missing argument 'pid'"),
-            (("policy.set", {"name": "oomd"}), "invalid_input", "not available"),
+            (("policy.set", {"name": "oomd"}), "invalid_input", "unknown policy"),
         ]
         for (op, args), code, words in refusals:
             response = d.request(op, **args)
@@ -350,3 +350,32 @@ def test_sandbox_remove_kills_its_calls_and_forgets_it():
         assert proc.wait(10) == -9
         assert d.result("sandbox.list")["sandboxes"] == []
         assert [r["call_id"] for r in d.records()] == [begun["call_id"]]
+
+
+HOG = "import time; x = b'x' * (232 << 20); print('ready', flush=True); time.sleep(60)"
+
+
+def test_policy_tick_freezes_then_kills_a_call_near_the_sandbox_budget():
+    """Policy `agentcg` live: a call holding ~91% of its sandbox's budget is frozen (PSI/tick),
+    then killed when the pressure does not pass; the record carries the policy's message."""
+    with daemon_process(policy={"name": "agentcg", "tick_s": 0.1}) as d:
+        d.result("sandbox.create", name="A", memory_budget_bytes=256 << 20)
+        assert d.result("policy.get")["name"] == "agentcg"
+        begun = d.result("toolcall.begin", sandbox="A", tool="hog")
+        proc = _spawn_into(begun["cgroup_procs"], [sys.executable, "-c", HOG], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline() == b"ready\n"
+            assert proc.wait(30) == -9
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        record = d.result("toolcall.end", call_id=begun["call_id"], signal=9)["record"]
+        assert record["outcome"] == "policy_killed" and record["policy_action"] == "kill"
+        assert "A" in record["message"], record["message"]
+        metrics = d.metrics_text()
+        kinds = {line.split('kind="')[1].split('"')[0] for line in metrics.splitlines()
+                 if line.startswith("agentcg_actions_total{")}
+        assert {"freeze", "kill"} <= kinds, metrics
+        count = [line for line in metrics.splitlines() if line.startswith("agentcg_reaction_latency_seconds_count")]
+        assert float(count[0].split()[-1]) >= 2
