@@ -97,3 +97,25 @@ def test_metrics_parse_and_forget_removed_sandboxes_with_client_and_run_through_
         families = _families(text)
         assert 'sandbox="B"' not in text
         assert _labels(families["agentcg_sandbox_memory_bytes"], "sandbox") == {"A"}
+
+
+def test_grafana_dashboard_uses_only_exported_metrics():
+    import json
+    import re
+
+    from agentcg.controller.daemon.metrics import DaemonCollector, DaemonStats
+
+    class Stub:   # a daemon with no tree and no eBPF: the collector still names every family
+        stats, calls, tree, monitor = DaemonStats(), None, None, None
+
+        class state:
+            sandboxes: dict = {}
+
+    exported = {family.name for family in DaemonCollector(Stub()).collect()}
+    exported |= {"agentcg_bpf_ringbuf_drops", "agentcg_bpf_map_full", "agentcg_bpf_decode_errors",
+                 "agentcg_bpf_program_runs", "agentcg_bpf_program_run_seconds"}   # only with eBPF loaded
+    dashboard = json.loads((Path(__file__).parents[2] / "controller" / "data" / "grafana-dashboard.json").read_text())
+    used = {re.sub(r"_(bucket|total)$", "", name)
+            for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"agentcg_[a-z_]+", target["expr"])}
+    assert used and used <= exported, used - exported
