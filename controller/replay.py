@@ -415,7 +415,8 @@ class Replay:
             if len(self.applied) < MAX_APPLIED_KEPT:
                 self.applied.append(applied)
             if applied.degraded:
-                self.degraded.add(applied.detail.split(": ", 1)[-1] if applied.dry_run else applied.detail)
+                note = applied.detail
+                self.degraded.add(f"{action.kind}: {note[note.find('(') + 1:note.rfind(')')] if '(' in note else note}")
             if action.kind == ADMIT:
                 self._admitted.add(("admit", action.sandbox, action.call_id))
             call = calls.get((action.sandbox, action.call_id))

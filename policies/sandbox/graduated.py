@@ -277,6 +277,19 @@ class _Tick:
                                 f"after {self.now - since:.1f} s frozen"))
                 return
 
+    def kill(self, b: _Budget, sb: SandboxView, call: CallView, reason: str, state: str) -> None:
+        key = (sb.name, call.call_id)
+        self.killed.add(key)
+        self.frozen_since.pop(key, None)
+        self.throttled.pop(key, None)
+        message = kill_message(call_id=call.call_id, tool=call.tool, sandbox=sb.name,
+                               reason=reason[len(state) + 2:] if reason.startswith(state) else reason,
+                               limit_name=b.limit_name, limit_bytes=b.budget_bytes, usage_bytes=b.usage_bytes,
+                               call_usage_bytes=call.usage_bytes, call_peak_bytes=max(call.peak_bytes, call.usage_bytes))
+        self.add(Action(KILL, sb.name, call.call_id, call.usage_bytes,
+                        f"{reason}; kill {call.tool} call holding {format_bytes(call.usage_bytes)} "
+                        f"(priority {sb.priority})", message=message))
+
     def relax(self, b: _Budget, state: str) -> None:
         frozen = [(sb, call) for sb, call in b.calls if (sb.name, call.call_id) in self.frozen_since
                   and (sb.name, call.call_id) not in self.acted]

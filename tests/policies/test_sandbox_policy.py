@@ -1,0 +1,157 @@
+"""Sandbox policies decided table-driven from snapshots (pure: no cgroups, no clock)."""
+from __future__ import annotations
+
+import pytest
+
+from agentcg.errors import InvalidInput
+from agentcg.policies.sandbox import (
+    Action, CallView, Event, GraduatedConfig, PendingCall, SandboxView, Snapshot, estimate_need, make_policy,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+CONFIG = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                         step_s=0.1, lookahead_s=0.0)
+
+
+def snap(t, host_mib, calls_lo=(), calls_hi=(), budget=GiB, pending_lo=(), events=()):
+    """Host usage in MiB; calls are (call_id, usage MiB) tuples."""
+    def views(calls):
+        return tuple(CallView(cid, "Bash", mib * MiB, mib * MiB, 1.0) for cid, mib in calls)
+    return Snapshot(t, host_mib * MiB, budget, (
+        SandboxView("hi", "high", 200 * MiB, calls=views(calls_hi)),
+        SandboxView("lo", "low", host_mib * MiB - 200 * MiB, calls=views(calls_lo),
+                    pending=tuple(pending_lo)),
+    ), tuple(events))
+
+
+def run(steps, config=CONFIG):
+    """Feed snapshots in order; return the actions of every step (protects left out)."""
+    policy = make_policy("agentcg", config)
+    state = policy.initial_state()
+    out = []
+    for s in steps:
+        actions, state = policy.decide(s, state)
+        out.append([(a.kind, a.sandbox, a.call_id) for a in actions if a.kind != "protect"])
+    return out
+
+
+# Each case: a sequence of (time, host MiB, low calls, high calls) and the expected
+# actions per step. Budget 1 GiB: throttle at 819 MiB, freeze at 922, kill at 993, relax below 768.
+CASES = {
+    "calm: nothing": (
+        [(0, 500, [("c1", 100)], []), (0.2, 600, [("c1", 200)], [])],
+        [[], []]),
+    "burst is throttled then frozen, then thawed within grace: never killed": (
+        [(0, 700, [("c1", 300)], []),
+         (0.2, 840, [("c1", 440)], []),           # 82%, growing: throttle
+         (0.4, 930, [("c1", 530)], []),           # 91%, growing: freeze
+         (1.0, 930, [("c1", 530)], []),           # frozen, waiting
+         (1.5, 700, [("c1", 530)], []),           # pressure passed (68%): thaw
+         (1.7, 700, [("c1", 530)], [])],          # then relax the throttle
+        [[], [("throttle", "lo", "c1")], [("freeze", "lo", "c1")], [], [("thaw", "lo", "c1")],
+         [("relax", "lo", "c1")]]),
+    "frozen past the grace period under pressure: killed": (
+        [(0, 700, [("c1", 300)], []),
+         (0.2, 930, [("c1", 530)], []),           # freeze
+         (1.2, 930, [("c1", 530)], []),
+         (2.3, 930, [("c1", 530)], [])],          # 2.1 s frozen, still 91%: kill
+        [[], [("freeze", "lo", "c1")], [], [("kill", "lo", "c1")]]),
+    "a high-priority burst is not throttled: the low call that grows is": (
+        [(0, 700, [("l1", 50)], [("h1", 100)]),
+         (0.2, 850, [("l1", 60)], [("h1", 240)])],
+        [[], [("throttle", "lo", "l1")]]),
+    "breach ahead: low-priority calls are killed, largest first, the high one spared": (
+        [(0, 700, [("l1", 100), ("l2", 300)], [("h1", 100)]),
+         (0.2, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)])],  # 98%: free 78+ MiB
+        [[], [("kill", "lo", "l2")]]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_graduated_response(name):
+    steps, expected = CASES[name]
+    got = run([snap(t, host, lo, hi) for t, host, lo, hi in steps])
+    assert got == expected
+
+
+def test_every_action_has_a_reason_and_kills_carry_the_agents_message():
+    policy = make_policy("agentcg", CONFIG)
+    state = policy.initial_state()
+    _, state = policy.decide(snap(0, 700, [("c1", 300)]), state)
+    actions, _ = policy.decide(snap(0.2, 1000, [("c1", 600)]), state)
+    kill = next(a for a in actions if a.kind == "kill")
+    assert "breached" in kill.reason and "1 GiB" in kill.reason
+    assert "c1" in kill.message and "host memory budget of 1 GiB" in kill.message and "--mem-hint" in kill.message
+    assert all(a.reason for a in actions)
+
+
+def test_the_agent_is_never_a_victim():
+    """Usage over the budget with no tool call running: nothing can be taken, nothing is killed."""
+    got = run([snap(0, 700), snap(0.2, 1020)])
+    assert got == [[], []]
+    with pytest.raises(InvalidInput):
+        Action("kill", "sb", None, None, "no call id")
+
+
+def test_protect_high_and_low_priority_once():
+    policy = make_policy("agentcg", CONFIG)
+    actions, state = policy.decide(snap(0, 500), policy.initial_state())
+    protect = {a.sandbox: a for a in actions if a.kind == "protect"}
+    assert protect["hi"].value_bytes == GiB // 2 and protect["hi"].cpu_weight > protect["lo"].cpu_weight
+    assert protect["lo"].value_bytes == 0
+    again, _ = policy.decide(snap(0.1, 500), state)
+    assert not [a for a in again if a.kind == "protect"]
+
+
+def test_admission_by_hint_refined_by_observed_peaks():
+    policy = make_policy("agentcg", CONFIG)
+    state = policy.initial_state()
+    # 700 MiB used: a 100 MiB hint fits under 90%, a 300 MiB hint does not
+    actions, state = policy.decide(snap(0, 700, pending_lo=[PendingCall("p1", "Bash", 100 * MiB),
+                                                            PendingCall("p2", "Bash", 300 * MiB)]), state)
+    kinds = {a.call_id: (a.kind, a.value_bytes) for a in actions if a.call_id}
+    assert kinds["p1"] == ("admit", int(100 * MiB * 1.25))
+    assert kinds["p2"][0] == "defer"
+    # an earlier pytest call peaked at 400 MiB: an undeclared one now waits for room too
+    events = [Event(0.1, "call_exit", "lo", "c0", "pytest", 400 * MiB)]
+    actions, state = policy.decide(snap(0.2, 600, pending_lo=[PendingCall("p3", "pytest", None)], events=events),
+                                   state)
+    assert [(a.kind, a.value_bytes) for a in actions if a.call_id == "p3"] == [("defer", 400 * MiB)]
+    # waited past max_wait_s: it starts anyway, and says why
+    late = PendingCall("p3", "pytest", None, waited_s=CONFIG.max_wait_s)
+    actions, _ = policy.decide(snap(40, 600, pending_lo=[late]), state)
+    admit = next(a for a in actions if a.call_id == "p3")
+    assert admit.kind == "admit" and "waited" in admit.reason
+
+
+@pytest.mark.parametrize("hint, peaks, expected", [
+    (None, [], None), (100, [], 100), (None, [50, 80], 80), (100, [150], 150), (100, [40], 70),
+])
+def test_estimate_need(hint, peaks, expected):
+    assert estimate_need(hint, peaks) == expected
+
+
+def test_static_caps_each_sandbox_at_budget_over_n_once():
+    policy = make_policy("static")
+    actions, state = policy.decide(snap(0, 500), policy.initial_state())
+    assert sorted((a.kind, a.sandbox, a.value_bytes) for a in actions) == [("limit", "hi", GiB // 2),
+                                                                          ("limit", "lo", GiB // 2)]
+    assert policy.decide(snap(0.1, 1000, [("c1", 700)]), state)[0] == []
+
+
+def test_none_decides_nothing():
+    policy = make_policy("none")
+    assert policy.decide(snap(0, 1020, [("c1", 800)]), policy.initial_state())[0] == []
+
+
+@pytest.mark.parametrize("bad", [dict(throttle_at=0.95, freeze_at=0.9), dict(relax_below=0.0),
+                                 dict(grace_s=0), dict(throttle_steps=(1.0,))])
+def test_bad_config_is_refused(bad):
+    with pytest.raises(InvalidInput):
+        GraduatedConfig(**bad)
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(InvalidInput, match="agentcg, static, none"):
+        make_policy("fifo")
