@@ -35,9 +35,11 @@ def _default_source() -> str:
               help="First replay once unconstrained (policy none, no budget) and report completion against it.")
 @click.option("--dry-run", is_flag=True, help="Decide but write no policy action (the budget is still set).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--cgroup-root", default=None, metavar="NAME",
+              help="Top-level cgroup to create and remove (default agentcg-replay-<random>).")
 def replay(source: str | None, sessions: tuple[str, ...], policy: str, budget: str | None, speed: float, tick: str,
            grace: str, cpu_scale: float, mem_scale: float, hints: bool, compare: bool, dry_run: bool,
-           as_json: bool) -> None:
+           as_json: bool, cgroup_root: str | None) -> None:
     """Replay recorded sessions (an agentcg trace, or the AgentCgroup dataset directory;
     default: the shared agentcgroup-swe-local) with one sandbox per session and one real
     process per tool call. Needs root and a cgroup tree (see `agentcg doctor`)."""
@@ -51,10 +53,11 @@ def replay(source: str | None, sessions: tuple[str, ...], policy: str, budget: s
     trace = load_trace(source or _default_source(), [c.session_id for c in choices])
     plans = plan_sessions(trace, choices, speed=speed, cpu_scale=cpu_scale, mem_scale=mem_scale)
     reference = None
+    root = cgroup_root or f"agentcg-replay-{secrets.token_hex(4)}"
     with _terminate_cleanly():
         if compare:
-            reference = _run(plans, ReplayConfig(policy="none", tick_s=config.tick_s))
-        result = _run(plans, config)
+            reference = _run(plans, ReplayConfig(policy="none", tick_s=config.tick_s), root)
+        result = _run(plans, config, root)
     if as_json:
         data = result.to_dict()
         if reference is not None:
@@ -64,11 +67,14 @@ def replay(source: str | None, sessions: tuple[str, ...], policy: str, budget: s
         click.echo(render(result, reference))
 
 
-def _run(plans, config):
+def _run(plans, config, root: str):
     from agentcg.controller.cgroup import open_tree
     from agentcg.controller.replay import Replay
 
-    tree = open_tree(root=f"agentcg-replay-{secrets.token_hex(4)}")
+    tree = open_tree(root=root)
+    if tree.exists(""):
+        from agentcg.errors import CgroupExists
+        raise CgroupExists(f"cgroup root {root!r} already exists; name a new one with --cgroup-root")
     try:
         return Replay(tree, plans, config).run()
     finally:
