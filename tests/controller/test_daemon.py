@@ -355,15 +355,15 @@ HOG = "import time; x = b'x' * (232 << 20); print('ready', flush=True); time.sle
 
 
 def test_policy_tick_freezes_then_kills_a_call_near_the_sandbox_budget():
-    """Policy `agentcg` live: a call holding ~91% of its sandbox's budget is frozen (PSI/tick),
-    then killed when the pressure does not pass; the record carries the policy's message."""
+    """Policy `agentcg` live: a call growing to ~91% of its sandbox's budget is stopped by the
+    policy (frozen and then killed, or killed at once when its growth projects a breach);
+    the record carries the policy's message, the metrics the actions and their latency."""
     with daemon_process(policy={"name": "agentcg", "tick_s": 0.1}) as d:
         d.result("sandbox.create", name="A", memory_budget_bytes=256 << 20)
         assert d.result("policy.get")["name"] == "agentcg"
         begun = d.result("toolcall.begin", sandbox="A", tool="hog")
         proc = _spawn_into(begun["cgroup_procs"], [sys.executable, "-c", HOG], stdout=subprocess.PIPE)
         try:
-            assert proc.stdout.readline() == b"ready\n"
             assert proc.wait(30) == -9
         finally:
             proc.kill()
@@ -375,6 +375,7 @@ def test_policy_tick_freezes_then_kills_a_call_near_the_sandbox_budget():
         metrics = d.metrics_text()
         kinds = {line.split('kind="')[1].split('"')[0] for line in metrics.splitlines()
                  if line.startswith("agentcg_actions_total{")}
-        assert {"freeze", "kill"} <= kinds, metrics
+        from agentcg.policies.sandbox import ACTION_KINDS
+        assert "kill" in kinds and kinds <= set(ACTION_KINDS), metrics
         count = [line for line in metrics.splitlines() if line.startswith("agentcg_reaction_latency_seconds_count")]
-        assert float(count[0].split()[-1]) >= 2
+        assert float(count[0].split()[-1]) >= 1
