@@ -49,6 +49,10 @@
 #define ERR_INFLIGHT_FULL 4
 #define ERR_SLOTS 8
 
+/* acg_watch.flags. WATCH_STOP_AT_EXEC: stop (SIGSTOP) each process that execs in the cgroup
+ * until user space has moved it and sent SIGCONT, so no command escapes detection. */
+#define WATCH_STOP_AT_EXEC 1
+
 /* watched: cgroup id -> this; written by user space, `fired` also by the kernel */
 struct acg_watch {
     __u64 rss_threshold_bytes; /* 0: no threshold */

@@ -16,6 +16,7 @@ HIST_SLOTS = 32
 COMM_LEN = 16
 FILENAME_LEN = 256
 
+WATCH_STOP_AT_EXEC = 1   # acg_watch.flags
 EV_EXEC = 1
 EV_EXIT = 2
 EV_RSS_THRESHOLD = 3
@@ -131,6 +132,7 @@ class ExecEvent(BaseEvent):
     ppid: int           # tgid of the parent that forked it; 0 if it was forked unwatched
     comm: str
     filename: str
+    stopped: bool = False   # the kernel stopped it (watch(stop_at_exec=True)): send SIGCONT
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def decode_event(raw: Event) -> BaseEvent:
     common = dict(monotonic_s=raw.ktime_ns / 1e9, cgroup_id=raw.cgroup_id, pid=raw.pid)
     kind = raw.kind
     if kind == EV_EXEC:
-        return ExecEvent(**common, ppid=raw.ppid, comm=_text(raw.comm), filename=_text(raw.filename))
+        return ExecEvent(**common, ppid=raw.ppid, comm=_text(raw.comm), filename=_text(raw.filename),
+                         stopped=raw.aux == 1)
     if kind == EV_EXIT:
         return ExitEvent(**common, ppid=raw.ppid, comm=_text(raw.comm),
                          exit_code=None if raw.signal or raw.exit_code < 0 else raw.exit_code,

@@ -158,6 +158,7 @@ class BpfMonitor:
         self.concerns = tuple(c for c in ALL_CONCERNS if c in concerns)
         self._b: Any = None
         self._watched: set[int] = set()
+        self._flags: dict[int, int] = {}
         self._removed: collections.OrderedDict[int, CgroupCounters] = collections.OrderedDict()
         self._pending: list[ev.BaseEvent] = []
         self._events_received = 0
@@ -215,9 +216,13 @@ class BpfMonitor:
         return self._b
 
     # -- watching ----------------------------------------------------------------------
-    def watch(self, cgroup_id: int, rss_threshold_bytes: int | None = None) -> None:
+    def watch(self, cgroup_id: int, rss_threshold_bytes: int | None = None, *,
+              stop_at_exec: bool = False) -> None:
         """Start counting for `cgroup_id` (a v2 cgroup id, see `cgroup_id_of`). Watching a
-        watched cgroup again only changes its threshold."""
+        watched cgroup again only changes its threshold and flags.
+
+        stop_at_exec: the kernel stops (SIGSTOP) every process that execs in this cgroup and
+        marks its ExecEvent `stopped`; the reader of poll() MUST send it SIGCONT."""
         b = self._require_open()
         key = ct.c_uint64(_cgroup_id(cgroup_id))
         threshold = _threshold(rss_threshold_bytes)
@@ -228,14 +233,17 @@ class BpfMonitor:
             if "sched" in self.concerns:
                 b[b"runq_hist"][key] = ev.Hist()
             self._removed.pop(cgroup_id, None)
-        b[b"watched"][key] = ev.Watch(threshold, 0, 0)
+        flags = ev.WATCH_STOP_AT_EXEC if stop_at_exec else 0
+        b[b"watched"][key] = ev.Watch(threshold, flags, 0)
         self._watched.add(cgroup_id)
+        self._flags[cgroup_id] = flags
 
     def set_rss_threshold(self, cgroup_id: int, rss_threshold_bytes: int | None) -> None:
         """Set (or clear with None) the RSS threshold; also re-arms a threshold that fired."""
         b = self._require_open()
         self._require_watched(cgroup_id)
-        b[b"watched"][ct.c_uint64(cgroup_id)] = ev.Watch(_threshold(rss_threshold_bytes), 0, 0)
+        b[b"watched"][ct.c_uint64(cgroup_id)] = ev.Watch(_threshold(rss_threshold_bytes),
+                                                         self._flags.get(cgroup_id, 0), 0)
 
     def watch_pid(self, pid: int, cgroup_id: int) -> None:
         """Track a process (all its threads) that joined a watched cgroup after it started."""
@@ -328,6 +336,7 @@ class BpfMonitor:
         except KeyError:
             pass  # removed by the kernel (cgroup_rmdir) a moment ago
         self._watched.discard(cgroup_id)
+        self._flags.pop(cgroup_id, None)
         final = self._read(cgroup_id)
         self._purge(cgroup_id)
         return final
@@ -366,6 +375,7 @@ class BpfMonitor:
         for event in out:
             if isinstance(event, ev.CgroupRemovedEvent) and event.cgroup_id in self._watched:
                 self._watched.discard(event.cgroup_id)
+                self._flags.pop(event.cgroup_id, None)
                 self._removed[event.cgroup_id] = self._read(event.cgroup_id)
                 while len(self._removed) > REMOVED_KEPT:
                     self._removed.popitem(last=False)
@@ -405,6 +415,7 @@ class BpfMonitor:
             b, self._b = self._b, None
             b.cleanup()
         self._watched.clear()
+        self._flags.clear()
 
     def __enter__(self) -> "BpfMonitor":
         return self

@@ -2,6 +2,7 @@
 #include "agentcg.h"
 
 #define CLONE_THREAD 0x00010000
+#define SIGSTOP_NR 19
 /* signals whose default action neither terminates nor dumps core */
 #define NOT_FATAL_MASK ((1ULL << 17) | (1ULL << 18) | (1ULL << 19) | (1ULL << 20) | \
                         (1ULL << 21) | (1ULL << 22) | (1ULL << 23) | (1ULL << 28))
@@ -44,6 +45,11 @@ int acg_process__sched__sched_process_exec(struct tracepoint__sched__sched_proce
     if (!e)
         return 0;
     e->ppid = ppid;
+    /* Stopped only once its event is reserved: user space is then sure to see it and send
+     * SIGCONT. The stop takes effect before the new image runs a single instruction. */
+    struct acg_watch *w = watched.lookup(&cg);
+    if (w && (w->flags & WATCH_STOP_AT_EXEC) && bpf_send_signal(SIGSTOP_NR) == 0)
+        e->aux = 1;
     bpf_get_current_comm(e->comm, sizeof(e->comm));
     unsigned short off = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)args + off);

@@ -8,16 +8,19 @@ is a tool call when its program's basename matches the configured globs and eith
   the only command of `bash -c 'cmd'`) by exec-ing it in its own process, without a fork
   (bash 5.2 does this), so `bash -c 'ls; python3 x.py; sleep 1'` has two children and
   then becomes `sleep` itself.
-The process is moved into a fresh `<S>/tools/<call-id>` at once (a spare cgroup is kept
-ready, so the move is only writes of the pid), together with any children it forked
-before the move. A command that exits before user space sees its exec cannot be moved:
-it still gets a record (times and exit status from eBPF), with its resource fields None
-and `message` saying why.
+The kernel stops (SIGSTOP, from the exec tracepoint) every process that execs in the agent
+cgroup before its new image runs an instruction; user space moves it into a fresh
+`<S>/tools/<call-id>` (a spare cgroup is kept ready, so the move is only writes of the pid)
+and sends SIGCONT, so even a command that would exit within microseconds runs entirely in
+its own cgroup. Non-interactive waiters (a shell without job control, Python's wait) do not
+see the stop. If the move fails anyway (the process vanished), the call still gets a record
+(times and exit status from eBPF) with its resource fields None and `message` saying why.
 """
 from __future__ import annotations
 
 import fnmatch
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +113,7 @@ class ExecDetector:
 
     def prepare(self) -> None:
         """Watch the agent cgroup (before spawning the agent) and create the spare call cgroups."""
-        self.monitor.watch(self.agent_cgroup_id)
+        self.monitor.watch(self.agent_cgroup_id, stop_at_exec=True)
         self._refill()
 
     def _refill(self) -> None:
@@ -123,7 +126,10 @@ class ExecDetector:
 
         for event in self.monitor.poll(timeout_s):
             if isinstance(event, ExecEvent):
-                self._on_exec(event)
+                try:
+                    self._on_exec(event)
+                finally:
+                    _continue(event)
             elif isinstance(event, ExitEvent):
                 self._on_exit(event)
         self._refill()   # after the batch: making a cgroup must not delay the next move
@@ -166,7 +172,8 @@ class ExecDetector:
         self._spares.clear()
         if self.agent_cgroup_id in self.monitor.watched():
             self.monitor.forget(self.agent_cgroup_id)
-        self.monitor.poll(0)
+        for event in self.monitor.poll(0):   # execs stopped before the forget: let them run
+            _continue(event)
         return records
 
     # ---- events -------------------------------------------------------------------
@@ -247,6 +254,15 @@ class ExecDetector:
                 if self.on_record is not None:
                     self.on_record(record)
         return done
+
+
+def _continue(event) -> None:
+    """SIGCONT a process the kernel stopped at exec (see WATCH_STOP_AT_EXEC)."""
+    if getattr(event, "stopped", False):
+        try:
+            os.kill(event.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _alive(pid: int) -> bool:

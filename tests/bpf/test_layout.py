@@ -35,7 +35,8 @@ def test_constants_match_header():
     header = (BPF_DIR / "agentcg.h").read_text()
     for name in ("HIST_SLOTS", "COMM_LEN", "FILENAME_LEN", "EV_EXEC", "EV_EXIT", "EV_RSS_THRESHOLD",
                  "EV_OOM_VICTIM", "EV_RECLAIM_STALL", "EV_CGROUP_REMOVED", "ERR_RINGBUF_FULL",
-                 "ERR_TASKS_FULL", "ERR_MMS_FULL", "ERR_BLOCK_FULL", "ERR_INFLIGHT_FULL", "ERR_SLOTS"):
+                 "ERR_TASKS_FULL", "ERR_MMS_FULL", "ERR_BLOCK_FULL", "ERR_INFLIGHT_FULL", "ERR_SLOTS",
+                 "WATCH_STOP_AT_EXEC"):
         assert f"#define {name} {getattr(events, name)}\n" in header, name
 
 

@@ -250,3 +250,39 @@ def test_stats_report_no_losses(monitor):
     assert stats.ringbuf_full == 0 and stats.decode_errors == 0
     assert set(stats.map_full.values()) == {0}
     assert {p.tracepoint for p in stats.programs} >= {"kmem:rss_stat", "sched:sched_switch", "oom:mark_victim"}
+
+
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+def test_stop_at_exec_holds_the_process_until_sigcont(monitor, make_cgroup, tmp_path):
+    """With stop_at_exec the kernel stops the exec'ing process before its first instruction:
+    it has not written its marker file while stopped, and runs to completion after SIGCONT."""
+    import signal as signals
+
+    cg = make_cgroup()
+    monitor.watch(cg.id, stop_at_exec=True)
+    marker = tmp_path / "ran"
+    try:
+        proc = cg.popen(["/usr/bin/touch", str(marker)])
+        events = drain(monitor, lambda e: isinstance(e, ExecEvent) and e.pid == proc.pid)
+        exec_event = [e for e in events if isinstance(e, ExecEvent) and e.pid == proc.pid][0]
+        assert exec_event.stopped
+        deadline = time.monotonic() + 5
+        while _state(proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _state(proc.pid) == "T"
+        time.sleep(0.1)
+        assert not marker.exists()  # stopped before touch ran
+        os.kill(proc.pid, signals.SIGCONT)
+        assert proc.wait(timeout=10) == 0
+        assert marker.exists()
+        # without the flag nothing is stopped
+        monitor.watch(cg.id, stop_at_exec=False)
+        plain = cg.popen(["/bin/true"])
+        assert plain.wait(timeout=10) == 0
+        events = drain(monitor, lambda e: isinstance(e, ExecEvent) and e.pid == plain.pid)
+        assert not [e for e in events if isinstance(e, ExecEvent) and e.pid == plain.pid][0].stopped
+    finally:
+        monitor.forget(cg.id)
