@@ -67,6 +67,8 @@ class ToolCall:
     grace_s: float = DEFAULT_GRACE_S
     measured: bool = True        # False: its process never ran inside the cgroup (exited first)
     extra: dict[str, float] = field(default_factory=dict)   # copied into the record's `extra`
+    policy_action: str | None = None   # what a policy last did to the call (see note())
+    policy_message: str | None = None  # what the agent is told about it
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
         """Start argv in the call's cgroup (it joins before exec: it never runs outside)."""
@@ -153,6 +155,25 @@ class ToolCallManager:
             self._calls[call_id] = call
         return call
 
+    def adopt(self, call: ToolCall) -> None:
+        """Take over a running call that another manager (an earlier daemon) began: own its
+        owner file, so other agentcg processes' reap_orphans() leave it alone, and watch it in
+        eBPF again (fresh programs count from zero: its eBPF fields cover the time since)."""
+        write_owner(CallOwner(call.call_id, call.sandbox, self.tree.root, os.getpid(), self._owner_ticks,
+                              call.start_wall_s, call.created_sandbox), self.state)
+        if self.monitor is not None:
+            try:
+                self.monitor.watch(call.cgroup_id)
+            except AgentcgError:
+                pass  # over MAX_CGROUPS: the call is tracked, its eBPF fields stay None
+        with self._lock:
+            self._calls[call.call_id] = call
+
+    def note(self, call_id: str, action: str, message: str) -> None:
+        """Record what a policy did to a running call; it goes into the call's record."""
+        call = self.get(call_id)
+        call.policy_action, call.policy_message = action, message
+
     def get(self, call_id: str) -> ToolCall:
         with self._lock:
             call = self._calls.get(call_id)
@@ -234,7 +255,9 @@ class ToolCallManager:
                 killed_after_grace = True
                 _wait_empty(self.tree, call.path, 5.0)
             record = self._record(call)
-            if killed_after_grace:
+            if call.policy_action is not None:
+                record.policy_action, record.message = call.policy_action, call.policy_message
+            elif killed_after_grace:
                 record.policy_action = "grace_kill"
                 record.message = f"background processes still ran {call.grace_s:g} s after the call returned; killed"
         finally:

@@ -216,7 +216,7 @@ class Daemon:
 
     def _adopt_call(self, entry: CallEntry) -> None:
         try:
-            call = self.calls.adopt(entry)
+            call = self.calls.adopt_entry(entry)
         except CgroupGone:
             self._record_lost(entry)
             return

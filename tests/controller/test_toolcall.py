@@ -16,7 +16,7 @@ import pytest
 from agentcg.controller.reaper import calls_dir, reap_orphans
 from agentcg.controller.sandbox import agent_path, call_path, tools_path
 from agentcg.controller.toolcall import ToolCallManager, status_of
-from agentcg.errors import InvalidInput
+from agentcg.errors import CgroupGone, InvalidInput
 from agentcg.records import ToolCallRecord
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
@@ -111,6 +111,20 @@ def test_background_child_is_killed_after_grace(mgr, cgroup_tree):
     assert time.monotonic() - start >= 0.3
     assert record.exit_code == 0 and record.policy_action == "grace_kill" and "killed" in record.message
     assert not Path(f"/proc/{bg_pid}").exists() or "Z" in Path(f"/proc/{bg_pid}/stat").read_text().split(") ")[1][:1]
+
+
+def test_policy_note_survives_the_grace_kill(mgr, cgroup_tree):
+    """A policy's action and message, noted while the call runs, are what the record says,
+    even when leftovers are then killed after the grace period."""
+    call = mgr.begin("sb1", "bg", "bash -c 'sleep 60 &'", grace_s=0.1)
+    proc = call.spawn(["bash", "-c", "sleep 60 >/dev/null &"])
+    proc.wait(timeout=10)
+    mgr.note(call.call_id, "kill", "killed: the sandbox's 256 MiB budget would have been breached")
+    record = mgr.end(call, *status_of(proc.returncode))
+    assert record.policy_action == "kill" and "256 MiB budget" in record.message
+    assert record.outcome == "policy_killed"
+    with pytest.raises(CgroupGone):
+        mgr.note(call.call_id, "kill", "too late")
 
 
 def test_background_child_that_finishes_within_grace_is_waited_for(mgr):
