@@ -296,6 +296,10 @@ class Engine:
         need = blocks_for(tokens, self.T) - (len(self.paged.slots(r.rid)) if r.allocated else 0)
         if need <= 0:
             return True
+        capacity = self.store.usage().device.capacity_blocks
+        if blocks_for(tokens, self.T) > capacity:
+            raise KVTierFull(f"engine: request {r.rid!r} has a {tokens}-token context, {blocks_for(tokens, self.T)} "
+                             f"blocks, more than the {capacity} device blocks; raise device_blocks")
         for _ in range(MAX_PRESSURE_ROUNDS):
             if self._evict(need, keep=r):
                 self.store.allocate(r.rid, need)
@@ -488,6 +492,12 @@ class Engine:
                 r.loading = None
             if r.kv_tokens == 0 and r.allocated:
                 self._drop(r)              # blocks without valid KV (preempted before its first step)
+            first = min(len(r.tokens) - r.kv_tokens, self.limits.max_batched_tokens)
+            need = blocks_for(r.kv_tokens + first, self.T) - (len(self.paged.slots(r.rid)) if r.allocated else 0)
+            if need > 0 and not self._evict(need, keep=r):
+                self._ask(Trigger.PRESSURE, r, need_tokens=(need - self._free_blocks()) * self.T)
+                if not self._evict(need, keep=r) and self.running:
+                    break                  # vLLM: the first request that does not fit stops admission
             self.waiting.remove(r)
             r.state, r.admitted_s = RUNNING, self.now()
             r.pinned, r.evictable_since, r.ttl_deadline = False, None, None
