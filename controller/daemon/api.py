@@ -101,6 +101,7 @@ class Api:
             "sandbox.update": self.sandbox_update, "sandbox.list": self.sandbox_list, "sandbox.get": self.sandbox_get,
             "toolcall.begin": self.toolcall_begin, "toolcall.attach": self.toolcall_attach,
             "toolcall.end": self.toolcall_end, "policy.get": self.policy_get, "policy.set": self.policy_set,
+            "engine.attach": self.engine_attach,
         }
 
     # ---- who may call what ---------------------------------------------------------
@@ -145,6 +146,7 @@ class Api:
                 "adoption": d.adoption.summary() if d.adoption else None,
                 "sandboxes": [self.sandbox_object(e) for e in d.state.sandboxes.values()],
                 "running_calls": [self.call_object(c) for c in d.calls.running()],
+                "engines": d.engines.summaries(),
                 "counters": {"tool_calls_ended": sum(d.stats.calls.values()),
                              "actions": sum(d.stats.actions.values()),
                              "requests": sum(d.stats.requests.values())}}
@@ -262,6 +264,7 @@ class Api:
             mem_hint_bytes=mem_hint, grace_s=call.grace_s, created_sandbox=call.created_sandbox,
             owner_pid=peer.pid, owner_start_ticks=process_start_ticks(peer.pid) or 0, owner_uid=peer.uid)
         d.save()
+        d.engine_tool_began(call)
         return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
                 "cgroup_id": call.cgroup_id, "limits": limits}
 
@@ -304,6 +307,28 @@ class Api:
         self.d.set_policy(name, dry_run)
         return self.d.policy_info()
 
+    def engine_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
+        """This connection becomes an engine link: after this answer it carries engine
+        protocol lines (agentcg.engine_protocol) both ways, first a `register` from the engine."""
+        Args(req).done()
+        self._may_attach_engine(conn.peer)
+        from agentcg.engine_protocol import MAX_LINE_BYTES, PROTOCOL_VERSION
+        link = self.d.attach_engine(conn)
+        return {"link_id": link.link_id, "engine_protocol": PROTOCOL_VERSION, "kv_policy": link.policy_name,
+                "max_line_bytes": MAX_LINE_BYTES}
+
+    def _may_attach_engine(self, peer: PeerCred) -> None:
+        cfg = self.d.config.engine
+        if peer.is_root or peer.uid in cfg.uids:
+            return
+        if cfg.group is not None:
+            from agentcg.controller.daemon.config import resolve_group
+            gid = resolve_group(cfg.group)
+            if peer.gid == gid or gid in _supplementary_groups(peer.pid):
+                return
+        raise ApiError("forbidden", f"engine.attach: uid {peer.uid} may not attach an engine; run the engine as root, "
+                                    "or list its uid ([engine] uids) or group ([engine] group) in the daemon's config")
+
     # ---- helpers ------------------------------------------------------------------
     def _check_pid(self, peer: PeerCred, pid: int, sandbox: str) -> None:
         """A non-root peer may move only its own processes that live in its sandbox."""
@@ -334,6 +359,16 @@ class Api:
                 "start_wall_s": call.start_wall_s, "age_s": time.monotonic() - call.start_monotonic_s,
                 "returned": call.has_returned, "cgroup_id": call.cgroup_id,
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:

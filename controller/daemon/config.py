@@ -9,6 +9,7 @@ anything runs. Every field has a default, so `agentcg daemon` works with no file
     [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
     [psi]       enabled, stall_s, window_s
     [policy]    name ("none", "static", "agentcg"), tick_s, dry_run, host_budget (a size)
+    [engine]    kv_policy, uids, group, max_links, max_requests, host_reserve, kv_floor
 
 An unknown section or key is an error (a typo must not silently fall back to a default).
 """
@@ -87,6 +88,17 @@ class PolicySection:
 
 
 @dataclass(frozen=True)
+class EngineSection:
+    kv_policy: str = "agentcg"           # agentcg.policies.kv name, or "package.module:factory"
+    uids: tuple[int, ...] = ()           # besides root, these uids may attach an engine
+    group: str | None = None             # ... and members of this group (name or gid)
+    max_links: int = 8
+    max_requests: int = 4096             # live requests per engine link
+    host_reserve_bytes: int = 0          # of [policy] host_budget, never for sandboxes or KV
+    kv_floor_bytes: int = 0              # the host KV pool never shrinks below this
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
@@ -95,6 +107,7 @@ class DaemonConfig:
     ebpf: EbpfSection = field(default_factory=EbpfSection)
     psi: PsiSection = field(default_factory=PsiSection)
     policy: PolicySection = field(default_factory=PolicySection)
+    engine: EngineSection = field(default_factory=EngineSection)
 
     @property
     def records_path(self) -> Path:
@@ -292,8 +305,31 @@ def _policy(f: _Fields) -> PolicySection:
     return section
 
 
+def _engine(f: _Fields) -> EngineSection:
+    from agentcg.controller.daemon.engine import check_policy_name
+
+    uids = f.get("uids", list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 for u in uids) or len(uids) > 64:
+        raise InvalidInput(f"{f.where}: uids must be a list of at most 64 user ids (integers), got {uids!r}")
+    group = f.get("group", (str, int), None)
+    if group is not None:
+        try:
+            resolve_group(group, f.where)
+        except InvalidInput:
+            raise InvalidInput(f"{f.where}: group {group!r} does not exist; create it or give a numeric gid") from None
+    reserve, floor = f.get("host_reserve", (str, int), 0), f.get("kv_floor", (str, int), 0)
+    section = EngineSection(
+        kv_policy=check_policy_name(f.get("kv_policy", str, "agentcg"), f"{f.where}: kv_policy"),
+        uids=tuple(uids), group=None if group is None else str(group),
+        max_links=f.integer("max_links", 8, 1, 64), max_requests=f.integer("max_requests", 4096, 1, 65536),
+        host_reserve_bytes=parse_size(reserve, what=f"{f.where}: host_reserve") if reserve else 0,
+        kv_floor_bytes=parse_size(floor, what=f"{f.where}: kv_floor") if floor else 0)
+    f.done()
+    return section
+
+
 _SECTION_PARSERS = {"daemon": _daemon, "limits": _limits, "protocol": _protocol, "metrics": _metrics,
-                    "ebpf": _ebpf, "psi": _psi, "policy": _policy}
+                    "ebpf": _ebpf, "psi": _psi, "policy": _policy, "engine": _engine}
 
 
 def parse_address(text: str, where: str = "metrics") -> tuple[str, int]:

@@ -160,6 +160,74 @@ class DaemonCollector(Collector):
         ticks.add_metric([], stats.ticks)
         yield ticks
         yield from self._bpf()
+        yield from self._engines()
+
+    def _engines(self) -> Iterator[Any]:
+        hub = getattr(self.daemon, "engines", None)
+        if hub is None:
+            return
+        c = hub.counters
+        links = GaugeMetricFamily("agentcg_engine_links", "Inference engines attached now.")
+        links.add_metric([], len(hub.links))
+        yield links
+        attached = CounterMetricFamily("agentcg_engine_links_attached", "Engine links ever attached.")
+        attached.add_metric([], c.links_attached)
+        yield attached
+        requests = GaugeMetricFamily("agentcg_engine_requests", "Engine requests known now, by state.",
+                                     labels=["state"])
+        kv = GaugeMetricFamily("agentcg_engine_kv_bytes", "KV bytes the engines reported, by tier.", labels=["tier"])
+        states = {"running": 0, "waiting": 0, "paused": 0}
+        tiers = {"gpu": 0, "host": 0, "ssd": 0}
+        for link in hub.links.values():
+            bpt = link.registration.geometry.bytes_per_token if link.registration else 0
+            for r in link.requests.values():
+                states[r.state.value] = states.get(r.state.value, 0) + 1
+                tiers["gpu"] += r.gpu_tokens * bpt
+                tiers["host"] += r.host_tokens * bpt
+                tiers["ssd"] += r.ssd_tokens * bpt
+        for state, n in sorted(states.items()):
+            requests.add_metric([state], n)
+        for tier, n in sorted(tiers.items()):
+            kv.add_metric([tier], n)
+        yield requests
+        yield kv
+        events = CounterMetricFamily("agentcg_engine_events", "Request events, by kind and source "
+                                     "(engine: reported; daemon: inferred from tool calls).", labels=["kind", "source"])
+        for (kind, source), n in sorted(c.events.items()):
+            events.add_metric([kind, source], n)
+        yield events
+        decisions = CounterMetricFamily("agentcg_engine_policy_decisions", "KV policy decisions, by trigger.",
+                                        labels=["trigger"])
+        for trigger, n in sorted(c.decisions.items()):
+            decisions.add_metric([trigger], n)
+        yield decisions
+        sent = CounterMetricFamily("agentcg_engine_directives", "Directives sent to engines, by action.",
+                                   labels=["action"])
+        for action, n in sorted(c.directives.items()):
+            sent.add_metric([action], n)
+        yield sent
+        results = CounterMetricFamily("agentcg_engine_directive_results", "Directive results the engines reported, "
+                                      "by action and result (ok, refused).", labels=["action", "result"])
+        for (action, result), n in sorted(c.results.items()):
+            results.add_metric([action, result], n)
+        yield results
+        failures = CounterMetricFamily("agentcg_engine_policy_failures", "KV policy calls that raised, by policy.",
+                                       labels=["policy"])
+        for policy, n in sorted(c.policy_failures.items()):
+            failures.add_metric([policy], n)
+        yield failures
+        fallbacks = CounterMetricFamily("agentcg_engine_policy_fallbacks", "Decisions made by vllm-v1 because the "
+                                        "KV policy failed, by policy.", labels=["policy"])
+        for policy, n in sorted(c.fallbacks.items()):
+            fallbacks.add_metric([policy], n)
+        yield fallbacks
+        errors = CounterMetricFamily("agentcg_engine_protocol_errors", "Malformed engine lines (each closed its link).")
+        errors.add_metric([], c.protocol_errors)
+        yield errors
+        unknown = CounterMetricFamily("agentcg_engine_unknown_usage", "KV usage reports for requests the daemon "
+                                      "does not know (ignored).")
+        unknown.add_metric([], c.unknown_usage)
+        yield unknown
 
     def _sandboxes(self) -> Iterator[Any]:
         d = self.daemon

@@ -10,6 +10,7 @@ running calls in place for the next daemon to adopt.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import signal
@@ -23,6 +24,7 @@ from agentcg.controller.daemon import bpfstats
 from agentcg.controller.daemon.api import DEFERRED, Api
 from agentcg.controller.daemon.calls import DaemonCalls
 from agentcg.controller.daemon.config import DaemonConfig, parse_address, resolve_group
+from agentcg.controller.daemon.engine import EngineHub, EngineLink, make_kv_policy, read_records_tail
 from agentcg.controller.daemon.metrics import (
     HTTP_TIMEOUT_S, DaemonStats, HttpConnection, http_response, make_registry,
 )
@@ -36,7 +38,10 @@ from agentcg.controller.psi import PressureTrigger
 from agentcg.controller.reaper import process_start_ticks, reap_orphans
 from agentcg.controller.sandbox import PRIORITY_CPU_WEIGHT, ensure_sandbox, remove_sandbox, sandbox_lock
 from agentcg.controller.toolcall import ToolCall
-from agentcg.errors import AgentcgError, BpfError, CgroupGone, InvalidInput
+from agentcg.engine_protocol import Directive, decode as decode_engine_line, encode as encode_engine_line
+from agentcg.errors import AgentcgError, BpfError, CgroupGone, InvalidInput, ProtocolError
+from agentcg.policies.kv import POLICY_NAMES as KV_POLICY_NAMES
+from agentcg.policies.kv.predictor import ToolSignal
 from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon")
@@ -81,6 +86,9 @@ class Daemon:
         self._next_owner_check = 0.0
         self._observed_at: float | None = None
         self._policy: Any = None
+        e = config.engine
+        self.engines = EngineHub(e.kv_policy, e.max_links, e.max_requests, e.host_reserve_bytes, e.kv_floor_bytes,
+                                 calls_of=self._calls_of)
 
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
@@ -105,6 +113,8 @@ class Daemon:
         self._epoll = select.epoll()
         self._adopt()
         self._policy = self._make_policy(self._policy_name, self._dry_run)
+        if cfg.engine.kv_policy not in KV_POLICY_NAMES:
+            make_kv_policy(cfg.engine.kv_policy)     # a custom policy that cannot load fails the start
         self._arm_trigger("")
         for name in self.state.sandboxes:
             self._arm_trigger(name)
@@ -289,6 +299,7 @@ class Daemon:
                  waiter: tuple[Connection, int | None] | None) -> None:
         """The call returned: answer `waiter` with the record once the call is finished."""
         self.calls.returned(call, exit_code, signal_number)
+        self._engine_call_ended(call.call_id)
         entry = self.state.calls.get(call.call_id)
         if entry is not None and entry.returned_monotonic_s is None:
             entry.returned_monotonic_s, entry.returned_wall_s = call.returned_monotonic_s, call.returned_wall_s
@@ -317,6 +328,8 @@ class Daemon:
     def _call_finished(self, record: ToolCallRecord) -> None:
         entry = self.state.calls.pop(record.call_id, None)
         self.stats.observe_call(record)
+        self._engine_call_ended(record.call_id)
+        self._guarded(self.engines.learn, record)
         if self._policy is not None:
             self._policy.call_ended(record)
         if record.policy_action == "grace_kill":
@@ -357,12 +370,23 @@ class Daemon:
         observed_at, self._observed_at = self._observed_at or now, None
         if "" not in self._triggers:
             self._arm_trigger("")
+        budget = self.config.policy.host_budget_bytes
+        sandbox_bytes = self._sandbox_bytes() if self.engines.links and budget is not None else 0
         if self._policy is not None:
             try:
-                self._policy.tick(observed_at)
+                if budget is not None:   # the sandboxes get what the host KV pools cannot give back
+                    self._policy.host_budget_bytes = self.engines.sandbox_budget_bytes(budget, sandbox_bytes)
+                applied = self._policy.tick(observed_at)
             except Exception:  # a policy bug must not take the daemon (and every sandbox's API) down
                 log.exception("policy %s failed this tick; the next tick tries again", self._policy_name)
                 self.stats.observe_action("error", "policy_failed")
+                applied = []
+            now = time.monotonic()
+            for item in applied:
+                if item.ok and not item.dry_run and item.action.call_id is not None:
+                    self._send_directives(self.engines.tool_signal(item.action.call_id, item.action.kind, now))
+        if self.engines.links:
+            self._send_directives(self.engines.host_pressure(time.monotonic(), budget, sandbox_bytes))
 
     # ---- the loop -----------------------------------------------------------------
     def loop(self) -> None:
@@ -390,6 +414,9 @@ class Daemon:
             timeout = min(timeout, BPF_POLL_S)
         if any(c.has_returned for c in self.calls.running()):
             timeout = min(timeout, FINISH_POLL_S)
+        wake = self.engines.next_wake_s()
+        if wake is not None:
+            timeout = min(timeout, max(0.0, wake - now))
         return timeout
 
     def _housekeeping(self, now: float) -> None:
@@ -400,9 +427,14 @@ class Daemon:
             self._check_owners()
         if any(c.has_returned for c in self.calls.running()):
             self.finish_due()
+        wake = self.engines.next_wake_s()
+        if wake is not None and now >= wake:
+            self._send_directives(self.engines.wake(now))
         line_timeout, idle_timeout = self.config.protocol.line_timeout_s, self.config.protocol.idle_timeout_s
         for conn in list(self._conns.values()):
-            why = conn.expired(now, line_timeout, idle_timeout)
+            # an engine link may be quiet for long: only a started line has a deadline
+            idle = math.inf if self.engines.get(conn.fileno()) is not None else idle_timeout
+            why = conn.expired(now, line_timeout, idle)
             if why is not None:
                 if conn.line_started is not None:
                     conn.send(encode_error(None, "timeout", f"{why}; the connection is closed"))
@@ -523,6 +555,10 @@ class Daemon:
                 break
             if line is None:
                 break
+            link = self.engines.get(conn.fileno())
+            if link is not None:
+                self._engine_line(conn, link, line)
+                continue
             response = self._handle(conn, line)
             if response is not None:
                 conn.send(response)
@@ -579,9 +615,71 @@ class Daemon:
         if fd >= 0 and self._conns.get(fd) is conn:
             del self._conns[fd]
             self._unregister(fd)
+            link = self.engines.detach(fd)
+            if link is not None:
+                log.info("engine link %d (%s) closed; its %d requests are forgotten", link.link_id,
+                         link.registration.engine_id if link.registration else "unregistered", len(link.requests))
         for waiters in self._waiters.values():
             waiters[:] = [w for w in waiters if w[0] is not conn]
         conn.close()
+
+    # ---- engine links (docs/daemon-protocol.md, "Engine links") ---------------------
+    def attach_engine(self, conn: Connection) -> EngineLink:
+        """`engine.attach`: from now on `conn` speaks the engine protocol."""
+        if len(self.engines.links) >= self.config.engine.max_links:
+            raise ApiError("busy", f"{self.config.engine.max_links} engines are attached ([engine] max_links)")
+        link = self.engines.attach(conn.fileno(), history=lambda: read_records_tail(self.config.records_path))
+        log.info("engine link %d attached (pid %d, uid %d), KV policy %s", link.link_id, conn.peer.pid,
+                 conn.peer.uid, link.policy_name)
+        return link
+
+    def _engine_line(self, conn: Connection, link: EngineLink, line: bytes) -> None:
+        try:
+            directives = link.on_message(decode_engine_line(line), time.monotonic())
+        except ProtocolError as exc:
+            self.engines.counters.protocol_errors += 1
+            conn.send(encode_error(None, "invalid_input", f"engine protocol: {exc}; the connection is closed"))
+            conn.closing = True
+            return
+        self._send_directives([(link, directives)], update=False)
+
+    def _send_directives(self, batches: list[tuple[EngineLink, list[Directive]]], update: bool = True) -> None:
+        """Write directives to their engines (asynchronously: the loop flushes the rest)."""
+        for link, directives in batches:
+            conn = self._conns.get(link.fd)
+            if conn is None or self.engines.get(link.fd) is not link:
+                continue
+            for directive in directives:
+                try:
+                    conn.send(encode_engine_line(directive))
+                except ProtocolError as exc:      # a policy's directive too large to encode
+                    log.error("engine link %d: %s", link.link_id, exc)
+            if update:
+                self._update_interest(conn)
+
+    def engine_tool_began(self, call: ToolCall) -> None:
+        if self.engines.links:   # a bug here must not fail the tool call: guarded
+            self._guarded(lambda: self._send_directives(self.engines.tool_call_began(
+                call.sandbox, call.tool, call.command, call.call_id, time.monotonic())))
+
+    def _engine_call_ended(self, call_id: str) -> None:
+        if self.engines.links:
+            self._guarded(lambda: self._send_directives(self.engines.tool_call_ended(call_id, time.monotonic())))
+
+    def _calls_of(self, sandbox: str) -> list[tuple[str, ToolSignal | None]]:
+        """The running tool calls of `sandbox`, oldest first, with what a policy did to them."""
+        frozen = getattr(self._policy, "frozen", set())
+        throttled = getattr(self._policy, "throttle", {})
+        calls = sorted((c for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned),
+                       key=lambda c: c.start_monotonic_s)
+        return [(c.call_id, ToolSignal.FROZEN if c.call_id in frozen else
+                 ToolSignal.THROTTLED if c.call_id in throttled else None) for c in calls]
+
+    def _sandbox_bytes(self) -> int:
+        try:
+            return self.tree.memory_current("")
+        except AgentcgError:
+            return 0
 
     # ---- /metrics -----------------------------------------------------------------
     def _listen_metrics(self, address: str) -> None:

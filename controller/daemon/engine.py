@@ -1,0 +1,481 @@
+"""Inference engines attached to the daemon: the engine protocol's daemon side.
+
+A client connection becomes an engine link with `engine.attach` (docs/daemon-protocol.md,
+"Engine links"); from then on it carries engine-protocol JSON lines both ways
+(agentcg.engine_protocol). Each `EngineLink` keeps the engine's registration, its requests
+(engine_state.py), a KV policy instance (agentcg.policies.kv) and counters, and answers
+every message or daemon hook with the `Directive`s to send. The daemon's loop does the
+I/O; nothing here touches a socket.
+
+The daemon's hooks: a tool call beginning in sandbox S pauses S's running and waiting
+requests (PAUSE), its end resumes them (the agentcg policy prefetches on the EXITED
+signal), a sandbox policy's freeze or throttle becomes a tool signal, finished tool-call
+records teach the policy's duration predictor, and the tick shrinks the host KV pool
+when the sandboxes take the shared host memory budget (HOST_PRESSURE).
+
+A KV policy that raises is counted, and vllm-v1 decides instead (the engine's default).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from agentcg.controller.daemon import engine_state as es
+from agentcg.engine_protocol import (
+    Action, Directive, DirectiveResult, EventKind, KvUsage, Message, Register, RequestEvent,
+)
+from agentcg.errors import InvalidInput, ProtocolError
+from agentcg.policies.kv import POLICY_NAMES
+from agentcg.policies.kv.agentcg import HostMemoryBudget
+from agentcg.policies.kv.predictor import ToolSignal, tool_key
+from agentcg.policies.kv.types import Decision, State, Trigger
+from agentcg.policies.kv.vllm_v1 import VllmV1Policy
+from agentcg.records import ToolCallRecord
+
+log = logging.getLogger("agentcg.daemon.engine")
+
+MAX_DIRECTIVES_PER_DECISION = 1024
+MAX_LINKED_CALLS = 4096              # tool calls remembered per link as "paused a request"
+MIN_WAKE_S = 0.01                    # a policy's wake-up is never sooner than this after now
+RECORDS_TAIL_BYTES = 1 << 20         # tool-call records read at attach to seed the predictor
+CUSTOM = "custom"                    # the metrics label of a "module:attr" policy
+SIGNAL_OF_ACTION = {"freeze": ToolSignal.FROZEN, "thaw": ToolSignal.THAWED,
+                    "throttle": ToolSignal.THROTTLED, "relax": ToolSignal.THAWED}
+
+
+def check_policy_name(name: str, where: str = "kv_policy") -> str:
+    """A KV policy name (agentcg.policies.kv) or "package.module:factory"."""
+    if name in POLICY_NAMES:
+        return name
+    module, sep, attr = name.partition(":")
+    if sep and module and attr.isidentifier() and all(p.isidentifier() for p in module.split(".")):
+        return name
+    raise InvalidInput(f"{where}: {name!r} is neither one of {', '.join(POLICY_NAMES)} nor "
+                       "\"package.module:factory\"")
+
+
+def make_kv_policy(name: str) -> Any:
+    """A fresh policy. "module:factory" imports `factory` (a class or function taking no
+    arguments) for experiments; the config that names it is root's."""
+    from agentcg.policies.kv import make_policy
+
+    if name in POLICY_NAMES:
+        return make_policy(name)
+    module_name, _, attr = check_policy_name(name).partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInput(f"kv_policy {name!r}: cannot load it ({exc}); is the module on the daemon's path?") from None
+    return factory()
+
+
+CallsOf = Callable[[str], list[tuple[str, ToolSignal | None]]]   # sandbox -> [(call id, signal)], newest last
+
+
+@dataclass
+class EngineCounters:
+    """Counters summed over every link, living and gone (metrics are monotonic)."""
+
+    events: dict[tuple[str, str], int] = field(default_factory=dict)        # (kind, source)
+    decisions: dict[str, int] = field(default_factory=dict)                 # trigger
+    directives: dict[str, int] = field(default_factory=dict)                # action sent
+    results: dict[tuple[str, str], int] = field(default_factory=dict)       # (action, ok|refused)
+    policy_failures: dict[str, int] = field(default_factory=dict)           # policy label
+    fallbacks: dict[str, int] = field(default_factory=dict)                 # policy label
+    protocol_errors: int = 0
+    unknown_usage: int = 0
+    links_attached: int = 0
+
+    @staticmethod
+    def bump(table: dict, key: Any, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+class EngineLink:
+    """One attached engine: its registration, requests, KV policy and what it was sent."""
+
+    def __init__(self, link_id: int, fd: int, policy_name: str, counters: EngineCounters, max_requests: int,
+                 calls_of: CallsOf | None = None) -> None:
+        self.link_id, self.fd = link_id, fd
+        self.calls_of = calls_of         # the daemon's running tool calls of a sandbox
+        self.policy_name = policy_name
+        self.policy_label = policy_name if policy_name in POLICY_NAMES else CUSTOM
+        self.policy = make_kv_policy(policy_name)
+        self.fallback = VllmV1Policy()
+        self.counters = counters
+        self.max_requests = max_requests
+        self.registration: Register | None = None
+        self.requests: dict[str, es.EngineRequest] = {}
+        self.wake_at_s: float | None = None
+        self.host_share_bytes: int | None = None     # the host pool's share of the host budget
+        self.linked_calls: dict[str, None] = {}      # ordered set: calls that paused a request here
+        self.sent = 0
+        self.refused = 0
+        self.failures = 0
+
+    @property
+    def shares_host_memory(self) -> bool:
+        return bool(getattr(self.policy, "shares_host_memory", False))
+
+    # ---- engine messages ------------------------------------------------------------
+    def on_message(self, message: Message, now_s: float) -> list[Directive]:
+        """One decoded message from the engine; ProtocolError for one it may not send."""
+        if isinstance(message, Register):
+            es.check_register(message)
+            if self.registration is not None and message.engine_id != self.registration.engine_id:
+                raise ProtocolError(f"register: this link belongs to engine {self.registration.engine_id!r}; "
+                                    "a second engine needs its own connection")
+            self.registration = message        # again: updated capacities or measured bandwidths
+            return []
+        if self.registration is None:
+            raise ProtocolError(f"the first message on an engine link must be register, got "
+                                f"{type(message).__name__}")
+        if isinstance(message, RequestEvent):
+            return self._on_event(message, now_s)
+        if isinstance(message, KvUsage):
+            if es.apply_usage(self.requests, message) is None:
+                self.counters.unknown_usage += 1
+            return []
+        if isinstance(message, DirectiveResult):
+            self.counters.bump(self.counters.results, (message.action.value, "ok" if message.ok else "refused"))
+            if not message.ok:
+                self.refused += 1
+                log.debug("engine link %d refused %s for %s: %s", self.link_id, message.action.value,
+                          message.request_id, message.reason)
+            return []
+        raise ProtocolError(f"an engine does not send {type(message).__name__} messages; directives go from "
+                            "the daemon to the engine")
+
+    def _on_event(self, event: RequestEvent, now_s: float) -> list[Directive]:
+        if event.request_id not in self.requests and event.kind is not EventKind.FINISHED \
+                and len(self.requests) >= self.max_requests:
+            raise ProtocolError(f"more than {self.max_requests} live requests on one engine link (max_requests); "
+                                "report finished for requests that are done")
+        before = self.requests.get(event.request_id)
+        was_daemon_paused = before is not None and before.paused_by_daemon and before.state is State.PAUSED
+        r = es.apply_event(self.requests, event, now_s)
+        self.counters.bump(self.counters.events, (event.kind.value, "engine"))
+        if was_daemon_paused and event.kind is EventKind.PAUSED:
+            return []                       # the daemon paused it already and asked the policy then
+        self._observe(_at(event, now_s, sandbox=r.sandbox if r else event.sandbox))
+        if r is None:
+            return []
+        if event.kind is EventKind.PAUSED:
+            calls = self.calls_of(r.sandbox) if self.calls_of is not None and r.sandbox else []
+            if calls and r.tool_call_id is None:     # the agent's tool call is running already
+                self._link(r, *calls[-1])
+            return self._decide(Trigger.PAUSE, now_s, subject=r.request_id)
+        if event.kind in (EventKind.RESUMED, EventKind.PREEMPTED):
+            return self._pressure(r, now_s)
+        return []
+
+    # ---- the daemon's hooks ---------------------------------------------------------
+    def tool_call_began(self, sandbox: str, tool: str, call_id: str, now_s: float) -> list[Directive]:
+        """Sandbox `sandbox` began tool call `call_id`: its requests wait for it."""
+        out: list[Directive] = []
+        for r in [r for r in self.requests.values() if r.sandbox == sandbox]:
+            if r.state is State.PAUSED:
+                if r.tool_call_id is None:   # paused by the engine: the call's end means "exited"
+                    self._link(r, call_id, None)
+                continue
+            es.pause(r, tool, call_id, now_s)
+            self._link_call(call_id)
+            self.counters.bump(self.counters.events, (EventKind.PAUSED.value, "daemon"))
+            self._observe(RequestEvent(r.request_id, r.session_id, EventKind.PAUSED, now_s, r.context_tokens,
+                                       sandbox=sandbox, tool=tool, tool_call_id=call_id))
+            out += self._decide(Trigger.PAUSE, now_s, subject=r.request_id)
+        return out
+
+    def _link(self, r: es.EngineRequest, call_id: str, signal: ToolSignal | None) -> None:
+        r.tool_call_id = call_id
+        self._link_call(call_id)
+        if signal is not None:
+            self._signal(r, signal)
+
+    def tool_call_ended(self, call_id: str, now_s: float) -> list[Directive]:
+        """Tool call `call_id` returned: the requests waiting for it want their KV back."""
+        waiting = [r for r in self.requests.values() if r.tool_call_id == call_id and r.state is State.PAUSED]
+        if not waiting:
+            return []
+        for r in waiting:
+            self._signal(r, ToolSignal.EXITED)
+        out = self._decide(Trigger.TICK, now_s)
+        for r in waiting:
+            r.tool_call_id = None
+            if r.paused_by_daemon:
+                es.resume(r, now_s)
+                self.counters.bump(self.counters.events, (EventKind.RESUMED.value, "daemon"))
+                self._observe(RequestEvent(r.request_id, r.session_id, EventKind.RESUMED, now_s, r.context_tokens,
+                                           sandbox=r.sandbox))
+                out += self._pressure(r, now_s)
+        return out
+
+    def tool_signal(self, call_id: str, signal: ToolSignal, now_s: float) -> list[Directive]:
+        """A sandbox policy froze, throttled, thawed or relaxed tool call `call_id`: the
+        requests waiting for it learn it, and a longer wait is decided on again."""
+        out: list[Directive] = []
+        for r in self.requests.values():
+            if r.tool_call_id == call_id and r.state is State.PAUSED:
+                self._signal(r, signal)
+                if signal in (ToolSignal.FROZEN, ToolSignal.THROTTLED):
+                    out += self._decide(Trigger.PAUSE, now_s, subject=r.request_id)
+        return out
+
+    def learn(self, record: ToolCallRecord) -> None:
+        """A finished tool call's duration, for calls no request here waited for (those
+        the policy learns from their pause and resume)."""
+        if record.call_id in self.linked_calls:
+            del self.linked_calls[record.call_id]
+            return
+        if record.duration_s is None or record.duration_s < 0:
+            return
+        self._learn(record.sandbox, tool_key(record.tool, record.command), record.call_id,
+                    record.start_monotonic_s, record.start_monotonic_s + record.duration_s)
+
+    def learn_history(self, records: Iterable[dict[str, Any]]) -> int:
+        """Seed the predictor with earlier tool-call records (the daemon's records file)."""
+        n = 0
+        for rec in records:
+            try:
+                duration, start = float(rec["duration_s"]), float(rec.get("start_monotonic_s") or 0.0)
+                sandbox, tool, call_id = str(rec["sandbox"]), str(rec["tool"]), str(rec["call_id"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if not math.isfinite(duration) or duration < 0:
+                continue
+            self._learn(sandbox, tool_key(tool, rec.get("command") if isinstance(rec.get("command"), str) else None),
+                        call_id, start, start + duration)
+            n += 1
+        return n
+
+    def _learn(self, sandbox: str, tool: str, call_id: str, start_s: float, end_s: float) -> None:
+        # The policy's public input is RequestEvents: a pause and a resume of a request
+        # that exists only for this, so any policy that learns durations learns this one.
+        rid = f"toolcall:{call_id}"
+        self._observe(RequestEvent(rid, rid, EventKind.PAUSED, start_s, 0, sandbox=sandbox, tool=tool))
+        self._observe(RequestEvent(rid, rid, EventKind.RESUMED, end_s, 0, sandbox=sandbox))
+
+    def wake(self, now_s: float) -> list[Directive]:
+        """The policy's wake-up (TICK), when due."""
+        if self.registration is None or self.wake_at_s is None or now_s < self.wake_at_s:
+            return []
+        self.wake_at_s = None
+        return self._decide(Trigger.TICK, now_s)
+
+    def host_pressure(self, now_s: float, share_bytes: int | None) -> list[Directive]:
+        """HOST_PRESSURE when the host KV pool is over its share of the host memory budget
+        (`share_bytes`; None: no budget, or a policy that does not share host memory)."""
+        self.host_share_bytes = share_bytes if self.shares_host_memory else None
+        if self.registration is None or self.host_share_bytes is None:
+            return []
+        used, _ = es.host_bytes(self.registration, self.requests.values())
+        if used <= self.host_share_bytes:
+            return []
+        return self._decide(Trigger.HOST_PRESSURE, now_s, need_bytes=used - self.host_share_bytes)
+
+    # ---- the policy -----------------------------------------------------------------
+    def _decide(self, trigger: Trigger, now_s: float, subject: str | None = None, need_tokens: int = 0,
+                need_bytes: int = 0) -> list[Directive]:
+        if self.registration is None:
+            return []
+        snap = es.build_snapshot(self.registration, self.requests.values(), now_s, trigger, subject,
+                                 need_tokens, need_bytes, self.host_share_bytes)
+        self.counters.bump(self.counters.decisions, trigger.value)
+        try:
+            decision = self.policy.decide(snap)
+            if not isinstance(decision, Decision) or not all(isinstance(d, Directive) for d in decision.directives):
+                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision of Directives")
+        except Exception:
+            log.exception("KV policy %s failed on %s; vllm-v1 decides instead", self.policy_name, trigger.value)
+            self._failed()
+            self.counters.bump(self.counters.fallbacks, self.policy_label)
+            decision = self.fallback.decide(snap)
+        wake = decision.wake_at_s
+        if wake is not None and math.isfinite(wake):
+            wake = max(wake, now_s + MIN_WAKE_S)
+            self.wake_at_s = wake if self.wake_at_s is None else min(self.wake_at_s, wake)
+        directives = list(decision.directives[:MAX_DIRECTIVES_PER_DECISION])
+        for d in directives:
+            self.counters.bump(self.counters.directives, d.action.value)
+        self.sent += len(directives)
+        return directives
+
+    def _pressure(self, r: es.EngineRequest, now_s: float) -> list[Directive]:
+        assert self.registration is not None
+        need = es.shortfall_tokens(self.registration, self.requests.values(), r)
+        if need <= 0:
+            return []
+        return self._decide(Trigger.PRESSURE, now_s, subject=r.request_id, need_tokens=need)
+
+    def _observe(self, event: RequestEvent) -> None:
+        try:
+            self.policy.observe(event)
+        except Exception:
+            log.exception("KV policy %s failed to observe %s", self.policy_name, event.kind.value)
+            self._failed()
+
+    def _signal(self, r: es.EngineRequest, signal: ToolSignal) -> None:
+        accept = getattr(self.policy, "signal", None)   # only agentcg takes live tool signals
+        if accept is None:
+            return
+        try:
+            accept(r.request_id, signal)
+        except Exception:
+            log.exception("KV policy %s failed on signal %s", self.policy_name, signal.value)
+            self._failed()
+
+    def _failed(self) -> None:
+        self.failures += 1
+        self.counters.bump(self.counters.policy_failures, self.policy_label)
+
+    def _link_call(self, call_id: str) -> None:
+        self.linked_calls[call_id] = None
+        while len(self.linked_calls) > MAX_LINKED_CALLS:
+            del self.linked_calls[next(iter(self.linked_calls))]
+
+    def summary(self) -> dict[str, Any]:
+        reg = self.registration
+        states: dict[str, int] = {}
+        for r in self.requests.values():
+            states[r.state.value] = states.get(r.state.value, 0) + 1
+        return {"link_id": self.link_id, "engine_id": reg.engine_id if reg else None,
+                "model": reg.model if reg else None, "kv_policy": self.policy_name,
+                "requests": states, "directives_sent": self.sent, "directives_refused": self.refused,
+                "policy_failures": self.failures, "wake_at_s": self.wake_at_s}
+
+
+def _at(event: RequestEvent, now_s: float, sandbox: str | None) -> RequestEvent:
+    """The event on the daemon's clock (and with the sandbox the daemon knows)."""
+    return RequestEvent(event.request_id, event.session_id, event.kind, now_s, event.context_tokens,
+                        sandbox=sandbox, tool=event.tool, tool_call_id=event.tool_call_id,
+                        cached_tokens=event.cached_tokens)
+
+
+class EngineHub:
+    """Every engine link of the daemon, keyed by the connection's fd. Methods answer
+    [(link, directives)] for the daemon to send."""
+
+    def __init__(self, policy_name: str, max_links: int, max_requests: int,
+                 host_reserve_bytes: int = 0, kv_floor_bytes: int = 0, calls_of: CallsOf | None = None) -> None:
+        self.policy_name = check_policy_name(policy_name)
+        self.calls_of = calls_of
+        self.max_links, self.max_requests = max_links, max_requests
+        self.host_reserve_bytes, self.kv_floor_bytes = host_reserve_bytes, kv_floor_bytes
+        self.links: dict[int, EngineLink] = {}
+        self.counters = EngineCounters()
+        self._next_id = 0
+
+    def attach(self, fd: int, history: Callable[[], Iterable[dict[str, Any]]] | None = None) -> EngineLink:
+        self._next_id += 1
+        link = EngineLink(self._next_id, fd, self.policy_name, self.counters, self.max_requests, self.calls_of)
+        if history is not None:
+            link.learn_history(history())
+        self.links[fd] = link
+        self.counters.links_attached += 1
+        return link
+
+    def detach(self, fd: int) -> EngineLink | None:
+        """The engine went away: its requests are forgotten."""
+        return self.links.pop(fd, None)
+
+    def get(self, fd: int) -> EngineLink | None:
+        return self.links.get(fd)
+
+    def next_wake_s(self) -> float | None:
+        wakes = [link.wake_at_s for link in self.links.values() if link.wake_at_s is not None]
+        return min(wakes) if wakes else None
+
+    def _each(self, fn: Callable[[EngineLink], list[Directive]]) -> list[tuple[EngineLink, list[Directive]]]:
+        out = []
+        for link in list(self.links.values()):
+            directives = fn(link)
+            if directives:
+                out.append((link, directives))
+        return out
+
+    def tool_call_began(self, sandbox: str, tool: str, command: str, call_id: str,
+                        now_s: float) -> list[tuple[EngineLink, list[Directive]]]:
+        key = tool_key(tool, command)
+        return self._each(lambda link: link.tool_call_began(sandbox, key, call_id, now_s))
+
+    def tool_call_ended(self, call_id: str, now_s: float) -> list[tuple[EngineLink, list[Directive]]]:
+        return self._each(lambda link: link.tool_call_ended(call_id, now_s))
+
+    def tool_signal(self, call_id: str, action_kind: str, now_s: float) -> list[tuple[EngineLink, list[Directive]]]:
+        signal = SIGNAL_OF_ACTION.get(action_kind)
+        if signal is None:
+            return []
+        return self._each(lambda link: link.tool_signal(call_id, signal, now_s))
+
+    def learn(self, record: ToolCallRecord) -> None:
+        for link in self.links.values():
+            link.learn(record)
+
+    def host_shares(self, host_budget_bytes: int | None, sandbox_bytes: int) -> dict[int, int] | None:
+        """Each sharing link's host KV capacity (bytes) under the host memory budget, split
+        in proportion to the host capacities the engines registered; None: no budget."""
+        if host_budget_bytes is None:
+            return None
+        budget = HostMemoryBudget(host_budget_bytes, self.host_reserve_bytes, self.kv_floor_bytes)
+        pool = budget.kv_capacity_bytes(sandbox_bytes)
+        sharing = {fd: es.capacity_bytes(link.registration, es.Tier.HOST) for fd, link in self.links.items()
+                   if link.registration is not None and link.shares_host_memory}
+        total = sum(sharing.values())
+        if not total:
+            return {}
+        return {fd: pool * cap // total for fd, cap in sharing.items()}
+
+    def wake(self, now_s: float) -> list[tuple[EngineLink, list[Directive]]]:
+        return self._each(lambda link: link.wake(now_s))
+
+    def host_pressure(self, now_s: float, host_budget_bytes: int | None,
+                      sandbox_bytes: int) -> list[tuple[EngineLink, list[Directive]]]:
+        shares = self.host_shares(host_budget_bytes, sandbox_bytes) or {}
+        return self._each(lambda link: link.host_pressure(now_s, shares.get(link.fd)))
+
+    def sandbox_budget_bytes(self, host_budget_bytes: int | None, sandbox_bytes: int) -> int | None:
+        """The host budget left to the sandboxes: the KV pools give back what they do not
+        use and what they can spill to SSD, not more (HostMemoryBudget.sandbox_headroom)."""
+        if host_budget_bytes is None:
+            return None
+        used = spillable = 0
+        for link in self.links.values():
+            if link.registration is not None and link.shares_host_memory:
+                u, s = es.host_bytes(link.registration, link.requests.values())
+                used, spillable = used + u, spillable + s
+        if not used:
+            return host_budget_bytes
+        budget = HostMemoryBudget(host_budget_bytes, self.host_reserve_bytes, self.kv_floor_bytes)
+        return sandbox_bytes + budget.sandbox_headroom_bytes(sandbox_bytes, used, spillable)
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [link.summary() for link in self.links.values()]
+
+
+def read_records_tail(path: Path, limit_bytes: int = RECORDS_TAIL_BYTES) -> list[dict[str, Any]]:
+    """The last records of the daemon's JSON-lines tool-call log (bounded read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit_bytes))
+            data = f.read(limit_bytes)
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if size > limit_bytes:
+        lines = lines[1:]                  # the first one is cut
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
