@@ -5,9 +5,7 @@ hybrid host's v2 tree has no memory controller, so memory.high cannot exist here
 thaw, kill, limits and the cpu.max fallback run on the real kernel (`cgroup_tree`)."""
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 
 import pytest
 
