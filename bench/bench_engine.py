@@ -1,6 +1,6 @@
 """Reference engine on this host: decode tokens/s and the cost of each KV path for one resumed request.
 
-    .venv/bin/python bench/bench_engine.py [--layers 4] [--context 1024] [--repeats 3] [--threads N]
+    .venv/bin/python bench/bench_engine.py [--layers 4] [--context 512] [--repeats 3] [--threads N]
 
 1. Decode: batches of 1 and 8 requests at a fixed context, tokens/s of the engine's
    batch-invariant kernels beside a baseline in the same run: the same weights and KV with
@@ -73,9 +73,13 @@ def plain_attend(self, q, k, v, start):
 def decode_rate(model: RandomDecoder, store: TieredKVStore, batch: int, context: int, steps: int) -> float:
     paged = PagedKV(store)
     ids = [f"r{i}" for i in range(batch)]
+    n_blocks = blocks_for(context + steps + 1, store.geometry.tokens_per_block)
     for rid in ids:
-        store.allocate(rid, blocks_for(context + steps + 1, store.geometry.tokens_per_block))
-        model.step([Feed(paged.view(rid), torch.zeros(context, dtype=torch.long), 0)])
+        store.allocate(rid, n_blocks)
+    model.step([Feed(paged.view(ids[0]), torch.zeros(context, dtype=torch.long), 0)])
+    for rid in ids[1:]:                     # the same context: copy the first request's KV
+        for i in range(n_blocks):
+            store.block(rid, i).copy_(store.block(ids[0], i))
     start = time.perf_counter()
     for s in range(steps):
         model.step([Feed(paged.view(rid), torch.zeros(1, dtype=torch.long), context + s) for rid in ids])
@@ -132,7 +136,7 @@ def bench_paths(geometry: KVGeometry, config: ModelConfig, context: int, repeats
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
