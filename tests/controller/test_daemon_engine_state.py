@@ -216,3 +216,19 @@ def test_engine_config_errors(data, words):
         parse_config({"engine": data})
     assert parse_config({"engine": {"kv_policy": "pkg.mod:Factory", "uids": [1000]}}).engine.uids == (1000,)
     assert parse_config({}).engine.kv_policy == "agentcg"
+
+
+def test_a_frozen_call_is_decided_on_again_as_a_long_one():
+    hub = EngineHub("agentcg", 4, 16)
+    link = hub.attach(5)
+    link.on_message(REG, 0.0)
+    link.learn_history([{"sandbox": "S", "tool": "pytest", "call_id": f"old{i}", "duration_s": 0.05,
+                         "start_monotonic_s": 0.0} for i in range(3)])
+    _admit(link)
+    # learned: pytest takes 50 ms here, shorter than any copy is worth: keep the KV where it is
+    assert hub.tool_call_began("S", "pytest", "pytest -q", "tc-1", 2.0) == [(link, [Directive("r1", Action.KEEP)])]
+    assert hub.tool_signal("tc-1", "thaw", 2.1) == []                          # nothing to decide again
+    assert hub.tool_signal("tc-1", "protect", 2.1) == []                       # not a call signal
+    # a sandbox policy froze it: it lasts until thawed, so write a host copy now
+    assert hub.tool_signal("tc-1", "freeze", 2.2) == [
+        (link, [Directive("r1", Action.KEEP), Directive("r1", Action.SWAP_TO_HOST, keep_gpu_copy=True)])]
