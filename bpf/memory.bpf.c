@@ -34,8 +34,10 @@ static __always_inline void acg_rss_add(u64 cg, s64 delta)
         e->aux = limit;
         bpf_get_current_comm(e->comm, sizeof(e->comm));
         events.ringbuf_submit(e, 0);
-    } else if (w->fired) {
-        w->fired = 0;  /* re-armed: the next crossing sends an event again */
+    } else if (w->fired && (rss < 0 || (u64)rss < limit - (limit >> 3))) {
+        /* re-armed once RSS is clearly below (7/8 of the threshold), so RSS wobbling
+         * around the line is one crossing, not several */
+        w->fired = 0;
     }
 }
 

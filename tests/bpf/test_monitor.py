@@ -61,6 +61,25 @@ def test_rss_threshold_event_once_per_crossing_and_rearm(monitor, make_cgroup):
         monitor.forget(cg.id)
 
 
+def test_rss_threshold_rearms_only_clearly_below(monitor, make_cgroup):
+    """RSS that dips just under the threshold (above 7/8 of it) and rises again is one
+    crossing; only a fall clearly below re-arms the event."""
+    cg = make_cgroup()
+    monitor.watch(cg.id, rss_threshold_bytes=100 * MiB)
+    try:
+        script = ("a = bytearray(85 * 2**20)\n"
+                  "b = bytearray(25 * 2**20); del b\n"     # ~119 MiB: fires; back to ~94 MiB
+                  "b = bytearray(25 * 2**20); del b\n"     # ~119 MiB again: same crossing
+                  "del a\n"                                 # ~9 MiB: re-armed
+                  "a = bytearray(100 * 2**20)\n")           # ~109 MiB: fires again
+        cg.run([PY, "-c", script], check=True)
+        events = drain(monitor, lambda e: False, timeout_s=0.3)
+        crossings = [e for e in events if isinstance(e, RssThresholdEvent) and e.cgroup_id == cg.id]
+        assert len(crossings) == 2, crossings
+    finally:
+        monitor.forget(cg.id)
+
+
 def test_fork_storm_stays_accounted_and_exec_carries_ppid(monitor, make_cgroup):
     cg = make_cgroup()
     monitor.watch(cg.id)
