@@ -28,14 +28,15 @@ def kv() -> None:
 @click.option("--arrival-interval", default="0", show_default=True, help="Time between session starts.")
 @click.option("--limit", type=int, help="Simulate only the first N sessions.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--real", is_flag=True, help="Run the reference engine instead of the cost model.")
+@click.option("--real", is_flag=True, help="Run the reference engine (scaled-down sessions) instead of the cost model.")
+@click.option("--real-max-context", type=int, default=512, show_default=True,
+              help="--real: scale contexts so the longest has this many tokens.")
+@click.option("--real-max-output", type=int, default=8, show_default=True, help="--real: cap on output tokens per call.")
+@click.option("--real-time-scale", type=float, default=0.01, show_default=True, help="--real: factor on tool gaps.")
 def simulate(source, policies, gpu, cost_model, gpu_kv, gpu_kv_fraction, host_memory, ssd,
-             arrival_interval, limit, as_json, real) -> None:
+             arrival_interval, limit, as_json, real, real_max_context, real_max_output, real_time_scale) -> None:
     """Compare KV policies on SOURCE (an agentcg trace, or an AgentCgroup dataset folder;
     default: the shared agentcgroup-swe-local dataset)."""
-    if real:
-        raise InvalidInput("--real needs the reference engine (agentcg.gpu.engine), which this build does "
-                           "not have; drop --real to simulate with the cost model")
     from agentcg.profiler.importers.agentcgroup import default_dataset_dir
     from agentcg.profiler.kvsim_cost import gpu_preset, load_engine_model
     from agentcg.profiler.kvsim_report import (build_config, compare, format_header, format_table,
@@ -52,6 +53,16 @@ def simulate(source, policies, gpu, cost_model, gpu_kv, gpu_kv_fraction, host_me
         raise InvalidInput(f"--limit must be at least 1, got {limit}")
     loaded = load_sessions(source)
     sessions = loaded.sessions[:limit] if limit else loaded.sessions
+    if real:
+        from agentcg.profiler.kvsim_real import format_real, run_real
+
+        if min(real_max_context, real_max_output) < 1 or real_time_scale < 0:
+            raise InvalidInput("--real-max-context and --real-max-output must be at least 1, --real-time-scale >= 0")
+        results = run_real(sessions, names, gpu_kv_fraction=gpu_kv_fraction, max_context_tokens=real_max_context,
+                           max_output_tokens=real_max_output, time_scale=real_time_scale)
+        click.echo(f"reference engine, {len(sessions)} sessions scaled to at most {real_max_context} tokens of context")
+        click.echo(format_real(results))
+        return
     config = build_config(
         sessions, model, gpu_kv_bytes=parse_size(gpu_kv, what="--gpu-kv") if gpu_kv else None,
         gpu_kv_fraction=gpu_kv_fraction, host_memory_bytes=parse_size(host_memory, what="--host-memory"),

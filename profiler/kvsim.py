@@ -46,6 +46,7 @@ from agentcg.profiler.kvsim_sessions import SimSession
 GB = 1e9
 MAX_PRESSURE_ROUNDS = 512
 MAX_STEPS_PER_ADVANCE = 1_000_000
+MAX_SPINS_AT_ONE_TIME = 10_000
 
 PENDING, WAITING, RUNNING, PAUSED, DONE = "pending", "waiting", "running", "paused", "done"
 
@@ -348,7 +349,7 @@ class Simulator:
 
     def _finish_call(self, s: _Sess) -> None:
         self.running.remove(s)
-        s.ctx = s.prompt + s.out
+        s.ctx = s.prompt + s.out - 1           # the last sampled token has no KV yet
         s.hwm = max(s.hwm, s.ctx)
         s.admitted_s = None
         turn = s.turn_spec
@@ -567,6 +568,8 @@ class Simulator:
         self._gpu_set(s, target)
         s.pinned = True
         s.gpu_ready = max(s.gpu_ready, done)
+        if done > self.now:
+            self._push(done, "loaded", s)      # wakes the scheduler; nothing else to do
         return want
 
     def _preempt(self, s: _Sess, tier: Tier) -> int:
@@ -686,6 +689,10 @@ class Simulator:
                     break
             before = (len(self.running), avail)
             self._ask(Trigger.PRESSURE, requester, need_tokens=growth - avail)
+            if not self.running and before[0] == 1:
+                # The only running request preempted itself: with everything else pinned it
+                # would come back and do it again. Release a pin (counted) so work goes on.
+                self._break_deadlock()
             if (len(self.running), self._free() + self.evictable_tokens) != before:
                 continue
             if self._pending_release() > 0:
@@ -727,11 +734,12 @@ class Simulator:
 
     def run(self) -> PolicyResult:
         started = time.perf_counter()
-        guard = 0
+        spins, last_now = 0, -1.0
         while self.active > 0:
-            guard += 1
-            if guard > 50_000_000:
-                raise RuntimeError("kv simulator made no progress")
+            spins = spins + 1 if self.now == last_now else 0
+            last_now = self.now
+            if spins > MAX_SPINS_AT_ONE_TIME:
+                raise RuntimeError(f"{self.policy.name}: the simulation made no progress at t={self.now:.3f} s")
             while self.events and self.events[0][0] <= self.now:
                 _, _, kind, s, epoch = heapq.heappop(self.events)
                 if kind == "release_waiting":
@@ -744,7 +752,10 @@ class Simulator:
                 self._handle(kind, s, epoch)
             _, _, growth = self._composition()
             self._admit(self.cost.max_batched_tokens - growth, growth)
-            batch = self._fit() if self.running else None
+            had_running = bool(self.running)
+            batch = self._fit() if had_running else None
+            if batch is not None and not self.running and self.waiting:
+                continue                        # every running request was preempted: admit again
             if batch is None or (not batch[0] and not batch[1]):
                 nxt = self._next_event_s()
                 if not math.isfinite(nxt):

@@ -193,7 +193,8 @@ class ContinuumPolicy:
             return NO_DECISION
         running = [v for v in snap.requests if v.state is State.RUNNING]
         if len(running) <= 1:
-            pinned = [v for v in snap.requests if v.state is State.PAUSED and v.pinned]
+            # Pins of jobs in a tool call or whose next request waits (not yet running).
+            pinned = [v for v in snap.requests if v.state is not State.RUNNING and v.pinned and v.gpu_tokens]
             if pinned:
                 latest = max(pinned, key=lambda v: self.state.pins.get(v.request_id, 0.0))
                 self.state.pins.pop(latest.request_id, None)
