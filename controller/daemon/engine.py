@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 from agentcg.controller.daemon import engine_state as es
 from agentcg.engine_protocol import (
-    Action, Directive, DirectiveResult, EventKind, KvUsage, Message, Register, RequestEvent,
+    Directive, DirectiveResult, EventKind, KvUsage, Message, Register, RequestEvent,
 )
 from agentcg.errors import InvalidInput, ProtocolError
 from agentcg.policies.kv import POLICY_NAMES
@@ -341,12 +341,15 @@ class EngineLink:
     def summary(self) -> dict[str, Any]:
         reg = self.registration
         states: dict[str, int] = {}
+        tokens = {"gpu": 0, "host": 0, "ssd": 0}
         for r in self.requests.values():
             states[r.state.value] = states.get(r.state.value, 0) + 1
+            for tier, n in (("gpu", r.gpu_tokens), ("host", r.host_tokens), ("ssd", r.ssd_tokens)):
+                tokens[tier] += n
         return {"link_id": self.link_id, "engine_id": reg.engine_id if reg else None,
                 "model": reg.model if reg else None, "kv_policy": self.policy_name,
-                "requests": states, "directives_sent": self.sent, "directives_refused": self.refused,
-                "policy_failures": self.failures, "wake_at_s": self.wake_at_s}
+                "requests": states, "kv_tokens": tokens, "directives_sent": self.sent,
+                "directives_refused": self.refused, "policy_failures": self.failures, "wake_at_s": self.wake_at_s}
 
 
 def _at(event: RequestEvent, now_s: float, sandbox: str | None) -> RequestEvent:

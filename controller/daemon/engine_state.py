@@ -171,7 +171,8 @@ def apply_usage(requests: dict[str, EngineRequest], usage: KvUsage) -> EngineReq
     r = requests.get(usage.request_id)
     if r is None:
         return None
-    r.gpu_tokens, r.host_tokens, r.ssd_tokens, r.pinned = usage.gpu_tokens, usage.host_tokens, usage.ssd_tokens, usage.pinned
+    r.gpu_tokens, r.host_tokens, r.ssd_tokens = usage.gpu_tokens, usage.host_tokens, usage.ssd_tokens
+    r.pinned = usage.pinned
     r.context_tokens = max(r.context_tokens, usage.gpu_tokens, usage.host_tokens, usage.ssd_tokens)
     return r
 

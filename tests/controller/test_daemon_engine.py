@@ -105,7 +105,8 @@ def test_tool_calls_pause_and_resume_the_sandboxes_request_under_the_agentcg_pol
             assert (swap.request_id, swap.action, swap.keep_gpu_copy) == ("r1", Action.SWAP_TO_HOST, True)
             engine.send(DirectiveResult("r1", Action.KEEP, True), DirectiveResult("r1", Action.SWAP_TO_HOST, True),
                         KvUsage("r1", 0.0, gpu_tokens=0, host_tokens=1000))   # and the engine needed the GPU
-            assert _wait_until(lambda: _engines(d)[0]["requests"] == {"paused": 1, "running": 1})
+            assert _wait_until(lambda: _engines(d)[0]["kv_tokens"] == {"gpu": 1000, "host": 1000, "ssd": 0})
+            assert _engines(d)[0]["requests"] == {"paused": 1, "running": 1}
 
             assert d.result("toolcall.end", call_id=call["call_id"], exit_code=0)["record"]["tool"] == "pytest"
             (prefetch,) = engine.directives(1)      # the call exited: bring the KV back now

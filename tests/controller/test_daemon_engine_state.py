@@ -18,7 +18,8 @@ from agentcg.records import ToolCallRecord
 GEOMETRY = KvGeometry(layers=2, kv_heads=2, head_dim=64, dtype_bytes=2)     # 1 KiB per token
 BPT = GEOMETRY.bytes_per_token
 REG = Register("eng", "test-model", GEOMETRY,
-               (TierCapacity(Tier.GPU, 1000 * BPT), TierCapacity(Tier.HOST, 2000 * BPT), TierCapacity(Tier.SSD, 500 * BPT)),
+               (TierCapacity(Tier.GPU, 1000 * BPT), TierCapacity(Tier.HOST, 2000 * BPT),
+                TierCapacity(Tier.SSD, 500 * BPT)),
                (Bandwidth(Tier.GPU, Tier.HOST, 1e9), Bandwidth(Tier.HOST, Tier.GPU, 1e9)))
 
 
@@ -32,7 +33,8 @@ def _req(rid, state, gpu=0, host=0, ssd=0, ctx=None, pinned=False, sandbox="S"):
     ([_req("a", State.RUNNING, gpu=300)], 700, 0, 0, 0, 0),
     ([_req("a", State.PAUSED, gpu=300), _req("b", State.PAUSED, gpu=200, pinned=True)], 500, 300, 0, 0, 0),
     # a host copy whose GPU copy is whole is spillable for free; the rest up to the SSD's room
-    ([_req("a", State.PAUSED, gpu=100, host=100), _req("b", State.PAUSED, host=800)], 900, 100, 900 * BPT, 600 * BPT, 0),
+    ([_req("a", State.PAUSED, gpu=100, host=100), _req("b", State.PAUSED, host=800)],
+     900, 100, 900 * BPT, 600 * BPT, 0),
     ([_req("a", State.WAITING, ssd=400, host=100)], 1000, 0, 100 * BPT, 100 * BPT, 400 * BPT),
     ([_req("a", State.RUNNING, gpu=1200)], 0, 0, 0, 0, 0),      # over-reported: free never negative
 ])
