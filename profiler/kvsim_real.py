@@ -41,6 +41,15 @@ def scale_sessions(sessions: list[SimSession], max_context_tokens: int, max_outp
                 t.tool, t.tool_s, t.sandbox_bytes) for t in s.turns)) for s in sessions]
 
 
+def _engine_context(session: SimSession) -> int:
+    """The longest context the engine builds: each call appends at least one token (the
+    tool's result) and its output."""
+    ctx = 0
+    for t in session.turns:
+        ctx += max(1, t.input_tokens - ctx) + t.output_tokens
+    return ctx
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     pos = q * (len(ordered) - 1)
@@ -61,13 +70,19 @@ def run_real(sessions: list[SimSession], policies: list[str], *, gpu_kv_fraction
     geometry = KVGeometry(*GEOMETRY)
     block = GEOMETRY[4]
     mean_total = sum(s.mean_context_tokens for s in scaled)
-    longest = max(t.input_tokens + t.output_tokens for s in scaled for t in s.turns)
-    device_blocks = max(math.ceil(gpu_kv_fraction * mean_total / block), math.ceil(longest / block) + 2)
+    longest = max(_engine_context(s) for s in scaled)
+    # At least twice the longest context: the engine must fit one request while another holds KV.
+    device_blocks = max(math.ceil(gpu_kv_fraction * mean_total / block), 2 * math.ceil(longest / block) + 2)
     out = []
     for name in policies:
-        r = run_sessions(scaled, geometry, name, device_blocks=device_blocks, host_blocks=4 * device_blocks,
-                         max_new_tokens=max_output_tokens, time_scale=time_scale, max_batched_tokens=512,
-                         max_running=64, timeout_s=timeout_s)
+        try:
+            r = run_sessions(scaled, geometry, name, device_blocks=device_blocks, host_blocks=4 * device_blocks,
+                             max_new_tokens=max_output_tokens, time_scale=time_scale, max_batched_tokens=512,
+                             max_running=64, timeout_s=timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            raise InvalidInput(f"--real: the reference engine stopped under {name}: {exc} "
+                               f"({device_blocks} device blocks; raise --gpu-kv-fraction or lower "
+                               f"--real-max-context)") from None
         jct = [s.jct_s for s in r.sessions]
         out.append(RealResult(name, r.device_kind, _quantile(jct, 0.5), _quantile(jct, 0.95), r.recomputed_tokens,
                               r.bytes_moved("device", "host"), r.bytes_moved("host", "device"), r.preemptions,
