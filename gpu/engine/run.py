@@ -158,13 +158,15 @@ def run_sessions(sessions: Sequence[SessionSpec], geometry: KVGeometry, policy: 
                  max_running: int = 16, time_scale: float = 1.0, max_turn_input_tokens: int | None = None,
                  arrival_interval_s: float = 0.0, seed: int = 0,
                  on_message: Callable[[InProcessDriver, Message], None] | None = None,
-                 timeout_s: float | None = None) -> RunResult:
+                 timeout_s: float | None = None, driver: Any = None) -> RunResult:
     """Run agent sessions (turns: prefill the new context, decode, pause for the trace's tool
     time x time_scale) on the reference engine with a fresh store and seeded random weights.
 
     The model runs where the store's device tier is (CUDA when torch sees a GPU and device
     is 'auto'); without `model` it is `ModelConfig.for_geometry(geometry)`, bf16 on CUDA,
-    float32 on CPU. `ssd_blocks` defaults to 4 x device_blocks when ssd_dir is given."""
+    float32 on CPU. `ssd_blocks` defaults to 4 x device_blocks when ssd_dir is given.
+    `driver` (anything with `attach(engine)`, e.g. a DaemonDriver to the agentcg daemon)
+    replaces the in-process driver; `on_message` applies to the in-process one only."""
     if not sessions:
         raise InvalidInput("run_sessions: no sessions to run")
     if ssd_blocks is None:
@@ -185,8 +187,10 @@ def run_sessions(sessions: Sequence[SessionSpec], geometry: KVGeometry, policy: 
         try:
             calibrate(engine)
             engine.stats = EngineStats()          # calibration moves are not the sessions' traffic
-            driver = InProcessDriver(on_message)
-            register = driver.attach(engine)
+            if driver is None:
+                driver = InProcessDriver(on_message)
+            driver.attach(engine)
+            register = engine.register()
             engine.t0 = engine.clock()
             for i, session in enumerate(sessions):
                 engine.add_session(session, i * arrival_interval_s)

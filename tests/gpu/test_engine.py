@@ -210,3 +210,37 @@ def test_refusals_and_bad_input(ssd_dir):
         run_sessions([session(base=400, turns=1)], GEOMETRY, "vllm-v1", device_blocks=8, timeout_s=30)
     with pytest.raises(InvalidInput, match="no sessions"):
         run_sessions([], GEOMETRY)
+
+
+def test_reference_engine_over_the_daemon_socket(ssd_dir, kept_outputs):
+    """The reference engine attached to a real daemon through its Unix socket (engine.attach,
+    then engine-protocol lines): the pauses it reports for its sandbox reach the daemon's KV
+    policy, the daemon's directives come back and are answered, and the tokens are the same
+    as in the in-process run."""
+    from agentcg.controller.daemon.testing import daemon_process
+    from agentcg.gpu.engine.daemon_driver import DaemonDriver
+
+    with daemon_process() as d:
+        driver = DaemonDriver(d.socket_path)
+        try:
+            result = run_sessions([session(tool_s=0.2)], GEOMETRY, "vllm-v1", device_blocks=64, host_blocks=64,
+                                  ssd_dir=ssd_dir, driver=driver, timeout_s=60)
+            links = d.result("state")["engines"]
+        finally:
+            driver.close()
+        assert driver.error is None
+        assert driver.received, "the daemon's KV policy sent no directive for the engine's pauses"
+        assert {m.request_id for m in driver.received} == {"s0"}
+        assert len(links) == 1, links
+        assert _wait_for(lambda: not d.result("state")["engines"]), "the closed link was not forgotten"
+    assert result.outputs() == kept_outputs
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
