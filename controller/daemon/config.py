@@ -8,7 +8,7 @@ anything runs. Every field has a default, so `agentcg daemon` works with no file
     [metrics]   address ("host:port", "" disables), max_tool_labels
     [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
     [psi]       enabled, stall_s, window_s
-    [policy]    name ("none", "static", "agentcg"), tick_s, dry_run, host_budget (a size)
+    [policy]    name ("agentcg" (default), "static", "none"), tick_s, dry_run, host_budget (a size)
     [engine]    kv_policy, uids, group, max_links, max_requests, host_reserve, kv_floor
 
 An unknown section or key is an error (a typo must not silently fall back to a default).
@@ -42,6 +42,7 @@ class DaemonSection:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     records_path: Path = Path(DEFAULT_RECORDS)
     oom_score_adj: int = -1000            # the OOM killer never picks the daemon
+    realtime_priority: int = 0            # 1..99: run as SCHED_FIFO at that priority (0: as is)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class PsiSection:
 
 @dataclass(frozen=True)
 class PolicySection:
-    name: str = "none"                   # none | static | agentcg (agentcg.policies.sandbox)
+    name: str = "agentcg"                # none | static | agentcg (agentcg.policies.sandbox);
+                                         # agentcg acts only on sandboxes with a budget
     tick_s: float = 0.5
     dry_run: bool = False                # decide and count, write nothing
     host_budget_bytes: int | None = None  # the budget all sandboxes share (None: only their own)
@@ -233,6 +235,7 @@ def _daemon(f: _Fields) -> DaemonSection:
         cgroup_root=root, state_dir=Path(f.get("state_dir", str, DEFAULT_STATE_DIR)),
         records_path=Path(records),
         oom_score_adj=f.integer("oom_score_adj", -1000, -1000, 1000),
+        realtime_priority=f.integer("realtime_priority", 0, 0, 99),
     )
     f.done()
     return section
@@ -294,7 +297,7 @@ def _psi(f: _Fields) -> PsiSection:
 def _policy(f: _Fields) -> PolicySection:
     from agentcg.policies.sandbox import POLICY_NAMES
 
-    name = f.get("name", str, "none")
+    name = f.get("name", str, PolicySection.name)
     if name not in POLICY_NAMES:
         raise InvalidInput(f"{f.where}: name must be one of {', '.join(POLICY_NAMES)}, got {name!r}")
     budget = f.get("host_budget", (str, int), None)

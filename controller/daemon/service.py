@@ -161,6 +161,14 @@ class Daemon:
             Path("/proc/self/oom_score_adj").write_text(str(self.config.daemon.oom_score_adj))
         except OSError as exc:
             log.warning("cannot set oom_score_adj %d: %s", self.config.daemon.oom_score_adj, exc.strerror)
+        priority = self.config.daemon.realtime_priority
+        if priority:
+            # As SCHED_OTHER the loop can wait a scheduler slice behind a busy tool call
+            # (bench/bench_reaction.py); it sleeps in epoll, so SCHED_FIFO cannot starve the host.
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+            except OSError as exc:
+                log.warning("cannot run as SCHED_FIFO %d: %s", priority, exc.strerror)
 
     def _load_bpf(self) -> Any:
         mode = self.config.ebpf.mode

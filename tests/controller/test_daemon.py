@@ -38,6 +38,7 @@ def test_config_defaults_need_no_file():
     assert config.daemon.socket_mode == 0o660 and config.daemon.cgroup_root == "agentcg"
     assert config.metrics.address.startswith("127.0.0.1:")
     assert config.psi.window_s == 2.0 and config.ebpf.mode == "auto"
+    assert config.policy.name == "agentcg" and config.daemon.realtime_priority == 0
 
 
 @pytest.mark.parametrize("data, words", [
@@ -53,10 +54,19 @@ def test_config_defaults_need_no_file():
     ({"metrics": {"address": "localhost"}}, "host:port"),
     ({"ebpf": {"mode": "maybe"}}, "auto"),
     ({"psi": {"window_s": 20}}, "0.5..10"),
+    ({"daemon": {"realtime_priority": 100}}, "0..99"),
 ])
 def test_config_errors_name_the_problem(data, words):
     with pytest.raises(InvalidInput, match=words):
         parse_config(data)
+
+
+def test_realtime_priority_makes_the_daemon_sched_fifo():
+    with daemon_process(daemon={"realtime_priority": 1}) as d:
+        assert os.sched_getscheduler(d.proc.pid) == os.SCHED_FIFO
+        assert os.sched_getparam(d.proc.pid).sched_priority == 1
+    with daemon_process() as d:
+        assert os.sched_getscheduler(d.proc.pid) == os.SCHED_OTHER
 
 
 def test_config_file_and_cli(tmp_path):
