@@ -87,12 +87,19 @@ struct acg_task {
     __u32 pad;
 };
 
-/* mms: mm_id (kmem:rss_stat) -> this */
+/* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the
+ * cgroup is charged only what an mm gained after it was first seen there (size - base).
+ * An mm that exec'd in the cgroup has bases 0; one that arrived with pages (a fork that
+ * joined before exec, a moved process) has each base set at that member's first report,
+ * so copy-on-write pages shared with a parent outside are not counted again. -1: unset. */
 struct acg_mm {
     __u64 cgroup_id;
     __s64 file_bytes;
     __s64 anon_bytes;
     __s64 shmem_bytes;
+    __s64 base_file_bytes;
+    __s64 base_anon_bytes;
+    __s64 base_shmem_bytes;
 };
 
 /* per-tid timestamps (run-queue wait, reclaim) and per-tgid exit status */

@@ -62,7 +62,9 @@ class Task(ct.Structure):
 
 class Mm(ct.Structure):
     _fields_ = [("cgroup_id", ct.c_uint64), ("file_bytes", ct.c_int64),
-                ("anon_bytes", ct.c_int64), ("shmem_bytes", ct.c_int64)]
+                ("anon_bytes", ct.c_int64), ("shmem_bytes", ct.c_int64),
+                ("base_file_bytes", ct.c_int64), ("base_anon_bytes", ct.c_int64),
+                ("base_shmem_bytes", ct.c_int64)]
 
 
 class Stamp(ct.Structure):

@@ -10,6 +10,20 @@
 BPF_HASH(mms, u32, struct acg_mm, MAX_MMS);
 BPF_HASH(reclaim_start, u32, struct acg_stamp, MAX_TASKS);
 
+/* what a member adds to the cgroup: its growth above the base (nothing while unset) */
+static __always_inline s64 acg_above(s64 size, s64 base)
+{
+    if (base < 0 || size <= base)
+        return 0;
+    return size - base;
+}
+
+static __always_inline s64 acg_mm_counted(struct acg_mm *m)
+{
+    return acg_above(m->file_bytes, m->base_file_bytes) + acg_above(m->anon_bytes, m->base_anon_bytes) +
+           acg_above(m->shmem_bytes, m->base_shmem_bytes);
+}
+
 static __always_inline void acg_rss_add(u64 cg, s64 delta)
 {
     struct acg_counters *c = counters.lookup(&cg);
@@ -57,7 +71,13 @@ int acg_memory__kmem__rss_stat(struct tracepoint__kmem__rss_stat *args)
         if (!m) {
             if (!watched.lookup(&cg))
                 return 0;
-            struct acg_mm fresh = {.cgroup_id = cg};
+            u32 tid = bpf_get_current_pid_tgid();
+            struct acg_stamp *f = mm_fresh.lookup(&tid);
+            s64 base = (f && f->cgroup_id == cg) ? 0 : -1;
+            if (f)
+                mm_fresh.delete(&tid);
+            struct acg_mm fresh = {.cgroup_id = cg, .base_file_bytes = base, .base_anon_bytes = base,
+                                   .base_shmem_bytes = base};
             if (mms.update(&mm_id, &fresh)) {
                 acg_error(ERR_MMS_FULL);
                 return 0;
@@ -66,7 +86,7 @@ int acg_memory__kmem__rss_stat(struct tracepoint__kmem__rss_stat *args)
             if (!m)
                 return 0;
         } else if (m->cgroup_id != cg) {
-            s64 total = m->file_bytes + m->anon_bytes + m->shmem_bytes;
+            s64 total = acg_mm_counted(m);
             acg_rss_add(m->cgroup_id, -total);
             m->cgroup_id = cg;
             acg_rss_add(cg, total);
@@ -74,17 +94,27 @@ int acg_memory__kmem__rss_stat(struct tracepoint__kmem__rss_stat *args)
     } else if (!m) {
         return 0;
     }
-    s64 delta;
+    s64 before, after;
     if (member == MM_FILEPAGES) {
-        delta = size - m->file_bytes;
+        before = acg_above(m->file_bytes, m->base_file_bytes);
+        if (m->base_file_bytes < 0)
+            m->base_file_bytes = size;
         m->file_bytes = size;
+        after = acg_above(size, m->base_file_bytes);
     } else if (member == MM_ANONPAGES) {
-        delta = size - m->anon_bytes;
+        before = acg_above(m->anon_bytes, m->base_anon_bytes);
+        if (m->base_anon_bytes < 0)
+            m->base_anon_bytes = size;
         m->anon_bytes = size;
+        after = acg_above(size, m->base_anon_bytes);
     } else {
-        delta = size - m->shmem_bytes;
+        before = acg_above(m->shmem_bytes, m->base_shmem_bytes);
+        if (m->base_shmem_bytes < 0)
+            m->base_shmem_bytes = size;
         m->shmem_bytes = size;
+        after = acg_above(size, m->base_shmem_bytes);
     }
+    s64 delta = after - before;
     u64 cg = m->cgroup_id;
     if (m->file_bytes == 0 && m->anon_bytes == 0 && m->shmem_bytes == 0)
         mms.delete(&mm_id);  /* torn down at exit (or emptied) */

@@ -42,13 +42,13 @@ REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a 
 _HASH_MAPS = {
     "shared": ("watched", "counters", "tasks"),
     "process": ("exits",),
-    "memory": ("mms", "reclaim_start"),
+    "memory": ("mms", "reclaim_start", "mm_fresh"),
     "sched": ("runq_since", "runq_hist"),
     "block": ("io_owner", "io_inflight", "block_stats"),
     "exit_codes": (),
 }
 # maps whose values carry the owning cgroup id in a `cgroup_id` field
-_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "runq_since", "io_owner", "io_inflight")
+_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "mm_fresh", "runq_since", "io_owner", "io_inflight")
 _PROGRAM_RE = re.compile(r"^int (acg_\w+)\(struct tracepoint__(\w+?)__(\w+) \*args\)", re.M)
 _ERROR_NAMES = {ev.ERR_TASKS_FULL: "tasks", ev.ERR_MMS_FULL: "mms",
                 ev.ERR_BLOCK_FULL: "block_stats", ev.ERR_INFLIGHT_FULL: "io_inflight"}
@@ -153,6 +153,9 @@ class BpfMonitor:
             raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(ALL_CONCERNS)}")
         if "exit_codes" in concerns and "process" not in concerns:
             raise InvalidInput("the BPF concern exit_codes needs the concern process as well")
+        if "memory" in concerns and "process" not in concerns:
+            # the exec program tells the memory concern which mms start empty (agentcg.h, acg_mm)
+            raise InvalidInput("the BPF concern memory needs the concern process as well")
         if not 0 < reclaim_stall_s < 60:
             raise InvalidInput(f"reclaim_stall_s must be in (0, 60) seconds, got {reclaim_stall_s}")
         self.concerns = tuple(c for c in ALL_CONCERNS if c in concerns)
@@ -186,7 +189,7 @@ class BpfMonitor:
             f"-DMAX_CGROUPS={MAX_CGROUPS}", f"-DMAX_TASKS={MAX_TASKS}", f"-DMAX_MMS={MAX_MMS}",
             f"-DMAX_BLOCK_KEYS={MAX_BLOCK_KEYS}", f"-DMAX_INFLIGHT_IO={MAX_INFLIGHT_IO}",
             f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DRECLAIM_STALL_NS={int(reclaim_stall_s * 1e9)}ULL",
-        ]
+        ] + [f"-DACG_CONCERN_{name.upper()}" for name in self.concerns]
         try:
             self._b = bcc.BPF(text="\n".join(parts).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile and load failures

@@ -34,6 +34,10 @@ int acg_process__sched__sched_process_exec(struct tracepoint__sched__sched_proce
         return 0;
     __sync_fetch_and_add(&c->execs, 1);
     u32 pid = args->pid, old_pid = args->old_pid;
+#ifdef ACG_CONCERN_MEMORY
+    struct acg_stamp fresh_mm = {.cgroup_id = cg, .ns = bpf_ktime_get_ns()};
+    mm_fresh.update(&pid, &fresh_mm);
+#endif
     u32 ppid = 0;
     struct acg_task *t = tasks.lookup(&pid);
     if (!t && old_pid != pid)

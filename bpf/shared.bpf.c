@@ -6,6 +6,11 @@ BPF_HASH(counters, u64, struct acg_counters, MAX_CGROUPS);
 BPF_HASH(tasks, u32, struct acg_task, MAX_TASKS);
 BPF_PERCPU_ARRAY(errors, u64, ERR_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#ifdef ACG_CONCERN_MEMORY
+/* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the memory
+ * concern has not seen its new mm yet; that mm starts empty, so all of it counts. */
+BPF_HASH(mm_fresh, u32, struct acg_stamp, MAX_TASKS);
+#endif
 
 static __always_inline void acg_error(int slot)
 {

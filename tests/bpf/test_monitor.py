@@ -255,6 +255,8 @@ def test_unknown_concern_and_closed_monitor():
 
     with pytest.raises(InvalidInput, match="unknown"):
         BpfMonitor(concerns=("network",))
+    with pytest.raises(InvalidInput, match="memory needs the concern process"):
+        BpfMonitor(concerns=("memory", "sched"))
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
     mon = BpfMonitor(concerns=("process",))
@@ -305,3 +307,30 @@ def test_stop_at_exec_holds_the_process_until_sigcont(monitor, make_cgroup, tmp_
         assert not [e for e in events if isinstance(e, ExecEvent) and e.pid == plain.pid][0].stopped
     finally:
         monitor.forget(cg.id)
+
+
+def test_a_child_forked_from_a_big_parent_is_not_charged_its_parents_pages(monitor, make_cgroup):
+    """A child joins the watched cgroup before exec, while its mm is still a copy of the
+    (big) parent's: eBPF RSS must count only what it gains there, not the parent's pages,
+    and an exec'd program's memory all counts. Without the base rule this cgroup would show
+    the parent's ~256 MiB."""
+    ballast = bytearray(256 * MiB)   # make the spawning process big whatever ran before
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    cg = make_cgroup()
+    monitor.watch(cg.id)
+    try:
+        assert cg.run(["/bin/true"]).returncode == 0
+        assert monitor.counters(cg.id).rss_peak_bytes < 32 * MiB
+        # a forked child that never execs is charged its own growth
+        script = "import os\nb = bytearray(120 * 2**20)\npid = os.fork()\n" \
+                 "if pid == 0:\n    c = bytearray(100 * 2**20)\n    os._exit(0)\nos.waitpid(pid, 0)\n"
+        before = monitor.counters(cg.id).rss_peak_bytes
+        assert cg.run([PY, "-c", script]).returncode == 0
+        peak = monitor.counters(cg.id).rss_peak_bytes
+        assert peak >= 220 * MiB, peak          # python's 120 MiB plus the child's own 100 MiB
+        assert peak < 220 * MiB + 120 * MiB, peak  # not the parent's 120 MiB a second time
+        assert before < 32 * MiB
+    finally:
+        monitor.forget(cg.id)
+        del ballast
