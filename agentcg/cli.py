@@ -21,10 +21,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reap": ("agentcg.controller.sandbox_cli", "reap", "Remove cgroups left by dead agentcg processes."),
     "daemon": ("agentcg.controller.daemon_cli", "daemon", "Run the root policy daemon."),
     "replay": ("agentcg.controller.replay_cli", "replay", "Replay recorded sessions on the real kernel."),
-    "profile": ("agentcg.profiler.cli", "profile", "Record a whole agent session as a trace."),
+    "profile": ("agentcg.controller.profile_cli", "profile", "Record a whole agent session as a trace."),
     "report": ("agentcg.profiler.cli", "report", "Characterise recorded sessions: time, memory, tool calls."),
     "import": ("agentcg.profiler.cli", "import_trace", "Convert external traces into agentcg traces."),
-    "kv": ("agentcg.profiler.kv_cli", "kv", "Simulate KV-cache policies on recorded sessions."),
+    "kv": ("agentcg.kv_cli", "kv", "Simulate KV-cache policies on recorded sessions."),
     "gpu": ("agentcg.gpu.cli", "gpu", "GPU sampling and KV-store benchmarks."),
     "demo": ("agentcg.demo", "demo", "Doctor plus a short profiled demo session."),
 }

@@ -57,7 +57,7 @@ def demo(alloc: str, skip_doctor: bool, root: str) -> None:
     """Doctor, the report of the recorded traces, then a short live profile and its report."""
     from agentcg.controller.doctor import probe_host
     from agentcg.controller.doctor_cli import raise_unless_core_ok
-    from agentcg.profiler.profile_cmd import profile_command
+    from agentcg.controller.profile_session import profile_command
     from agentcg.profiler.report import build_report, render_text
     from agentcg.profiler.trace import read_trace
 

@@ -5,7 +5,6 @@ commands stays light.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -91,34 +90,3 @@ def import_agentcgroup_cmd(directory: Path | None, output: Path, force: bool, st
     click.echo(f"LLM requests: {result.llm_requests} ({result.tasks_without_llm_log} task(s) without an LLM log)")
     click.echo(f"samples: {result.samples} ({result.unmeasured_samples} with no container to measure)")
     click.echo(f"wrote {output}")
-
-
-@click.command("profile", context_settings={"allow_interspersed_args": False})
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Trace to write (a new directory; default agentcg-profile-<date>-<time>).")
-@click.option("--sandbox", help="Sandbox name (default: profile-<program>-<pid>); must not exist yet.")
-@click.option("--interval", default="100ms", show_default=True, help="Sampling interval (10ms .. 60s).")
-@click.option("--root", default="agentcg", envvar="AGENTCG_ROOT", show_default=True,
-              help="cgroup root below each hierarchy (env AGENTCG_ROOT).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="AGENTCG_STATE_DIR",
-              help="Owner files and locks (default /run/agentcg; env AGENTCG_STATE_DIR).")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def profile(output: Path | None, sandbox: str | None, interval: str, root: str, state_dir: Path | None,
-            command: tuple[str, ...]) -> None:
-    """Run COMMAND (an agent, or any command) as a sandbox session and record it as a trace.
-
-    Every command it starts as a direct child (shells, developer tools, coreutils) becomes a
-    tool call in its own cgroup, detected by eBPF at exec (about 1-2 s to load the programs).
-    The sandbox and each running call are sampled every --interval: memory, CPU, PSI. The
-    trace is written when COMMAND ends, or on Ctrl-C / SIGTERM (nothing recorded is lost);
-    `agentcg report TRACE` characterises it. A status line shows on stderr when it is a
-    terminal; otherwise one summary line. The exit code is COMMAND's (128+N for a signal).
-    """
-    from agentcg.profiler.profile_cmd import check_interval, default_trace_path, profile_command
-
-    interval_s = check_interval(parse_duration(interval, what="--interval"))
-    summary = profile_command(list(command), output if output is not None else default_trace_path(),
-                              sandbox=sandbox, interval_s=interval_s, root=root, state=state_dir)
-    if summary.returncode:
-        # sys.exit, not ctx.exit: agentcg.cli.main drops the code of click's Exit
-        sys.exit(summary.returncode)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from agentcg.errors import InvalidInput
 from agentcg.profiler.kvsim_sessions import SimSession, SimTurn
@@ -57,17 +58,15 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def run_real(sessions: list[SimSession], policies: list[str], *, gpu_kv_fraction: float = 0.5,
+def run_real(sessions: list[SimSession], policies: list[str], run_sessions: Callable[..., Any],
+             make_geometry: Callable[..., Any], *, gpu_kv_fraction: float = 0.5,
              max_context_tokens: int = 512, max_output_tokens: int = 8, time_scale: float = 0.01,
              timeout_s: float = 600.0) -> list[RealResult]:
-    try:
-        from agentcg.gpu.engine.run import run_sessions
-        from agentcg.gpu.kvgeometry import KVGeometry
-    except ImportError as exc:
-        raise InvalidInput(f"--real needs the reference engine (agentcg.gpu.engine), which cannot be loaded "
-                           f"here ({exc}); drop --real to simulate with the cost model") from None
+    """`run_sessions` and `make_geometry` are the reference engine's entry point and its
+    KVGeometry (agentcg.gpu.engine.run_sessions, agentcg.gpu.kvgeometry.KVGeometry): the
+    caller passes them, so the profiler does not import the GPU part."""
     scaled = scale_sessions(sessions, max_context_tokens, max_output_tokens)
-    geometry = KVGeometry(*GEOMETRY)
+    geometry = make_geometry(*GEOMETRY)
     block = GEOMETRY[4]
     mean_total = sum(s.mean_context_tokens for s in scaled)
     longest = max(_engine_context(s) for s in scaled)

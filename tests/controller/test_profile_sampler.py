@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from agentcg.profiler.profile_cmd import ProfileSummary, StatusLine, default_sandbox_name
-from agentcg.profiler.sampler import SCOPE_SANDBOX, SCOPE_TOOLCALL, CallRef, SandboxSampler
+from agentcg.controller.profile_session import ProfileSummary, StatusLine, default_sandbox_name
+from agentcg.controller.sampler import SCOPE_SANDBOX, SCOPE_TOOLCALL, CallRef, SandboxSampler
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@
 The command runs in `<root>/<sandbox>/agent`; the exec detector of `sandbox exec`
 (agentcg.controller.autodetect) moves each command it starts into its own tool-call
 cgroup. One loop, on the main thread, polls the detector's eBPF events and, every
-`interval_s`, samples the sandbox and each running call (agentcg.profiler.sampler) into
+`interval_s`, samples the sandbox and each running call (agentcg.controller.sampler) into
 the trace. A call's row is written when it starts and again when it ends (the last row
 wins), so a recording cut short still shows it. SIGINT and SIGTERM only set a flag: the
 loop passes the signal to the agent, gives it `STOP_GRACE_S` to exit, then kills the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from agentcg.errors import CgroupExists, InvalidInput, TraceError
-from agentcg.profiler.sampler import SCOPE_SANDBOX, CgroupSample, SandboxSampler
+from agentcg.controller.sampler import SCOPE_SANDBOX, CgroupSample, SandboxSampler
 from agentcg.records import ToolCallRecord, truncate_command
 from agentcg.units import format_bytes
 

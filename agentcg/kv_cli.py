@@ -56,9 +56,17 @@ def simulate(source, policies, gpu, cost_model, gpu_kv, gpu_kv_fraction, host_me
     if real:
         from agentcg.profiler.kvsim_real import format_real, run_real
 
+        try:
+            from agentcg.gpu.engine.run import run_sessions
+            from agentcg.gpu.kvgeometry import KVGeometry
+        except ImportError as exc:
+            raise InvalidInput(f"--real needs the reference engine (agentcg.gpu.engine), which cannot be loaded "
+                               f"here ({exc}); drop --real to simulate with the cost model") from None
+
         if min(real_max_context, real_max_output) < 1 or real_time_scale < 0:
             raise InvalidInput("--real-max-context and --real-max-output must be at least 1, --real-time-scale >= 0")
-        results = run_real(sessions, names, gpu_kv_fraction=gpu_kv_fraction, max_context_tokens=real_max_context,
+        results = run_real(sessions, names, run_sessions, KVGeometry, gpu_kv_fraction=gpu_kv_fraction,
+                           max_context_tokens=real_max_context,
                            max_output_tokens=real_max_output, time_scale=real_time_scale)
         click.echo(f"reference engine, {len(sessions)} sessions scaled to at most {real_max_context} tokens of context")
         click.echo(format_real(results))

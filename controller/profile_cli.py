@@ -1,0 +1,39 @@
+"""`agentcg profile`: record a live agent session as a trace (the session runs on the host's
+cgroups and eBPF, so it is controller work; the trace format is the profiler's)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from agentcg.units import parse_duration
+
+
+@click.command("profile", context_settings={"allow_interspersed_args": False})
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Trace to write (a new directory; default agentcg-profile-<date>-<time>).")
+@click.option("--sandbox", help="Sandbox name (default: profile-<program>-<pid>); must not exist yet.")
+@click.option("--interval", default="100ms", show_default=True, help="Sampling interval (10ms .. 60s).")
+@click.option("--root", default="agentcg", envvar="AGENTCG_ROOT", show_default=True,
+              help="cgroup root below each hierarchy (env AGENTCG_ROOT).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="AGENTCG_STATE_DIR",
+              help="Owner files and locks (default /run/agentcg; env AGENTCG_STATE_DIR).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def profile(output: Path | None, sandbox: str | None, interval: str, root: str, state_dir: Path | None,
+            command: tuple[str, ...]) -> None:
+    """Run COMMAND (an agent, or any command) as a sandbox session and record it as a trace.
+
+    Every command it starts as a direct child (shells, developer tools, coreutils) becomes a
+    tool call in its own cgroup, detected by eBPF at exec (about 1-2 s to load the programs).
+    The sandbox and each running call are sampled every --interval: memory, CPU, PSI. The
+    trace is written when COMMAND ends, or on Ctrl-C / SIGTERM (nothing recorded is lost);
+    `agentcg report TRACE` characterises it. A status line shows on stderr when it is a
+    terminal; otherwise one summary line. The exit code is COMMAND's (128+N for a signal).
+    """
+    from agentcg.controller.profile_session import check_interval, default_trace_path, profile_command
+
+    interval_s = check_interval(parse_duration(interval, what="--interval"))
+    summary = profile_command(list(command), output if output is not None else default_trace_path(),
+                              sandbox=sandbox, interval_s=interval_s, root=root, state=state_dir)
+    if summary.returncode:
+        click.get_current_context().exit(summary.returncode)
