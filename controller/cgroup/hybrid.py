@@ -15,10 +15,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from agentcg.controller.cgroup import _fs, v1
+from agentcg.controller.cgroup import v1
 from agentcg.controller.cgroup.base import CpuStat, MemoryEvents, MemoryStat, validate_path
 from agentcg.controller.cgroup.layout import CgroupLayout
-from agentcg.controller.cgroup.v2 import V2Tree, check_cpu_max, check_weight, limit_text
+from agentcg.controller.cgroup.v2 import V2Tree, check_cpu_max, check_weight, limit_text, pids_below
 from agentcg.errors import CgroupGone, ControllerMissing
 
 # v1 controllers a cgroup joins, in this order; co-mounted ones share a directory.
@@ -93,13 +93,13 @@ class HybridTree(V2Tree):
     def _any_process(self, path: str) -> bool:
         if super()._any_process(path):
             return True
-        return bool(_v1_pids(self._hierarchy_dirs(path)[1:]))
+        return bool(pids_below(self._hierarchy_dirs(path)[1:]))
 
     def kill(self, path: str) -> None:
         """cgroup.kill on the v2 tree, plus SIGKILL to anything that joined only a v1
         hierarchy (one sweep; `remove` repeats it while processes remain)."""
         super().kill(path)
-        for pid in _v1_pids(self._hierarchy_dirs(path)[1:]):
+        for pid in pids_below(self._hierarchy_dirs(path)[1:]):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -179,13 +179,4 @@ class HybridTree(V2Tree):
         return base
 
 
-def _v1_pids(directories: list[Path]) -> set[int]:
-    pids: set[int] = set()
-    for directory in directories:
-        for root, _dirs, _files in os.walk(directory):
-            try:
-                pids |= {int(x) for x in _fs.read(Path(root) / "cgroup.procs").split()}
-            except CgroupGone:
-                continue
-    return pids
 

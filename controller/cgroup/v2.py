@@ -435,16 +435,22 @@ def _try_rmdir(directory: Path) -> bool:
     return True
 
 
+def pids_below(directories: list[Path]) -> set[int]:
+    """Every pid in these cgroups and the cgroups below them."""
+    pids: set[int] = set()
+    for directory in directories:
+        for root, _dirs, _files in os.walk(directory):
+            try:
+                pids |= {int(x) for x in _fs.read(Path(root) / "cgroup.procs").split()}
+            except CgroupGone:
+                continue
+    return pids
+
+
 def sweep_kill(directories: list[Path]) -> None:
     """SIGKILL every pid in these cgroups and below, in bounded rounds."""
     for _ in range(KILL_ROUNDS):
-        pids = set()
-        for directory in directories:
-            for root, _dirs, _files in os.walk(directory):
-                try:
-                    pids |= {int(x) for x in _fs.read(Path(root) / "cgroup.procs").split()}
-                except CgroupGone:
-                    continue
+        pids = pids_below(directories)
         if not pids:
             return
         for pid in pids:
