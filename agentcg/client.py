@@ -40,7 +40,8 @@ from agentcg.records import ToolCallRecord
 DEFAULT_SOCKET = Path("/run/agentcg/agentcg.sock")
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
-REQUEST_TIMEOUT_S = 60.0         # toolcall.end waits out the call's grace period on the daemon
+REQUEST_TIMEOUT_S = 60.0
+END_TIMEOUT_S = 3660.0           # toolcall.end waits out the call's grace period (at most 3600 s)
 MODES = ("auto", "daemon", "local")
 
 _ERRORS: dict[str, type[AgentcgError]] = {
@@ -222,9 +223,14 @@ class Client:
     def request(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """One daemon request; the result object, or the mapped agentcg error."""
         with self._lock:
+            if self._conn is not None and (self._conn.broken or self._conn.closed_by_peer()):
+                # the daemon closes idle connections (300 s), e.g. during a long tool call
+                self._conn.close()
+                self._conn = None
             if self._conn is None:
                 self._conn = _Connection(self.socket_path)
-            return self._conn.request(op, args or {})
+            timeout_s = END_TIMEOUT_S if op == "toolcall.end" else REQUEST_TIMEOUT_S
+            return self._conn.request(op, args or {}, timeout_s)
 
     def _begin_daemon(self, sandbox: str, tool: str | None, command: Sequence[str] | str,
                       mem_hint_bytes: int | None, priority: str) -> Call:
@@ -296,19 +302,38 @@ class _Connection:
             raise HostUnsupported(f"cannot connect to the agentcg daemon at {path}: {exc.strerror or exc}; "
                                   "is `agentcg daemon` running?") from None
         self._buffer = b""
+        self.broken = False   # a transport failure: replies may be out of step, never reuse it
 
-    def request(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def closed_by_peer(self) -> bool:
+        # non-blocking for the peek: with a timeout set, Python would first wait for data
+        self._sock.setblocking(False)
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            self._sock.settimeout(REQUEST_TIMEOUT_S)
+
+    def request(self, op: str, args: dict[str, Any], timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
         request_id = next(self._ids)
         line = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args}).encode() + b"\n"
         if len(line) > MAX_MESSAGE_BYTES:
             raise InvalidInput(f"{op}: request of {len(line)} bytes exceeds the protocol's {MAX_MESSAGE_BYTES}")
         try:
+            self._sock.settimeout(timeout_s)
             self._sock.sendall(line)
             reply = self._read_line()
         except socket.timeout:
-            raise ProtocolError(f"{op}: no answer from the daemon at {self.path} within {REQUEST_TIMEOUT_S:g} s") from None
+            self.broken = True
+            raise ProtocolError(f"{op}: no answer from the daemon at {self.path} within {timeout_s:g} s") from None
         except OSError as exc:
+            self.broken = True
             raise ProtocolError(f"{op}: connection to the daemon at {self.path} failed: {exc.strerror or exc}") from None
+        except ProtocolError:
+            self.broken = True
+            raise
         try:
             message = json.loads(reply)
         except json.JSONDecodeError as exc:

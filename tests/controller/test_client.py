@@ -113,3 +113,16 @@ def test_daemon_mode_against_the_real_daemon():
             with pytest.raises(InvalidInput, match="daemon refused"):
                 client.begin("bad/name", "x", "x")
         assert {r["call_id"] for r in d.records()} >= {result.record.call_id, call.record.call_id}
+
+
+def test_a_call_longer_than_the_daemons_idle_timeout_still_ends():
+    """The daemon closes idle connections; a tool call outlasting that must still get its
+    record: the client reconnects instead of failing on the dead connection."""
+    from agentcg.controller.daemon.testing import daemon_process
+
+    with daemon_process(ebpf={"mode": "off"}, protocol={"idle_timeout_s": 1.0}) as d:
+        with Client(mode="daemon", socket=d.socket_path) as client:
+            with client.tool_call("s1", "sleep", ["sleep", "2"]) as call:
+                call.spawn(["sleep", "2"]).wait()    # the connection idles past 1 s meanwhile
+            assert call.record.exit_code == 0 and call.record.duration_s >= 2.0
+            assert client.request("ping")["version"] == 1
