@@ -330,9 +330,13 @@ class TieredKVStore:
             records = self._run(request_id, op, legs, ready)
         except BaseException as exc:
             with self._lock:
+                # req.slot already names the destination slots (kept until discard: nothing
+                # half-written is reused); the sources are named nowhere else, so free them here.
+                for leg in legs:
+                    self._slots[leg.src].give(leg.src_slots)
                 req = self._requests.get(request_id)
                 if req is not None:
-                    req.error = exc  # its slots stay reserved until discard: nothing half-written is reused
+                    req.error = exc
             raise
         # Bookkeeping before the future resolves, so usage() is exact once wait() returns.
         with self._lock:

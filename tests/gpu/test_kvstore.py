@@ -119,6 +119,32 @@ def test_moves_chain_without_waiting(ssd_dir):
         assert store.usage().host.used_blocks == 0 and store.usage().ssd.used_blocks == 0
 
 
+def test_failed_move_gives_back_its_source_slots(ssd_dir, monkeypatch):
+    """An SSD write error (injected: this host's disk does not fail on demand) fails the move;
+    after discard every tier is as empty as before, so the failure does not shrink capacity."""
+    with TieredKVStore(GEOMETRY, 4, 4, ssd_dir, 4) as store:
+        fill(store, "r", 3, seed=4)
+        store.swap_out("r").wait()
+        store.allocate("r", 1)                          # one block on device, three on host
+
+        def broken(slot, buffer):
+            raise OSError(5, "Input/output error (injected)")
+
+        monkeypatch.setattr(store.ssd, "write", broken)
+        with pytest.raises(OSError, match="injected"):
+            store.offload("r").wait()
+        with pytest.raises(KVStateError, match="failed move"):
+            store.swap_in("r")
+        store.discard("r")
+        usage = store.usage()
+        assert (usage.device.used_blocks, usage.host.used_blocks, usage.ssd.used_blocks) == (0, 0, 0)
+        monkeypatch.undo()
+        want = fill(store, "s", 4, seed=5)              # the whole device tier is usable again
+        store.offload("s").wait()
+        store.load("s").wait()
+        assert crcs(store, "s", 4) == want
+
+
 def test_fragmented_slots_still_round_trip(ssd_dir):
     with TieredKVStore(GEOMETRY, 12, 12, ssd_dir, 12) as store:
         for i in range(6):
