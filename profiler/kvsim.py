@@ -516,28 +516,29 @@ class Simulator:
         if d.keep_gpu_copy:
             lo = s.host[1] if s.host and s.host[0] == 0 else 0
             seg = (0, s.g)
+            moved = max(0, s.g - lo)
         else:
             k = s.g if d.tokens is None else max(0, min(d.tokens, s.g))
             lo = s.g - k
-            if s.host and s.host[0] <= lo <= s.host[1]:
-                seg = (s.host[0], max(s.host[1], s.g))
-                lo = max(lo, s.host[1]) if s.host[1] < s.g else s.g
+            if s.host and s.host[0] <= s.g and s.host[1] >= lo:
+                # The host copy touches or overlaps [lo, g): keep it and move only what it lacks
+                # (after a partial swap the host copy starts at g, so the next one merges).
+                seg = (min(lo, s.host[0]), max(s.host[1], s.g))
+                moved = k - max(0, min(s.g, s.host[1]) - max(lo, s.host[0]))
             else:
-                seg = (s.g - k, s.g)
+                seg = (lo, s.g)
+                moved = k
         size = seg[1] - seg[0]
         old = (s.host[1] - s.host[0]) if s.host else 0
         if self.host_used - old + size > self._host_capacity_tokens():
             return self._refuse()
-        moved = max(0, s.g - lo) if d.keep_gpu_copy else max(0, s.g - lo)
         self._set_host(s, seg)
         s.host_ready = self.links["gpu_to_host"].send(self.now, moved * self.bpt) if moved else max(self.now, s.host_ready)
         if not d.keep_gpu_copy:
-            release = s.g - (seg[0] if seg[0] < s.g else s.g)
-            release = min(release, s.g if d.tokens is None else d.tokens)
             if s.host_ready <= self.now:
-                self._gpu_drop_tail(s, release)
-                return release
-            s.pending_release = release
+                self._gpu_drop_tail(s, k)
+                return k
+            s.pending_release = k
             self._push(s.host_ready, "release", s, s.epoch)
         return 0
 
