@@ -10,6 +10,7 @@ created if nothing else uses it, and deletes the file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
 OWNER_VERSION = 1
 MAX_OWNER_FILE_BYTES = 4096
 MAX_REAPED_PER_PASS = 10_000
+
+log = logging.getLogger("agentcg.reaper")
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,11 @@ def reap_orphans(tree: CgroupTree, state: Path | None = None, *, timeout_s: floa
                 sandbox_removed = remove_auto_sandbox_if_unused(tree, owner.sandbox, state)
         except CgroupGone:
             pass
-        except AgentcgError:
-            raise
+        except AgentcgError as exc:
+            # one stuck cgroup (a process in D state, say) must not stop every later start:
+            # its owner file stays, so the next pass tries again
+            log.warning("cannot reap tool call %s/%s yet: %s", owner.sandbox, owner.call_id, exc)
+            continue
         path.unlink(missing_ok=True)
         reaped.append(ReapedCall(owner.call_id, owner.sandbox, owner.owner_pid, cgroup_removed, sandbox_removed))
     return reaped

@@ -16,6 +16,7 @@ Without a BpfMonitor the eBPF fields of the record stay None (not measured), nev
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import subprocess
@@ -33,6 +34,8 @@ from agentcg.controller.sandbox import (
 )
 from agentcg.errors import AgentcgError, CgroupError, CgroupGone, InvalidInput
 from agentcg.records import ToolCallRecord, truncate_command
+
+log = logging.getLogger("agentcg.toolcall")
 
 if TYPE_CHECKING:
     from agentcg.bpf.monitor import BpfMonitor, CgroupCounters
@@ -203,7 +206,10 @@ class ToolCallManager:
         done = []
         for call in self.running():
             if call.has_returned and (not self._populated(call) or now_s >= call.returned_monotonic_s + call.grace_s):
-                done.append(self._finish(call))
+                try:
+                    done.append(self._finish(call))
+                except AgentcgError as exc:   # one stuck call must not lose the others' records
+                    log.error("tool call %s/%s could not be finished: %s", call.sandbox, call.call_id, exc)
         return done
 
     def end(self, call: ToolCall, exit_code: int | None = None, signal: int | None = None,
@@ -260,9 +266,11 @@ class ToolCallManager:
             elif killed_after_grace:
                 record.policy_action = "grace_kill"
                 record.message = f"background processes still ran {call.grace_s:g} s after the call returned; killed"
-        finally:
+        except BaseException:
             self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
-        self._append(record)
+            raise
+        self._append(record)   # kept even if the clean-up below fails
+        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
         return record
 
     def _record(self, call: ToolCall) -> ToolCallRecord:
@@ -307,7 +315,8 @@ class ToolCallManager:
             self.tree.remove(path)
         except CgroupGone:
             pass
-        remove_owner(call_id, self.state)
+        finally:
+            remove_owner(call_id, self.state)
         with sandbox_lock(self.tree, sandbox, self.state):
             remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
 

@@ -252,9 +252,7 @@ class Api:
             if pid is not None:
                 call.attach(pid)
         except BaseException:
-            d.calls.returned(call)
-            call.grace_s = 0.0
-            d.finish_due()
+            d.calls.discard(call)   # it never ran: no record, no stats, nothing for policies to learn
             raise
         if call.created_sandbox and sandbox not in d.state.sandboxes:
             d.add_sandbox(SandboxEntry(sandbox, priority="normal", ephemeral=True))

@@ -220,3 +220,28 @@ def test_killed_owner_is_reaped(cgroup_tree, tmp_path):
     assert json.loads((calls_dir(state) / f"{live.call_id}.json").read_text())["owner_pid"] == os.getpid()
     mgr.end(live)
     assert not cgroup_tree.exists("orphan")
+
+
+def test_a_call_that_cannot_be_removed_loses_no_record(mgr, cgroup_tree, monkeypatch):
+    """finish_due: one call whose cgroup will not go (CgroupBusy) keeps its record and does
+    not take the other calls' records with it."""
+    from agentcg.errors import CgroupBusy
+
+    stuck, fine = (mgr.begin("sb1", "t", "true") for _ in range(2))
+    for call in (stuck, fine):
+        call.spawn(["/bin/true"]).wait()
+        mgr.returned(call, 0)
+    real_remove = cgroup_tree.remove
+
+    def remove(path, *args, **kwargs):
+        if path == stuck.path:
+            raise CgroupBusy(f"{path}: still populated (test)")
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(cgroup_tree, "remove", remove)
+    records = mgr.finish_due()
+    assert [r.call_id for r in records] == [fine.call_id]
+    written = [ToolCallRecord.from_json(line).call_id for line in mgr.records_path.read_text().splitlines()]
+    assert set(written) == {stuck.call_id, fine.call_id}   # the stuck call's record is kept too
+    monkeypatch.setattr(cgroup_tree, "remove", real_remove)
+    real_remove(stuck.path)
