@@ -84,7 +84,7 @@ struct acg_hist {
 struct acg_task {
     __u64 cgroup_id;
     __u32 ppid;    /* tgid of the parent that forked it, 0 if unknown */
-    __u32 pad;
+    __u32 tgid;    /* its process (thread group), 0 if unknown */
 };
 
 /* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the

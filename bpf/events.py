@@ -57,7 +57,7 @@ class Hist(ct.Structure):
 
 
 class Task(ct.Structure):
-    _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("tgid", ct.c_uint32)]
 
 
 class Mm(ct.Structure):

@@ -262,7 +262,7 @@ class BpfMonitor:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tasks = b[b"tasks"]
         for tid in tids:
-            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, 0)
+            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid)
 
     def watched(self) -> frozenset[int]:
         return frozenset(self._watched)

@@ -22,7 +22,7 @@ int acg_process__task__task_newtask(struct tracepoint__task__task_newtask *args)
     else
         __sync_fetch_and_add(&c->forks, 1);
     acg_track((u32)pid_tgid, cg, 0);
-    acg_track(args->pid, cg, pid_tgid >> 32);
+    acg_track_tgid(args->pid, args->clone_flags & CLONE_THREAD ? pid_tgid >> 32 : args->pid, cg, pid_tgid >> 32);
     return 0;
 }
 
@@ -62,7 +62,8 @@ int acg_process__sched__sched_process_exec(struct tracepoint__sched__sched_proce
 }
 
 /* A default-fatal signal sent to a tracked process. The kernel turns most of them into
- * SIGKILL before delivery (complete_signal), so the original number is kept here. */
+ * SIGKILL before delivery (complete_signal), so the original number is kept here. args->pid
+ * is the target thread; the exit path and signal_deliver look the signal up by its process. */
 int acg_process__signal__signal_generate(struct tracepoint__signal__signal_generate *args)
 {
     int sig = args->sig;
@@ -72,11 +73,12 @@ int acg_process__signal__signal_generate(struct tracepoint__signal__signal_gener
     struct acg_task *t = tasks.lookup(&pid);
     if (!t)
         return 0;
-    struct acg_exit *old = exits.lookup(&pid);
+    u32 tgid = t->tgid ? t->tgid : pid;
+    struct acg_exit *old = exits.lookup(&tgid);
     if (old && old->signal)
         return 0;  /* the first fatal signal wins */
     struct acg_exit x = {.cgroup_id = t->cgroup_id, .exit_code = -1, .signal = sig};
-    exits.update(&pid, &x);
+    exits.update(&tgid, &x);
     return 0;
 }
 

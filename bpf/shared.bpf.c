@@ -46,18 +46,27 @@ static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u3
 }
 
 /* Remembers that `tid` belongs to `cgroup_id`, for tracepoints that fire outside its context. */
-static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
+static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32 ppid)
 {
     struct acg_task *t = tasks.lookup(&tid);
     if (t) {
         t->cgroup_id = cgroup_id;
         if (ppid)
             t->ppid = ppid;
+        if (tgid)
+            t->tgid = tgid;
         return;
     }
-    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid};
+    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid};
     if (tasks.update(&tid, &fresh))
         acg_error(ERR_TASKS_FULL);
+}
+
+/* As acg_track_tgid; the tgid is known only when `tid` is the current thread. */
+static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    acg_track_tgid(tid, (u32)pid_tgid == tid ? pid_tgid >> 32 : 0, cgroup_id, ppid);
 }
 
 /* Entries of a removed cgroup are removed by user space when it reads this event. */

@@ -135,6 +135,31 @@ def test_exit_by_signal_is_reported_with_that_signal(monitor, make_cgroup, sig):
         monitor.forget(cg.id)
 
 
+_KILL_WORKER_THREAD = """
+import signal, threading
+worker = threading.Thread(target=threading.Event().wait, daemon=True)
+worker.start()
+signal.pthread_kill(worker.ident, signal.SIGTERM)  # tgkill(pid, worker tid): not the leader
+threading.Event().wait(30)
+"""
+
+
+def test_fatal_signal_sent_to_a_worker_thread_is_reported_with_that_signal(monitor, make_cgroup):
+    """signal_generate sees the worker's thread id; the signal must still be kept for its process."""
+    cg = make_cgroup()
+    monitor.watch(cg.id)
+    try:
+        proc = cg.popen([PY, "-c", _KILL_WORKER_THREAD])
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        events = drain(monitor, lambda e: isinstance(e, ExitEvent) and e.pid == proc.pid)
+        exit_event = [e for e in events if isinstance(e, ExitEvent) and e.pid == proc.pid][0]
+        assert exit_event.signal == signal.SIGTERM and exit_event.exit_code is None
+        assert monitor.live_entries()["exits"] == 0  # nothing left behind under the thread's id
+    finally:
+        monitor.forget(cg.id)
+    assert monitor.live_entries()["exits"] == 0
+
+
 def test_cpu_time_and_runq_latency_of_a_busy_loop(monitor, make_cgroup):
     cg = make_cgroup()
     monitor.watch(cg.id)
