@@ -104,7 +104,7 @@ class AgentcgPolicy:
         if snap.trigger is Trigger.PRESSURE:
             return self._pressure(snap)
         if snap.trigger is Trigger.HOST_PRESSURE:
-            return Decision(tuple(self._free_host(snap, snap.need_bytes, keep=None)[0]))
+            return Decision(tuple(self._free_host(snap, snap.need_bytes, exclude=set())[0]))
         if snap.trigger is Trigger.TICK:
             return self._prefetch(snap)
         return NO_DECISION
@@ -122,7 +122,7 @@ class AgentcgPolicy:
         round_trip = 2 * transfer_time_s(view.gpu_tokens * snap.bytes_per_token, snap.bytes_per_s(Tier.GPU, Tier.HOST))
         if left < max(self.min_copy_s, round_trip) or missing == 0:
             return Decision((keep,), wake_at_s=self._next_wake(snap))
-        room, freed = self._free_host(snap, missing - snap.host_free_bytes, keep=rid)
+        room, freed, _ = self._free_host(snap, missing - snap.host_free_bytes, exclude={rid})
         if freed < missing - snap.host_free_bytes:
             return Decision((keep,))
         return Decision(tuple(room) + (keep, Directive(rid, Action.SWAP_TO_HOST, keep_gpu_copy=True)),
@@ -148,11 +148,12 @@ class AgentcgPolicy:
             if v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending:
                 out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
                 need -= v.gpu_tokens
+        # Every request named so far: its host copy is either the only copy left (step 1),
+        # about to be written (step 2) or already freed, so the host may not be freed from it.
         done = {d.request_id for d in out}
         host_free = snap.host_free_bytes
         # 2. Paused KV without a copy, longest calls first: swap out (frees when the copy
         #    lands). Even a short call's KV comes back far faster than it is recomputed.
-        swapped_bytes = 0
         for left, v in paused:
             if need <= 0:
                 break
@@ -160,15 +161,15 @@ class AgentcgPolicy:
             if v.request_id in done:
                 continue
             if nbytes > host_free:
-                room, freed = self._free_host(snap, nbytes - host_free + swapped_bytes, keep=v.request_id)
+                room, freed, chosen = self._free_host(snap, nbytes - host_free, exclude=done | {v.request_id})
                 if freed < nbytes - host_free:
                     continue
                 out += room
+                done |= chosen
                 host_free += freed
             out.append(Directive(v.request_id, Action.SWAP_TO_HOST))
             done.add(v.request_id)
             host_free -= nbytes
-            swapped_bytes += nbytes
             need -= v.gpu_tokens
         # 3. No host room: release to the prefix cache (the engine evicts tail blocks first).
         for left, v in paused:
@@ -185,7 +186,7 @@ class AgentcgPolicy:
             nbytes = victim.gpu_tokens * snap.bytes_per_token
             room: list[Directive] = []
             if nbytes > host_free:
-                room, freed = self._free_host(snap, nbytes - host_free, keep=victim.request_id)
+                room, freed, _ = self._free_host(snap, nbytes - host_free, exclude=done | {victim.request_id})
                 if freed < nbytes - host_free:
                     room = []
             fits = nbytes <= host_free or bool(room)
@@ -193,14 +194,17 @@ class AgentcgPolicy:
             out.append(Directive(victim.request_id, Action.PREEMPT, tier=Tier.HOST if fits else Tier.GPU))
         return Decision(tuple(out))
 
-    def _free_host(self, snap: KvSnapshot, need_bytes: int, keep: str | None) -> tuple[list[Directive], int]:
+    def _free_host(self, snap: KvSnapshot, need_bytes: int,
+                   exclude: set[str]) -> tuple[list[Directive], int, set[str]]:
         """Free `need_bytes` of the host pool: stale copies of running requests, copies
-        whose GPU copy is whole, then the coldest copies go to SSD (or are dropped)."""
+        whose GPU copy is whole, then the coldest copies go to SSD (or are dropped).
+        Requests in `exclude` are not touched; returns the directives, the bytes they free
+        and the requests they name."""
         if need_bytes <= 0:
-            return [], 0
+            return [], 0, set()
         out: list[Directive] = []
         freed = 0
-        holders = [v for v in snap.requests if v.host_tokens > 0 and v.request_id != keep]
+        holders = [v for v in snap.requests if v.host_tokens > 0 and v.request_id not in exclude]
 
         def rank(v: RequestView) -> tuple:
             if v.gpu_tokens >= v.host_tokens:          # the GPU holds it all: a redundant copy
@@ -220,7 +224,7 @@ class AgentcgPolicy:
             else:
                 out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.HOST))
             freed += nbytes
-        return out, freed
+        return out, freed, {d.request_id for d in out}
 
     def _prefetch_at(self, snap: KvSnapshot, view: RequestView) -> float:
         off_gpu = max(0, view.context_tokens - view.gpu_tokens) * snap.bytes_per_token

@@ -137,3 +137,33 @@ def test_host_memory_budget_shrinks_the_kv_pool_and_limits_sandboxes():
 def test_make_policy_refuses_unknown_names():
     with pytest.raises(InvalidInput, match="unknown KV policy"):
         make_policy("lru-ish")
+
+
+def _host_full(kv, tokens: int) -> dict:
+    return dict(host_capacity_bytes=tokens * kv.BPT, host_used_bytes=tokens * kv.BPT)
+
+
+@pytest.mark.parametrize("views, host_tokens, need, expected", [
+    # A's GPU copy goes because A has a host copy: that host copy is then A's only one.
+    ([("A", State.PAUSED, 1000, 1000), ("B", State.PAUSED, 1000, 0)], 1000, 1500,
+     (Directive("A", Action.DISCARD, tier=Tier.GPU), Directive("B", Action.KEEP, ttl_s=0.0))),
+    # Each swap frees a different stale copy; none is freed twice, so D finds no room.
+    ([("B", State.PAUSED, 1000, 0), ("C", State.PAUSED, 1000, 0), ("D", State.PAUSED, 1000, 0),
+      ("H1", State.RUNNING, 2000, 1000), ("H2", State.RUNNING, 2000, 1000)], 2000, 5000,
+     (Directive("H1", Action.DISCARD, tier=Tier.HOST), Directive("B", Action.SWAP_TO_HOST),
+      Directive("H2", Action.DISCARD, tier=Tier.HOST), Directive("C", Action.SWAP_TO_HOST),
+      Directive("D", Action.KEEP, ttl_s=0.0), Directive("H1", Action.PREEMPT, tier=Tier.GPU))),
+])
+def test_pressure_never_frees_both_copies_or_the_same_host_copy_twice(kv, views, host_tokens, need, expected):
+    policy = AgentcgPolicy()
+    built = [kv.view(rid, state, gpu_tokens=g, host_tokens=h, pinned=state is State.PAUSED,
+                     paused_s=99.0 if state is State.PAUSED else None, admitted_s=1.0 if state is State.RUNNING else None)
+             for rid, state, g, h in views]
+    built.append(kv.view("R", State.RUNNING, admitted_s=0.5))
+    decision = policy.decide(kv.snap(Trigger.PRESSURE, "R", built, need_tokens=need, **_host_full(kv, host_tokens)))
+    assert decision.directives == expected
+    named = [(d.request_id, d.tier) for d in decision.directives if d.action is Action.DISCARD]
+    assert len(named) == len(set(named))
+    for rid in {d.request_id for d in decision.directives}:
+        tiers = {d.tier for d in decision.directives if d.request_id == rid and d.action is Action.DISCARD}
+        assert tiers != {Tier.GPU, Tier.HOST}, f"both copies of {rid} discarded"
