@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from agentcg.bpf.monitor import load_bcc
 from agentcg.errors import BpfError, HostUnsupported, InvalidInput
 
 PROGRAM = Path(__file__).with_name("cudacopy.bpf.c")
@@ -126,7 +127,7 @@ class CudaCopyTracer:
         if all(path == "missing" for path in self.libraries.values()):
             raise HostUnsupported("CUDA copy tracer: neither libcudart nor libcuda found for process "
                                   f"{pid}; pass libcudart=<path> (pip install nvidia-cuda-runtime-cu12)")
-        from bcc import BPF  # python3-bpfcc from the distribution, never PyPI's "bcc"
+        BPF = load_bcc().BPF  # python3-bpfcc from the distribution, never PyPI's "bcc"
 
         cflags = [f"-DTARGET_TGID={int(pid)}", f"-DN_APIS={len(APIS)}", f"-DN_DIRS={len(DIRECTIONS)}"]
         try:

@@ -134,7 +134,8 @@ def runq_percentile_s(histogram: tuple[int, ...], q: float) -> float | None:
     return float(2 ** len(histogram)) / 1e9
 
 
-def _load_bcc() -> Any:
+def load_bcc() -> Any:
+    """The bcc module, or BpfError with how to install it."""
     try:
         import bcc
     except ImportError:
@@ -171,7 +172,7 @@ class BpfMonitor:
 
     # -- loading ---------------------------------------------------------------------
     def _load(self, bpf_dir: Path, reclaim_stall_s: float) -> None:
-        bcc = _load_bcc()
+        bcc = load_bcc()
         parts = []
         for name in ("shared",) + self.concerns:
             path = bpf_dir / f"{name}.bpf.c"
