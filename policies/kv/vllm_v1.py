@@ -58,9 +58,11 @@ class VllmV1Policy:
         return None
 
     def waiting_key(self, view: RequestView) -> tuple:
-        # prepend_request: the latest preempted goes to the head of the deque.
+        # priority: the waiting queue is a heap on (priority, arrival); a preempted request
+        # is pushed back into it like any other (kv-policies.md section 1).
+        if self.mode == "priority":
+            return (view.priority, view.arrival_s)
+        # fcfs, prepend_request: the latest preempted goes to the head of the deque.
         if view.preempted_s is not None:
             return (0, -view.preempted_s)
-        if self.mode == "priority":
-            return (1, view.priority, view.arrival_s)
         return (1, view.arrival_s)

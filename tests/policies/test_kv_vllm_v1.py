@@ -46,13 +46,21 @@ def test_prefix_hits_are_whole_blocks_and_at_most_prompt_minus_one(cached, promp
     assert prefix_hit_tokens(cached, prompt, 16) == hit
 
 
-def test_preempted_requests_go_to_the_head_of_the_waiting_queue_latest_first(kv):
-    policy = VllmV1Policy()
-    new = kv.view("N", State.WAITING, arrival_s=1.0)
-    old_preempted = kv.view("P1", State.WAITING, arrival_s=5.0, preempted_s=10.0)
-    new_preempted = kv.view("P2", State.WAITING, arrival_s=6.0, preempted_s=11.0)
+@pytest.mark.parametrize("mode, priorities, expected", [
+    # fcfs: preempted requests go to the head of the deque, the latest first.
+    ("fcfs", (0, 0, 0), ["P2", "P1", "N"]),
+    # priority: one heap on (priority, arrival); being preempted moves no one ahead.
+    ("priority", (0, 0, 0), ["N", "P1", "P2"]),
+    ("priority", (1, 0, 2), ["P1", "N", "P2"]),
+    ("priority", (1, 1, 0), ["P2", "N", "P1"]),
+])
+def test_preempted_requests_reenter_the_waiting_queue_by_mode(mode, priorities, expected, kv):
+    policy = VllmV1Policy(mode)
+    new = kv.view("N", State.WAITING, arrival_s=1.0, priority=priorities[0])
+    old_preempted = kv.view("P1", State.WAITING, arrival_s=5.0, preempted_s=10.0, priority=priorities[1])
+    new_preempted = kv.view("P2", State.WAITING, arrival_s=6.0, preempted_s=11.0, priority=priorities[2])
     order = sorted([new, old_preempted, new_preempted], key=policy.waiting_key)
-    assert [v.request_id for v in order] == ["P2", "P1", "N"]
+    assert [v.request_id for v in order] == expected
 
 
 def test_unknown_mode_is_refused(kv):
