@@ -17,12 +17,17 @@ int acg_process__task__task_newtask(struct tracepoint__task__task_newtask *args)
     if (!c)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (args->clone_flags & CLONE_THREAD)
+    u32 tid = pid_tgid, tgid = pid_tgid >> 32;
+    acg_track(tid, cg, 0);
+    if (args->clone_flags & CLONE_THREAD) {
         __sync_fetch_and_add(&c->threads, 1);
-    else
+        /* a thread shares its process's parent; the last thread out reports the exit */
+        struct acg_task *self = tasks.lookup(&tid);
+        acg_track_tgid(args->pid, tgid, cg, self ? self->ppid : 0);
+    } else {
         __sync_fetch_and_add(&c->forks, 1);
-    acg_track((u32)pid_tgid, cg, 0);
-    acg_track_tgid(args->pid, args->clone_flags & CLONE_THREAD ? pid_tgid >> 32 : args->pid, cg, pid_tgid >> 32);
+        acg_track_tgid(args->pid, args->pid, cg, tgid);
+    }
     return 0;
 }
 
