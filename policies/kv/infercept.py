@@ -137,21 +137,37 @@ class InferceptPolicy:
         return snap.now_s + max(0.0, view.tool_remaining_s - w_d / view.gpu_tokens) + 1e-6
 
     def _reevaluate(self, snap: KvSnapshot) -> Decision:
-        view = snap.view(self.target)
-        if view is None or view.state is not State.PAUSED:
+        """Under V every paused request on the GPU is re-evaluated each iteration: those whose
+        discard waste is below their preserve waste are candidates; the largest-W_d one is
+        the swap target, the other candidates are discarded, the rest stay preserved."""
+        wastes = {v.request_id: self._wastes(snap, v) for v in snap.requests
+                  if v.state is State.PAUSED and v.gpu_tokens > 0 and self.mode.get(v.request_id) != RECOMPUTE}
+        candidates = sorted((w_d, rid) for rid, (w_p, w_d) in wastes.items() if w_d < w_p)
+        for rid, (w_p, w_d) in wastes.items():
+            if w_d >= w_p:
+                self.mode[rid] = PRESERVE
+        if self.target not in wastes or self.mode.get(self.target) == PRESERVE:
             self.target = None
+        if not candidates:
             return NO_DECISION
-        w_p, w_d = self._wastes(snap, view)
-        if view.gpu_tokens and w_d >= w_p:
-            self.mode[view.request_id] = PRESERVE
-            self.target = None
-            return NO_DECISION
-        return Decision(wake_at_s=self._break_even_s(snap))
+        winner = candidates[-1][1]
+        directives = []
+        for _, rid in candidates:
+            if rid != winner:
+                self.mode[rid] = RECOMPUTE
+                directives.append(Directive(rid, Action.DISCARD))
+        if self.mode.get(winner) != SWAPPED:
+            self.mode[winner] = TARGET
+        self.target = winner
+        return Decision(tuple(directives), wake_at_s=self._break_even_s(snap))
 
     def _pressure(self, snap: KvSnapshot) -> Decision:
         requester = snap.view(snap.subject)
         if requester is None or requester.state is not State.RUNNING:
             return NO_DECISION
+        reevaluated = self._reevaluate(snap)
+        if reevaluated.directives:
+            return reevaluated
         target = snap.view(self.target)
         used = self.swapped_out_at.get(snap.now_s, 0)
         budget_out, _ = swap_budget_blocks(self.params, snap.gpu_free_tokens)

@@ -78,3 +78,25 @@ def test_calibration_follows_the_engine_cost_model(kv):
     assert params.chunk_tokens == kv.COST.max_batched_tokens
     assert params.a == pytest.approx((3e-5 + 1.3e-9 * 10_000) * 1000)
     assert params.c == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("trigger, specs, discarded, target, preserved", [
+    # Every paused request on the GPU is re-evaluated, not only the target.
+    (Trigger.TICK, [("A", 2000, 1.0), ("B", 2000, 100.0), ("C", 4000, 100.0)], ["B"], "C", ["A"]),
+    (Trigger.TICK, [("A", 2000, 1.0), ("B", 2000, 2.0)], [], None, ["A", "B"]),
+    (Trigger.PRESSURE, [("B", 2000, 100.0), ("C", 4000, 100.0), ("D", 1000, 100.0)], ["D", "B"], "C", []),
+])
+def test_every_paused_request_is_reevaluated_each_iteration(trigger, specs, discarded, target, preserved, kv):
+    policy = InferceptPolicy(P6B)
+    views = [kv.view(rid, gpu_tokens=g, tool_remaining_s=r) for rid, g, r in specs]
+    for v in views:
+        policy.mode[v.request_id] = "preserve"     # as each paused with a long way to go earlier
+    running = [kv.view("R", State.RUNNING, admitted_s=1.0)]
+    decision = policy.decide(kv.snap(trigger, "R", views + running, need_tokens=100, **CTX))
+    assert decision.directives == tuple(Directive(rid, Action.DISCARD) for rid in discarded)
+    assert policy.target == target
+    assert [rid for rid, _, _ in specs if policy.mode[rid] == "preserve"] == preserved
+    if target is not None:
+        t = next(v for v in views if v.request_id == target)
+        w_d = discard_waste(P6B, t.gpu_tokens, 64, 64_000)
+        assert decision.wake_at_s == pytest.approx(100.0 + 100.0 - w_d / t.gpu_tokens, abs=1e-3)
