@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agentcg.engine_protocol import Action, Directive, EventKind, RequestEvent, Tier
+from agentcg.policies.bounded import recent
 from agentcg.policies.kv.costs import prefill_time_s
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, RequestView, State, Trigger
 
@@ -132,7 +133,7 @@ class ContinuumPolicy:
             s.resumed_at[rid] = (event.at_s, tokens)
             if at is not None:
                 gap = max(0.0, event.at_s - at)
-                s.gaps.setdefault(tool or "", deque(maxlen=SAMPLES_PER_TOOL)).append(gap)
+                recent(s.gaps, tool or "", lambda: deque(maxlen=SAMPLES_PER_TOOL)).append(gap)
                 s.all_gaps.append(gap)
                 s.returns += 1
         elif event.kind is EventKind.ADMITTED:

@@ -15,6 +15,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from agentcg.policies.bounded import recent
+
 WINDOW = 64
 MIN_SAMPLES = 3
 DEFAULT_S = 1.0
@@ -64,8 +66,9 @@ class ToolDurationPredictor:
     def record(self, sandbox: str, tool: str, duration_s: float) -> None:
         if not math.isfinite(duration_s) or duration_s < 0:
             return
-        self.by_sandbox.setdefault((sandbox, tool), deque(maxlen=self.window)).append(duration_s)
-        self.by_tool.setdefault(tool, deque(maxlen=self.window)).append(duration_s)
+        window = self.window
+        recent(self.by_sandbox, (sandbox, tool), lambda: deque(maxlen=window)).append(duration_s)
+        recent(self.by_tool, tool, lambda: deque(maxlen=window)).append(duration_s)
         self.overall.append(duration_s)
 
     def predict(self, sandbox: str, tool: str) -> ToolPrediction:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from agentcg.errors import InvalidInput
+from agentcg.policies.bounded import touch
 from agentcg.policies.sandbox.hints import describe_need, estimate_need, kill_message
 from agentcg.policies.sandbox.types import (
     ADMIT, DEFER, FREEZE, KILL, PRIORITY_RANK, PROTECT, RELAX, THAW, THROTTLE, Action, CallView,
@@ -154,7 +155,7 @@ class _Tick:
         for event in self.snap.events:
             if event.kind == "call_exit" and event.tool and event.peak_bytes:
                 key = (event.sandbox, event.tool)
-                self.peaks[key] = (self.peaks.get(key, ()) + (event.peak_bytes,))[-self.c.peak_history:]
+                touch(self.peaks, key, (self.peaks.get(key, ()) + (event.peak_bytes,))[-self.c.peak_history:])
 
     def protect(self) -> None:
         for sb in self.snap.sandboxes:
@@ -180,7 +181,7 @@ class _Tick:
             t0, u0 = self.last_usage[b.name]
             if self.now > t0:
                 rate = (b.usage_bytes - u0) / (self.now - t0)
-        self.last_usage[b.name] = (self.now, b.usage_bytes)
+        touch(self.last_usage, b.name, (self.now, b.usage_bytes))
         projected_bytes = b.usage_bytes + max(0.0, rate) * c.lookahead_s
         projected = projected_bytes / b.budget_bytes
         state = f"{b.limit_name} {format_bytes(b.budget_bytes)} at {used:.0%}"
@@ -199,7 +200,7 @@ class _Tick:
             if victim is not None:
                 sb, call = victim
                 self.frozen_since[(sb.name, call.call_id)] = self.now
-                self.last_step[b.name] = self.now
+                touch(self.last_step, b.name, self.now)
                 self.add(Action(FREEZE, sb.name, call.call_id, None,
                                 f"{state}: freeze {call.tool} call (priority {sb.priority}) growing at "
                                 f"{format_bytes(self.growth(sb, call))} per tick, holding {format_bytes(call.usage_bytes)}"))
@@ -214,7 +215,7 @@ class _Tick:
                 key = (sb.name, call.call_id)
                 level = self.throttled.get(key, 0) + 1
                 self.throttled[key] = level
-                self.last_step[b.name] = self.now
+                touch(self.last_step, b.name, self.now)
                 high = int(call.usage_bytes * c.throttle_steps[level - 1])
                 self.add(Action(THROTTLE, sb.name, call.call_id, high,
                                 f"{state}: throttle {call.tool} call (priority {sb.priority}), growing at "
