@@ -35,7 +35,7 @@ from agentcg.errors import (
     AccessDenied, AgentcgError, CgroupBusy, CgroupExists, CgroupGone, HostUnsupported, InvalidInput,
     ProtocolError,
 )
-from agentcg.records import ToolCallRecord
+from agentcg.records import ToolCallRecord, status_of
 
 DEFAULT_SOCKET = Path("/run/agentcg/agentcg.sock")
 PROTOCOL_VERSION = 1
@@ -91,7 +91,7 @@ class Call:
         if exit_code is None and signal is None and self.processes:
             returncode = self.processes[0].poll()
             if returncode is not None:
-                exit_code, signal = _status(returncode)
+                exit_code, signal = status_of(returncode)
         self.record = self._finish(exit_code, signal)
         return self.record
 
@@ -166,7 +166,7 @@ class Client:
                     returncode = proc.wait()
                     raise
         finally:
-            record = call.finish(*_status(returncode))
+            record = call.finish(*status_of(returncode))
         return CallResult(returncode, record)
 
     def close(self) -> None:
@@ -362,10 +362,6 @@ class _Connection:
 
     def close(self) -> None:
         self._sock.close()
-
-
-def _status(returncode: int) -> tuple[int | None, int | None]:
-    return (None, -returncode) if returncode < 0 else (returncode, None)
 
 
 def _program(command: Sequence[str] | str) -> str:

@@ -17,6 +17,16 @@ RECORD_VERSION = 1
 COMMAND_MAX_CHARS = 512
 
 
+def status_of(returncode: int) -> tuple[int | None, int | None]:
+    """Popen.returncode -> (exit_code, signal): a negative code is a death by that signal."""
+    return (None, -returncode) if returncode < 0 else (returncode, None)
+
+
+def shell_exit_code(returncode: int) -> int:
+    """Popen.returncode -> what a shell reports: 128+N for a death by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
 def truncate_command(argv: list[str] | str, limit: int = COMMAND_MAX_CHARS) -> str:
     text = argv if isinstance(argv, str) else " ".join(argv)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -145,7 +145,7 @@ class ExecDetector:
 
     def agent_exited(self, returncode: int) -> None:
         """The agent process P was reaped by its spawner: its call (if P became one) returned."""
-        from agentcg.controller.toolcall import status_of
+        from agentcg.records import status_of
 
         tracked = self._by_pid.get(self.agent_pid)
         if tracked is not None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from agentcg.errors import CgroupExists, InvalidInput, TraceError
 from agentcg.controller.sampler import SCOPE_SANDBOX, CgroupSample, SandboxSampler
-from agentcg.records import ToolCallRecord, truncate_command
+from agentcg.records import ToolCallRecord, shell_exit_code, truncate_command
 from agentcg.units import format_bytes
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ class _Session:
             rc = proc.poll()
             if rc is not None:
                 detector.agent_exited(rc)
-                return rc if rc >= 0 else 128 - rc
+                return shell_exit_code(rc)
             if stop.signum is not None and stop_deadline is None:
                 stop_deadline = time.monotonic() + STOP_GRACE_S
                 _signal(proc.pid, stop.signum)   # a Ctrl-C on a terminal reached it already; SIGTERM did not

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from agentcg.records import ToolCallRecord
+from agentcg.records import ToolCallRecord, shell_exit_code, status_of
 from agentcg.units import format_bytes, format_seconds
 
 FORWARDED_SIGNALS = (signals.SIGTERM, signals.SIGHUP, signals.SIGINT, signals.SIGQUIT)
@@ -73,9 +73,9 @@ def run(sandbox: str, tool: str | None, mem_hint: str | None, priority: str, rec
             else:
                 returncode = _wait_forwarding(proc)
         finally:
-            record = call.finish(*_status(returncode))
+            record = call.finish(*status_of(returncode))
         emit_record(record, as_json)
-    sys.exit(returncode if returncode >= 0 else 128 - returncode)
+    sys.exit(shell_exit_code(returncode))
 
 
 def _wait_forwarding(proc: subprocess.Popen) -> int:
@@ -95,10 +95,6 @@ def _wait_forwarding(proc: subprocess.Popen) -> int:
     finally:
         for signum, handler in previous.items():
             signals.signal(signum, handler)
-
-
-def _status(returncode: int) -> tuple[int | None, int | None]:
-    return (None, -returncode) if returncode < 0 else (returncode, None)
 
 
 def emit_record(record: ToolCallRecord, as_json: bool) -> None:

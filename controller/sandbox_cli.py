@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from agentcg.controller.run_cli import FORWARDED_SIGNALS, common_options, emit_record
+from agentcg.records import shell_exit_code
 
 
 def _tree(root: str, state: Path | None = None) -> Any:
@@ -109,7 +110,7 @@ def exec_(name: str, tools: str | None, exclude: str, no_detect: bool, records: 
     returncode = exec_in_sandbox(name, list(command), root=root, state=state_dir, records_path=records,
                                  grace_s=grace_s, matcher=matcher if detect else None,
                                  on_record=lambda r: emit_record(r, as_json))
-    sys.exit(returncode if returncode >= 0 else 128 - returncode)
+    sys.exit(shell_exit_code(returncode))
 
 
 def exec_in_sandbox(name: str, argv: list[str], *, root: str = "agentcg", state: Path | None = None,

@@ -390,6 +390,3 @@ def tool_name(tool: str | None, command: Sequence[str] | str) -> str:
     return tool
 
 
-def status_of(returncode: int) -> tuple[int | None, int | None]:
-    """Popen.returncode -> (exit_code, signal)."""
-    return (None, -returncode) if returncode < 0 else (returncode, None)

@@ -67,3 +67,10 @@ def test_truncate_command():
     assert truncate_command(["echo", "hi"]) == "echo hi"
     long = truncate_command("x" * 1000)
     assert len(long) == 512 and long.endswith("...")
+
+
+def test_exit_status_conversions():
+    from agentcg.records import shell_exit_code, status_of
+
+    assert status_of(0) == (0, None) and status_of(3) == (3, None) and status_of(-9) == (None, 9)
+    assert shell_exit_code(3) == 3 and shell_exit_code(-15) == 143

@@ -15,7 +15,8 @@ import pytest
 
 from agentcg.controller.reaper import calls_dir, reap_orphans
 from agentcg.controller.sandbox import agent_path, call_path, tools_path
-from agentcg.controller.toolcall import ToolCallManager, status_of
+from agentcg.controller.toolcall import ToolCallManager
+from agentcg.records import status_of
 from agentcg.errors import CgroupGone, InvalidInput
 from agentcg.records import ToolCallRecord
 
