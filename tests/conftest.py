@@ -46,3 +46,36 @@ def fixture_v2_tree(tmp_path: Path) -> "V2Tree":  # noqa: F821
     mount = tmp_path / "cgroup2"
     shutil.copytree(FIXTURE_CGROUP2, mount)
     return V2Tree(mount, "agentcg", kernel_release="6.8.0")
+
+
+def _loaded_monitor(concerns: tuple[str, ...] | None) -> Iterator:
+    """A real BpfMonitor (one compile, about 0.4 s, per test module), closed afterwards."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        pytest.skip("bcc is not installed (Debian package python3-bpfcc)")
+    from agentcg.bpf.monitor import BpfMonitor
+
+    mon = BpfMonitor() if concerns is None else BpfMonitor(concerns=concerns)
+    try:
+        yield mon
+    finally:
+        mon.close()
+
+
+@pytest.fixture(scope="module")
+def monitor() -> Iterator:
+    yield from _loaded_monitor(None)
+
+
+@pytest.fixture(scope="module")
+def monitor_with_exit_codes() -> Iterator:
+    """The default concerns plus exit_codes (it hooks a syscall tracepoint: opt-in)."""
+    from agentcg.bpf.monitor import CONCERNS
+
+    yield from _loaded_monitor(CONCERNS + ("exit_codes",))
+

@@ -73,20 +73,3 @@ def make_cgroup() -> Iterator:
     finally:
         for cg in made:
             cg.remove()
-
-
-@pytest.fixture(scope="module")
-def monitor():
-    if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pytest.skip("bcc is not installed (Debian package python3-bpfcc)")
-    from agentcg.bpf.monitor import BpfMonitor
-
-    mon = BpfMonitor()
-    try:
-        yield mon
-    finally:
-        mon.close()

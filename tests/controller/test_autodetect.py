@@ -39,20 +39,9 @@ def test_bad_globs(bad):
 
 
 @pytest.fixture(scope="module")
-def monitor():
-    if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pytest.skip("bcc is not installed (Debian package python3-bpfcc)")
-    from agentcg.bpf.monitor import CONCERNS, BpfMonitor
-
-    mon = BpfMonitor(concerns=CONCERNS + ("exit_codes",))
-    try:
-        yield mon
-    finally:
-        mon.close()
+def monitor(monitor_with_exit_codes):
+    """Detected commands get their exit status from the exit_codes concern."""
+    return monitor_with_exit_codes
 
 
 def test_detector_records_each_command_and_leaves_nothing(cgroup_tree, tmp_path, monitor):

@@ -25,21 +25,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def monitor():
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pytest.skip("bcc is not installed (Debian package python3-bpfcc)")
-    from agentcg.bpf.monitor import BpfMonitor
-
-    mon = BpfMonitor()
-    try:
-        yield mon
-    finally:
-        mon.close()
-
-
 @pytest.fixture
 def mgr(cgroup_tree, tmp_path):
     m = ToolCallManager(cgroup_tree, records_path=tmp_path / "records.jsonl", grace_s=2.0, state=tmp_path / "state")
