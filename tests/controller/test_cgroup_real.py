@@ -12,17 +12,11 @@ import pytest
 
 from agentcg.controller.cgroup import UNLIMITED
 from agentcg.errors import CgroupExists, CgroupGone, ControllerMissing, InvalidInput
+from testutil import wait_until
 
 MiB = 1 << 20
 
 
-def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def _proc_stat(pid: int) -> tuple[str, int]:
@@ -170,7 +164,7 @@ def test_freeze_and_thaw_change_process_state(cgroup_tree):
     cgroup_tree.create("fz")
     proc = cgroup_tree.spawn("fz", ["sh", "-c", "while :; do :; done"])
     try:
-        assert _wait_until(lambda: _proc_stat(proc.pid)[1] > 0)
+        assert wait_until(lambda: _proc_stat(proc.pid)[1] > 0, timeout_s=5.0)
         cgroup_tree.freeze("fz")
         assert cgroup_tree.is_frozen("fz")
         state, ticks = _proc_stat(proc.pid)
@@ -178,7 +172,7 @@ def test_freeze_and_thaw_change_process_state(cgroup_tree):
         assert _proc_stat(proc.pid) == (state, ticks) and state != "R"
         cgroup_tree.thaw("fz")
         assert not cgroup_tree.is_frozen("fz")
-        assert _wait_until(lambda: _proc_stat(proc.pid)[1] > ticks)
+        assert wait_until(lambda: _proc_stat(proc.pid)[1] > ticks, timeout_s=5.0)
     finally:
         cgroup_tree.kill("fz")
         proc.wait(timeout=10)
@@ -188,10 +182,10 @@ def test_kill_empties_a_cgroup_tree(cgroup_tree):
     cgroup_tree.create("k/a")
     cgroup_tree.create("k/b")
     procs = [cgroup_tree.spawn(p, ["sh", "-c", "sleep 60 & exec sleep 60"]) for p in ("k", "k/a", "k/b")]
-    assert _wait_until(lambda: len(cgroup_tree.pids("k/b")) == 2)
+    assert wait_until(lambda: len(cgroup_tree.pids("k/b")) == 2, timeout_s=5.0)
     cgroup_tree.kill("k")
     assert [p.wait(timeout=10) for p in procs] == [-9, -9, -9]
-    assert _wait_until(lambda: not cgroup_tree.is_populated("k"))
+    assert wait_until(lambda: not cgroup_tree.is_populated("k"), timeout_s=5.0)
     assert cgroup_tree.pids("k") == cgroup_tree.pids("k/a") == []
 
 

@@ -14,17 +14,11 @@ import pytest
 from agentcg.controller.daemon.config import load_config, parse_config
 from agentcg.controller.daemon.testing import daemon_process, read_line
 from agentcg.errors import InvalidInput
+from testutil import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups: run the tests as root")
 
 
-def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _spawn_into(procs_files, argv, **kw):
@@ -155,7 +149,7 @@ def test_bad_requests_get_clear_errors():
         finally:
             for sock in held:
                 sock.close()
-        assert _wait_until(lambda: d.request("ping")["ok"])
+        assert wait_until(lambda: d.request("ping")["ok"])
 
 
 # ---- peer credentials ---------------------------------------------------------------------
@@ -320,7 +314,7 @@ def test_kill9_and_restart_keeps_every_running_call(tmp_path):
             running = {c["call_id"]: c for c in state["running_calls"]}
             assert set(calls) <= set(running) and all(running[c]["adopted"] == 1 for c in calls)
             # the orphan (owner gone, cgroup empty) and the stray are finished by the daemon itself
-            assert _wait_until(lambda: {r["call_id"] for r in d.records()} >= {orphan, lost, "stray-1"})
+            assert wait_until(lambda: {r["call_id"] for r in d.records()} >= {orphan, lost, "stray-1"})
             held_s = time.monotonic() - last_begun_s
             release.touch()
             for proc in procs:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,6 +16,7 @@ from agentcg.engine_protocol import (
     Action, Bandwidth, DirectiveResult, EventKind, KvGeometry, KvUsage, Register, RequestEvent, Tier, TierCapacity,
     decode, encode,
 )
+from testutil import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups: run the tests as root")
 
@@ -71,13 +71,6 @@ def _engines(d) -> list[dict]:
     return d.result("state")["engines"]
 
 
-def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def _samples(d) -> dict:
@@ -96,7 +89,7 @@ def test_tool_calls_pause_and_resume_the_sandboxes_request_under_the_agentcg_pol
             assert engine.attached["ok"] and engine.attached["result"]["kv_policy"] == "agentcg"
             _admit(engine, "r1", "S")
             _admit(engine, "r2", "other")
-            assert _wait_until(lambda: _engines(d) and _engines(d)[0]["requests"] == {"running": 2})
+            assert wait_until(lambda: _engines(d) and _engines(d)[0]["requests"] == {"running": 2})
 
             call = d.result("toolcall.begin", sandbox="S", tool="pytest", command="pytest -q")
             # predicted 1 s (nothing learned yet), 1 MB copies in 0.1 ms: keep it and write a host copy
@@ -105,14 +98,14 @@ def test_tool_calls_pause_and_resume_the_sandboxes_request_under_the_agentcg_pol
             assert (swap.request_id, swap.action, swap.keep_gpu_copy) == ("r1", Action.SWAP_TO_HOST, True)
             engine.send(DirectiveResult("r1", Action.KEEP, True), DirectiveResult("r1", Action.SWAP_TO_HOST, True),
                         KvUsage("r1", 0.0, gpu_tokens=0, host_tokens=1000))   # and the engine needed the GPU
-            assert _wait_until(lambda: _engines(d)[0]["kv_tokens"] == {"gpu": 1000, "host": 1000, "ssd": 0})
+            assert wait_until(lambda: _engines(d)[0]["kv_tokens"] == {"gpu": 1000, "host": 1000, "ssd": 0})
             assert _engines(d)[0]["requests"] == {"paused": 1, "running": 1}
 
             assert d.result("toolcall.end", call_id=call["call_id"], exit_code=0)["record"]["tool"] == "pytest"
             (prefetch,) = engine.directives(1)      # the call exited: bring the KV back now
             assert (prefetch.request_id, prefetch.action) == ("r1", Action.PREFETCH)
             engine.send(DirectiveResult("r9", Action.PREFETCH, False, "unknown request 'r9'"))
-            assert _wait_until(lambda: _engines(d)[0]["directives_refused"] == 1)
+            assert wait_until(lambda: _engines(d)[0]["directives_refused"] == 1)
             assert _engines(d)[0]["requests"] == {"running": 1, "waiting": 1}
 
             m = _samples(d)
@@ -127,7 +120,7 @@ def test_tool_calls_pause_and_resume_the_sandboxes_request_under_the_agentcg_pol
         finally:
             engine.close()
         # the engine went away: its requests are forgotten, the daemon serves on
-        assert _wait_until(lambda: _engines(d) == [])
+        assert wait_until(lambda: _engines(d) == [])
         assert _samples(d)[("agentcg_engine_requests", (("state", "paused"),))] == 0
         call = d.result("toolcall.begin", sandbox="S", tool="pytest")
         d.result("toolcall.end", call_id=call["call_id"])
@@ -155,7 +148,7 @@ def test_malformed_engine_lines_close_only_that_link():
             huge.close()
             _admit(good, "r1", "S")                 # the good link and the API still work
             assert d.result("ping")["version"] == 1
-            assert _wait_until(lambda: [e["requests"] for e in _engines(d)] == [{"running": 1}])
+            assert wait_until(lambda: [e["requests"] for e in _engines(d)] == [{"running": 1}])
             assert _samples(d)[("agentcg_engine_protocol_errors_total", ())] == 2
         finally:
             for engine in (bad, good, third):
@@ -195,7 +188,7 @@ def test_a_policy_that_raises_falls_back_to_vllm_v1_and_is_counted(tmp_path, mon
         engine = FakeEngine(d)
         try:
             _admit(engine, "r1", "S")
-            assert _wait_until(lambda: _engines(d)[0]["requests"] == {"running": 1})
+            assert wait_until(lambda: _engines(d)[0]["requests"] == {"running": 1})
             call = d.result("toolcall.begin", sandbox="S", tool="make")
             (keep,) = engine.directives(1)           # vllm-v1: the paused KV goes to the prefix cache
             assert (keep.request_id, keep.action, keep.ttl_s) == ("r1", Action.KEEP, 0.0)

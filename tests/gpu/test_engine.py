@@ -21,6 +21,7 @@ from agentcg.gpu.kvgeometry import KVGeometry, KVTierFull
 from agentcg.gpu.kvstore import TieredKVStore
 from agentcg.policies.kv import make_policy
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, Trigger
+from testutil import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 GEOMETRY = KVGeometry(layers=2, kv_heads=2, head_dim=32, dtype="fp32", tokens_per_block=16)  # 16 KiB blocks
@@ -232,15 +233,6 @@ def test_reference_engine_over_the_daemon_socket(ssd_dir, kept_outputs):
         assert driver.received, "the daemon's KV policy sent no directive for the engine's pauses"
         assert {m.request_id for m in driver.received} == {"s0"}
         assert len(links) == 1, links
-        assert _wait_for(lambda: not d.result("state")["engines"]), "the closed link was not forgotten"
+        assert wait_until(lambda: not d.result("state")["engines"], timeout_s=5.0), "the closed link was not forgotten"
     assert result.outputs() == kept_outputs
 
-
-def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
