@@ -62,6 +62,7 @@ class ControlCore:
         self.pending: dict[Key, Pending] = {}
         self.peaks: dict[Key, int] = {}
         self._events: list[Event] = []
+        self._floors: dict[Key, int] = {}
         self.set_policy(policy, dry_run=dry_run, config=config)
 
     # ---- policy ---------------------------------------------------------------------
@@ -83,10 +84,15 @@ class ControlCore:
         if len(self._events) < MAX_POLICY_EVENTS:
             self._events.append(event)
 
-    def crossed(self, sandbox: str, call_id: str | None, now: float, detail: dict[str, Any]) -> None:
-        """A kernel threshold fired (eBPF RSS threshold, memcg eventfd): the next step may act at once."""
+    def crossed(self, sandbox: str, call_id: str | None, now: float, detail: dict[str, Any],
+                usage_bytes: int | None = None) -> None:
+        """A kernel threshold fired (eBPF RSS threshold, memcg eventfd): the next step may act
+        at once, and reads the call at `usage_bytes` at least (what the kernel reported)."""
         self.observe(Event(now, "threshold", sandbox, call_id))
         self.log.append("threshold", sandbox, call_id, detail)
+        if call_id is not None and usage_bytes:
+            key = (sandbox, call_id)
+            self._floors[key] = max(self._floors.get(key, 0), usage_bytes)
 
     def call_ended(self, sandbox: str, call_id: str, tool: str, peak_bytes: int | None, *, oom_killed: bool,
                    now: float) -> None:
@@ -122,8 +128,10 @@ class ControlCore:
         pending = tuple(PendingInput(p.sandbox, p.call_id, p.tool, p.hint_bytes, p.since_s)
                         for p in self.pending.values())
         events, self._events = tuple(self._events), []
+        floors, self._floors = self._floors, {}
         snapshot, readings = build_snapshot(self.tree, inputs, now, time_s=time_s, frozen=self.frozen,
-                                            throttle=self.throttle, pending=pending, events=events, peaks=self.peaks)
+                                            throttle=self.throttle, pending=pending, events=events, peaks=self.peaks,
+                                            floors=floors)
         step = Step(snapshot, readings)
         actions, self.state = self.policy.decide(snapshot, self.state)
         observed = now if observed_s is None else observed_s

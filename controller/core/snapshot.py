@@ -69,20 +69,29 @@ class Readings:
 def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: float | None = None,
                    frozen: frozenset[Key] | set[Key] = frozenset(), throttle: Mapping[Key, int] | None = None,
                    pending: tuple[PendingInput, ...] = (), events: tuple[Event, ...] = (),
-                   peaks: dict[Key, int] | None = None) -> tuple[Snapshot, Readings]:
+                   peaks: dict[Key, int] | None = None, floors: Mapping[Key, int] | None = None,
+                   ) -> tuple[Snapshot, Readings]:
     """The snapshot at `now` (its time is `time_s`, default `now`). `peaks` is updated with
-    each call's usage, so a peak between two memory.peak-less readings is not lost."""
+    each call's usage, so a peak between two memory.peak-less readings is not lost.
+    `floors`: usage the kernel just reported for a call (the RSS in an eBPF threshold
+    event); memory.current lags it by the memcg's per-CPU charge batches, so a call, its
+    sandbox and the host read at least that much."""
     throttle = throttle or {}
     peaks = peaks if peaks is not None else {}
     caps = tree.capabilities
     zero = 0 if inputs.missing_as_zero else None
+    floors = floors or {}
     by_sandbox: dict[str, list[CallView]] = {}
     call_bytes: dict[Key, int] = {}
+    extra: dict[str, int] = {}
     for call in inputs.calls:
         usage = _read(lambda: tree.memory_current(call.path), zero)
         if usage is None:
             continue
         key = (call.sandbox, call.call_id)
+        if floors.get(key, 0) > usage:
+            extra[call.sandbox] = extra.get(call.sandbox, 0) + floors[key] - usage
+            usage = floors[key]
         peak = _read(lambda: tree.memory_peak(call.path), None) if "memory.peak" in caps else None
         peaks[key] = max(peaks.get(key, 0), usage, peak or 0)
         call_bytes[key] = usage
@@ -97,6 +106,7 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         usage = _read(lambda: tree.memory_current(sb.path), zero)
         if usage is None:
             continue
+        usage += extra.get(sb.name, 0)
         sandbox_bytes[sb.name] = usage
         pressure = (_read(lambda: tree.pressure(sb.path, "memory"), None)
                     if inputs.read_psi and "psi" in caps else None)
@@ -106,6 +116,8 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
     host = None
     if inputs.host_path is not None:
         host = _read(lambda: tree.memory_current(inputs.host_path), zero)
+        if host is not None:
+            host += sum(extra.values())
     if host is None:
         host = sum(sandbox_bytes.values())
     snapshot = Snapshot(now if time_s is None else time_s, host, inputs.host_budget_bytes, tuple(views), events)

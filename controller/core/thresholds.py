@@ -8,11 +8,13 @@ sandbox holds now; it is re-armed after every step, so it follows the others' us
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from agentcg.policies.sandbox import GraduatedConfig
 
 MIN_CALL_THRESHOLD_BYTES = 4 << 20     # below this an RSS threshold fires on start-up noise
+DRIFT_BYTES = 256 << 10                 # the rest of a scope may grow this much between two steps
 REARM_SLACK = 1 / 32                    # a new threshold this close to the armed one is not written
 
 
@@ -28,7 +30,7 @@ class Thresholds:
 def sandbox_thresholds(budget_bytes: int | None, t: Thresholds) -> tuple[int, ...]:
     if not budget_bytes:
         return ()
-    return tuple(int(budget_bytes * f) for f in t.fractions)
+    return tuple(math.ceil(budget_bytes * f) for f in t.fractions)
 
 
 def call_threshold_bytes(budget_bytes: int | None, scope_bytes: int, call_bytes: int, t: Thresholds) -> int | None:
@@ -39,7 +41,8 @@ def call_threshold_bytes(budget_bytes: int | None, scope_bytes: int, call_bytes:
         return None
     others = max(0, scope_bytes - call_bytes)
     for fraction in t.fractions:
-        room = int(budget_bytes * fraction) - others
+        # the crossing must mean "at the fraction" to the policy, which compares usage / budget
+        room = math.ceil(budget_bytes * fraction) - others + DRIFT_BYTES
         if room > call_bytes:
             return max(MIN_CALL_THRESHOLD_BYTES, room)
     return None

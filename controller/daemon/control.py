@@ -107,6 +107,9 @@ class DaemonControl:
                                                                                     step.snapshot.host_usage_bytes)
             for call in sb.calls:
                 out[call.call_id] = call_threshold_bytes(budget, scope, call.usage_bytes, self.thresholds)
+            for (sandbox, call_id), _, _ in step.admitted:     # starting now: armed before it allocates
+                if sandbox == sb.name:
+                    out[call_id] = call_threshold_bytes(budget, scope, 0, self.thresholds)
         return out
 
     def sandbox_budgets(self) -> dict[str, int]:

@@ -43,6 +43,7 @@ class Reactor:
         self._memcg_budget: dict[str, int] = {}
         self._memcg_refused: set[str] = set()
         self._armed: dict[int, int | None] = {}              # cgroup id -> RSS threshold armed
+        self._fired: dict[int, int] = {}                     # cgroup id -> RSS when its threshold fired
         self._ring_fd: int | None = None
         self.memcg_available = "memory.usage_in_bytes" in _v1_files(tree)
 
@@ -96,7 +97,7 @@ class Reactor:
                       "cgroup_id": event.cgroup_id, "pid": event.pid}
             if kind == "rssthreshold":
                 detail.update(rss_bytes=event.rss_bytes, threshold_bytes=event.threshold_bytes)
-                self._armed.pop(event.cgroup_id, None)      # fired: re-armed after the step
+                self._fired[event.cgroup_id] = event.rss_bytes   # re-armed above this, after the step
             elif kind == "reclaimstall":
                 self._log_event("reclaim_stall", sandbox, call_id, {**detail, "stall_s": event.stall_s})
             if sandbox is not None:
@@ -111,11 +112,16 @@ class Reactor:
         watched = self.monitor.watched()
         for cgroup_id in [c for c in self._armed if c not in wanted]:
             del self._armed[cgroup_id]
+            self._fired.pop(cgroup_id, None)
         for cgroup_id, threshold in wanted.items():
             if cgroup_id not in watched:
                 continue
-            if cgroup_id in self._armed and not needs_rearm(self._armed[cgroup_id], threshold):
+            fired = self._fired.get(cgroup_id)
+            if fired is not None and (threshold is None or threshold <= fired):
+                continue     # a fired threshold stays until one above the RSS it fired at is due
+            if cgroup_id in self._armed and fired is None and not needs_rearm(self._armed[cgroup_id], threshold):
                 continue
+            self._fired.pop(cgroup_id, None)
             try:
                 self.monitor.set_rss_threshold(cgroup_id, threshold)
                 self._armed[cgroup_id] = threshold

@@ -322,7 +322,7 @@ class Daemon(ClientConnections, EngineLinks):
     def _react(self, crossings: list[Crossing]) -> None:
         """A kernel threshold fired: decide now, in this loop turn, latency from the kernel's time."""
         for sandbox, call_id, observed_s, detail in crossings:
-            self.control.core.crossed(sandbox, call_id, observed_s, detail)
+            self.control.core.crossed(sandbox, call_id, observed_s, detail, detail.get("rss_bytes"))
         self._step(min(c[2] for c in crossings))
 
     def _call_of_cgroup(self, cgroup_id: int) -> tuple[str, str] | None:

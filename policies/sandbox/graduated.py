@@ -237,8 +237,18 @@ class _Tick:
         names = {sb.name for sb, _ in b.calls} | ({b.name} if b.name != HOST else set())
         return any(e.kind == "threshold" and (b.name == HOST or e.sandbox in names) for e in self.snap.events)
 
+    def grew(self, sb: SandboxView, call: CallView) -> bool:
+        """Growing enough to act on; a call (or a sandbox) the kernel just saw cross a
+        threshold upwards counts with any growth: the crossing is the evidence."""
+        growth = self.growth(sb, call)
+        if growth >= self.c.min_growth_bytes:
+            return True
+        return growth > 0 and any(e.kind == "threshold" and e.sandbox == sb.name and e.call_id in (None, call.call_id)
+                                  for e in self.snap.events) or any(
+            e.kind == "threshold" and e.sandbox == sb.name and e.call_id == call.call_id for e in self.snap.events)
+
     def growth(self, sb: SandboxView, call: CallView) -> int:
-        return call.usage_bytes - self.last_call_usage.get((sb.name, call.call_id), call.usage_bytes)
+        return call.usage_bytes - self.last_call_usage.get((sb.name, call.call_id), 0)   # new: grew from 0
 
     def shielded(self, b: _Budget) -> int | None:
         """The priority rank spared throttling and freezing: the highest present, when
@@ -251,7 +261,7 @@ class _Tick:
         """Growing calls that may be throttled or frozen: lowest priority first, then fastest."""
         shielded = self.shielded(b)
         found = [(sb, call) for sb, call in b.calls
-                 if self.growth(sb, call) >= self.c.min_growth_bytes and PRIORITY_RANK[sb.priority] != shielded
+                 if self.grew(sb, call) and PRIORITY_RANK[sb.priority] != shielded
                  and (sb.name, call.call_id) not in self.killed and (sb.name, call.call_id) not in self.acted]
         found.sort(key=lambda pair: (PRIORITY_RANK[pair[0].priority], -self.growth(*pair)))
         return found
