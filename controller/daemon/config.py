@@ -26,6 +26,7 @@ from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
 from agentcg.daemon_protocol import MAX_MESSAGE_BYTES  # noqa: F401  one request line, shared with clients
+from agentcg.daemon_protocol import REQUEST_TIMEOUT_S
 from agentcg.errors import HostUnsupported, InvalidInput
 from agentcg.policies.sandbox import GraduatedConfig
 from agentcg.units import parse_duration, parse_size
@@ -310,8 +311,9 @@ def _policy(f: _Fields) -> PolicySection:
     d = GraduatedConfig()
     fractions = {key: f.number(key, getattr(d, key), 0.0, 1.0)
                  for key in ("throttle_at", "freeze_at", "kill_at", "relax_below", "admit_at")}
-    seconds = {key: f.number(key, getattr(d, key), 0.0, 3600.0)
-               for key in ("grace_s", "step_s", "lookahead_s", "max_wait_s")}
+    seconds = {key: f.number(key, getattr(d, key), 0.0, 3600.0) for key in ("grace_s", "step_s", "lookahead_s")}
+    # a waiting toolcall.begin is answered before a client's request timeout (60 s) runs out
+    seconds["max_wait_s"] = f.number("max_wait_s", d.max_wait_s, 0.0, REQUEST_TIMEOUT_S - 10)
     try:
         graduated = GraduatedConfig(**fractions, **seconds)
     except InvalidInput as exc:
