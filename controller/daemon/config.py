@@ -10,7 +10,8 @@ anything runs. Every field has a default, so `agentcg daemon` works with no file
     [psi]       enabled, stall_s, window_s
     [policy]    name ("agentcg" (default), "static", "none"), tick_s, dry_run, host_budget (a size),
                 the agentcg policy's fractions of a budget (throttle_at, freeze_at, kill_at,
-                relax_below, admit_at), grace_s, step_s, lookahead_s, max_wait_s (admission)
+                relax_below, admit_at), grace_s, step_s, lookahead_s, max_wait_s (admission),
+                kernel_thresholds (arm eBPF/memcg thresholds at those fractions; default true)
     [engine]    kv_policy, uids, group, max_links, max_requests, host_reserve, kv_floor
 
 An unknown section or key is an error (a typo must not silently fall back to a default).
@@ -92,6 +93,7 @@ class PolicySection:
     dry_run: bool = False                # decide and count, write nothing
     host_budget_bytes: int | None = None  # the budget all sandboxes share (None: only their own)
     graduated: GraduatedConfig = field(default_factory=GraduatedConfig)   # the agentcg policy's settings
+    kernel_thresholds: bool = True        # arm eBPF RSS and memcg usage thresholds (False: PSI and tick only)
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ def _policy(f: _Fields) -> PolicySection:
     section = PolicySection(name=name, tick_s=f.number("tick_s", 0.5, 0.01, 60.0),
                             dry_run=f.get("dry_run", bool, False),
                             host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"),
-                            graduated=graduated)
+                            graduated=graduated, kernel_thresholds=f.get("kernel_thresholds", bool, True))
     f.done()
     return section
 
