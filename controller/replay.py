@@ -78,6 +78,7 @@ class CallResult:
     recorded_duration_s: float  # compressed
     peak_bytes: int | None
     message: str | None = None
+    alloc_s: tuple[float, ...] = ()     # per 8 MiB chunk: map and fault-in time
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class SessionResult:
     policy_killed: int
     not_run: int
     peak_bytes: int
+    alloc_p95_s: float | None = None   # P95 of its calls' chunk allocation latency (None: nothing allocated)
 
 
 @dataclass
@@ -254,7 +256,7 @@ class Replay:
         path = self.layout.call(plan.sandbox, call.name)
         self.tree.create(path)
         proc = self.tree.spawn(path, [sys.executable, "-S", str(WORKLOAD), "call"], stdin=subprocess.PIPE,
-                               preexec_fn=self._oom_adj(plan.priority))
+                               stdout=subprocess.PIPE, preexec_fn=self._oom_adj(plan.priority))
         spec = '{"steps": [%s]}\n' % ", ".join(f"[{w!r}, {b}, {c!r}]" for w, b, c in call.steps)
         proc.stdin.write(spec.encode())
         proc.stdin.flush()
@@ -341,6 +343,8 @@ class Replay:
         else:
             outcome = "ok" if rc == 0 else "failed"
         duration = now - call.go_s if call.go_s is not None else None
+        alloc = _alloc_samples(call.proc) if outcome == "ok" else ()
+        _close_stream(call.proc.stdout)
         if call.go_s is not None:
             session.delay_s = max(session.delay_s, now - call.nominal_end_s)
         self.core.call_ended(session.plan.sandbox, call.plan.name, call.plan.tool, call.peak_bytes or None,
@@ -348,7 +352,7 @@ class Replay:
         self.core.killed.pop(key, None)
         session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
                                           call.plan.tool, outcome, duration, call.plan.duration_s / self.speed,
-                                          call.peak_bytes or None, message))
+                                          call.peak_bytes or None, message, alloc))
 
     def _abandon(self, session: _Session, now: float) -> None:
         """The agent died: the session is lost; kill and count what is left."""
@@ -359,6 +363,7 @@ class Replay:
                 pass
             call.proc.wait()
             os.close(call.pidfd)
+            _close_stream(call.proc.stdout)
             self._remove(call.path)
             if index in session.running:
                 session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
@@ -474,6 +479,8 @@ class Replay:
                     _close_quiet(call.pidfd)
                     if call.proc.stdin and not call.proc.stdin.closed:
                         _close_stream(call.proc.stdin)
+                    if call.proc.stdout and not call.proc.stdout.closed:
+                        _close_stream(call.proc.stdout)
                 if session.agent is not None:
                     session.agent.wait()
                     _close_stream(session.agent.stdin)
@@ -493,13 +500,26 @@ class Replay:
             calls.extend(results)
             count = Counter(r.outcome for r in results)
             survived = not session.lost and session.finished_s is not None
+            alloc = sorted(x for r in results for x in r.alloc_s)
             sessions.append(SessionResult(plan.session_id, plan.priority, survived,
                                           session.finished_s if survived else None, plan.duration_s / self.speed,
                                           len(plan.calls), count["ok"], count["oom_killed"], count["policy_killed"],
-                                          count["not_run"], session.peak_bytes))
+                                          count["not_run"], session.peak_bytes,
+                                          alloc[min(len(alloc) - 1, int(0.95 * len(alloc)))] if alloc else None))
         return ReplayResult(self.config.policy, self.config.budget_bytes, self.speed, self.tree.kind, sessions,
                             calls, host_peak, _time_mean(self.samples), dict(self.action_counts),
                             self.applied, sorted(self.degraded), wall_s, timed_out)
+
+
+def _alloc_samples(proc: subprocess.Popen) -> tuple[float, ...]:
+    """The chunk latencies a finished call wrote (replay_workload.py); () if it wrote none."""
+    import json
+
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else b""
+        return tuple(float(x) for x in json.loads(line)["alloc_s"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return ()
 
 
 def _time_mean(samples: list[tuple[float, int]]) -> float:
