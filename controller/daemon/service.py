@@ -332,6 +332,8 @@ class Daemon(ClientConnections, EngineLinks):
         return None
 
     def _tick(self, now: float) -> None:
+        if self.reactor is not None:
+            self.reactor.drain()   # events submitted without a wake-up (BpfMonitor.fileno) are read here
         observed_at, self._observed_at = self._observed_at or now, None
         if "" not in self._triggers:
             self._triggers.arm("")
