@@ -158,3 +158,41 @@ def test_a_core_step_admits_defers_and_logs_on_a_real_tree(cgroup_tree):
         proc.wait()
         proc.stdout.close()
         proc.stdin.close()
+
+
+def test_local_mode_admits_through_the_same_core(cgroup_tree, tmp_path):
+    """A ToolCallManager with a LocalControl (no daemon): a hinted call waits in begin()
+    while the sandbox has no room, and starts once the holding call has ended."""
+    import threading
+
+    from agentcg.controller.core.local import LocalControl
+    from agentcg.controller.toolcall import ToolCallManager
+
+    control = LocalControl(cgroup_tree, "agentcg", budgets={"sb": 256 * MiB}, tick_s=0.05,
+                           config=GraduatedConfig(lookahead_s=0, max_wait_s=30))
+    mgr = ToolCallManager(cgroup_tree, records_path=tmp_path / "records.jsonl", state=tmp_path / "state",
+                          grace_s=0.0, control=control)
+    first = mgr.begin("sb", "build", ["build"], mem_hint_bytes=150 * MiB)
+    holder = first.spawn([sys.executable, "-S", "-c", "import sys; b = bytearray(150 << 20); print('ok', flush=True); "
+                          "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"ok\n"
+    begun: dict = {}
+    waiter = threading.Thread(target=lambda: begun.update(call=mgr.begin("sb", "pytest", ["pytest"],
+                                                                        mem_hint_bytes=100 * MiB)))
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not control.core.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [key[1] for key in control.core.pending] and not begun, "the hinted call must wait"
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+        record = mgr.end(first, exit_code=0)
+    waiter.join(30)
+    second = begun["call"]
+    assert second.extra["admission_wait_s"] > 0 and record.outcome == "ok"
+    kinds = [e["kind"] for e in control.core.log.since(0)["events"] if e["call_id"] == second.call_id]
+    assert kinds == ["admit_wait", "admit"]
+    mgr.end(second, exit_code=0)
