@@ -42,7 +42,6 @@ log = logging.getLogger("agentcg.toolcall")
 
 if TYPE_CHECKING:
     from agentcg.bpf.monitor import BpfMonitor, CgroupCounters
-    from agentcg.controller.core.local import LocalControl
 
 DEFAULT_GRACE_S = 5.0
 MAX_RUNNING_CALLS = 4096          # = the monitor's MAX_CGROUPS: one watched cgroup per call
@@ -95,7 +94,9 @@ class ToolCallManager:
 
     def __init__(self, tree: CgroupTree, monitor: "BpfMonitor | None" = None, records_path: Path | None = None,
                  grace_s: float = DEFAULT_GRACE_S, state: Path | None = None,
-                 control: "LocalControl | None" = None) -> None:
+                 control: Any = None) -> None:
+        """`control`: a controller.core.local.LocalControl (not imported here: the core
+        imports this module's types, not the other way round), or None."""
         _check_grace(grace_s)
         self.tree = tree
         self.monitor = monitor
