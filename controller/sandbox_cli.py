@@ -95,7 +95,7 @@ def rm(name: str, root: str) -> None:
 @common_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(name: str, tools: str | None, exclude: str, no_detect: bool, records: Path | None, root: str,
-          state_dir: Path | None, grace: str, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
+          state_dir: Path | None, grace: str | None, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
     """Run CMD (an agent or a shell) in sandbox NAME's agent cgroup; each command it starts
     as a direct child becomes a tool call with its own cgroup and record (needs eBPF).
     Exits with CMD's exit status."""
@@ -104,7 +104,7 @@ def exec_(name: str, tools: str | None, exclude: str, no_detect: bool, records: 
     from agentcg.units import parse_duration
 
     validate_name(name)
-    grace_s = parse_duration(grace, what="--grace")
+    grace_s = parse_duration(grace if grace is not None else "5s", what="--grace")
     matcher = ToolMatcher(parse_globs(tools) if tools is not None else DEFAULT_TOOL_GLOBS, parse_globs(exclude))
     detect = not (no_detect or no_ebpf)
     returncode = exec_in_sandbox(name, list(command), root=root, state=state_dir, records_path=records,

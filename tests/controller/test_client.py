@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from agentcg.client import Client, spawn_into
-from agentcg.errors import CgroupGone, HostUnsupported, InvalidInput, ProtocolError
+from agentcg.errors import CgroupGone, DaemonUnavailable, HostUnsupported, InvalidInput, ProtocolError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
 
@@ -86,13 +86,15 @@ def test_protocol_errors_from_a_bad_server(tmp_path):
     client = Client(mode="daemon", socket=path)
     with pytest.raises(ProtocolError, match="invalid JSON"):
         client.request("ping")
-    with pytest.raises(ProtocolError, match="closed"):
+    with pytest.raises(DaemonUnavailable, match="closed") as info:   # a transport failure, not a refusal
         client.request("ping")
+    assert info.value.request_sent
     client.close()
     thread.join(5)
     server.close()
-    with pytest.raises(HostUnsupported, match="cannot connect"):
+    with pytest.raises(DaemonUnavailable, match="cannot connect") as info:
         Client(mode="daemon", socket=tmp_path / "absent.sock").request("ping")
+    assert isinstance(info.value, HostUnsupported) and not info.value.request_sent
 
 
 def test_daemon_mode_against_the_real_daemon():
