@@ -37,8 +37,11 @@ GLUE = {
 }
 # what the tree still breaks: the finding -> who removes it (delete the line when it is gone)
 KNOWN = {
-    "cycle agentcg.controller.daemon.api -> agentcg.controller.daemon.service -> agentcg.controller.daemon.api":
-        "issue #10 item 1 (core): Api gets narrow interfaces instead of the Daemon (TYPE_CHECKING import today)",
+    "cycle agentcg.controller.daemon.api -> agentcg.controller.daemon.service -> agentcg.controller.daemon.api"
+    " (the cycle's component: agentcg.controller.daemon.api, agentcg.controller.daemon.metrics,"
+    " agentcg.controller.daemon.policy, agentcg.controller.daemon.service)":
+        "issue #10 item 1 (core): Api, DaemonCollector and PolicyRunner get narrow interfaces instead of "
+        "the Daemon (TYPE_CHECKING imports today)",
     "agentcg.gpu.cli -> agentcg.bpf.cudacopy (gpu may not import bpf)":
         "`agentcg gpu copies` (the CUDA-copy uprobe tracer) belongs in controller/ or bpf/'s own CLI",
     "agentcg.gpu.kernel_view -> agentcg.bpf.monitor (gpu may not import bpf)":
@@ -116,7 +119,11 @@ def test_the_graph_sees_the_package(graph):
 
 
 def _findings(graph: dict[str, set[str]]) -> list[str]:
-    out = ["cycle " + " -> ".join(c) for c in _cycles(graph)]
+    out = []
+    for members in _components(graph):
+        path = _path_in(graph, set(members))
+        rest = f" (the cycle's component: {', '.join(members)})" if len(members) > len(path) - 1 else ""
+        out.append("cycle " + " -> ".join(path) + rest)
     for module, deps in graph.items():
         source = _part(module)
         for dep in deps:
@@ -166,7 +173,12 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    """One concrete cycle per strongly connected component of more than one module."""
+    return [_path_in(graph, set(c)) for c in _components(graph)]
+
+
+def _components(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -199,7 +211,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             strong(v)
-    return [_path_in(graph, set(c)) for c in sorted(components)]
+    return sorted(components)
 
 
 def _path_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
