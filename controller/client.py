@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from agentcg.controller.daemon_client import DaemonLink, socket_path
 from agentcg.daemon_protocol import END_TIMEOUT_S, MAX_GRACE_S, MAX_MESSAGE_BYTES, REQUEST_TIMEOUT_S, Method
-from agentcg.errors import AccessDenied, CgroupGone, DaemonUnavailable, HostUnsupported, InvalidInput, ProtocolError
+from agentcg.errors import (
+    AccessDenied, AgentcgError, CgroupGone, DaemonUnavailable, HostUnsupported, InvalidInput, ProtocolError,
+)
 from agentcg.records import ToolCallRecord, append_record, status_of, truncate_command
 
 MODES = ("auto", "daemon", "local")
@@ -252,7 +254,17 @@ class Client:
                 append_record(self.records_path, record)
             return record
 
-        return Call(self, call_id, cgroup_id, procs, lambda argv, **kw: spawn_into(procs, argv, **kw), finish)
+        def spawn(argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+            proc = spawn_into(procs, argv, **kw)
+            if result.get("attach_needed"):   # v1 hierarchies: only the daemon may move it there
+                try:
+                    self.request(Method.TOOLCALL_ATTACH, {"call_id": call_id, "pid": proc.pid})
+                except AgentcgError:
+                    if proc.poll() is None:    # gone already: nothing left to account in v1
+                        raise
+            return proc
+
+        return Call(self, call_id, cgroup_id, procs, spawn, finish)
 
 
 def spawn_into(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
