@@ -30,6 +30,13 @@ def _run(d, gate: Path, script: str, *extra: str, env_extra: dict[str, str] | No
                              "sh", "-c", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+
+
 def test_kill9_with_ten_calls_in_flight_every_client_gets_its_status(tmp_path):
     # exit statuses 0..8 and one death by SIGKILL (137, as a shell reports it): all different
     scripts = [f"exit {i}" for i in range(9)] + ["kill -9 $$"]
@@ -42,7 +49,9 @@ def test_kill9_with_ten_calls_in_flight_every_client_gets_its_status(tmp_path):
             d.kill9()
             for gate in gates[:5]:      # half end while no daemon runs, half after the new one is up
                 gate.touch()
-            assert wait_until(lambda: all(Path(f"/proc/{c.pid}").exists() for c in clients))
+            # their commands are done (the clients are past wait() and find no daemon)
+            assert wait_until(lambda: not any(_children(c.pid) for c in clients[:5]), timeout_s=60)
+            assert all(c.poll() is None for c in clients)     # every client still waits
             d.start()
             for gate in gates[5:]:
                 gate.touch()
