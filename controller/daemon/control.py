@@ -45,21 +45,22 @@ class DaemonControl:
         self.core.set_policy(name, dry_run=dry_run, config=self.settings.graduated)
 
     # ---- inputs ---------------------------------------------------------------------
-    def inputs(self) -> Inputs:
+    def inputs(self, read_psi: bool = True) -> Inputs:
         sandboxes = tuple(SandboxInput(name, name, e.priority, e.memory_budget_bytes)
                           for name, e in sorted(self.state.sandboxes.items()))
         pending = self.core.pending
         calls = tuple(CallInput(c.sandbox, c.call_id, c.tool, c.path, c.start_monotonic_s, c.mem_hint_bytes)
                       for c in self.calls.running() if (c.sandbox, c.call_id) not in pending)
         return Inputs(sandboxes, calls, host_path="" if self.tree.exists("") else None,
-                      host_budget_bytes=self.host_budget_bytes)
+                      host_budget_bytes=self.host_budget_bytes, read_psi=read_psi)
 
     # ---- the step -----------------------------------------------------------------------
-    def step(self, observed_s: float | None = None) -> Step | None:
-        """One decision; None when the policy failed (logged and counted: the next step retries)."""
+    def step(self, observed_s: float | None = None, *, urgent: bool = False) -> Step | None:
+        """One decision; None when the policy failed (logged and counted: the next step retries).
+        `urgent` (a kernel threshold crossed): skip the PSI readings, which no decision needs."""
         self.stats.ticks += 1
         try:
-            step = self.core.step(self.inputs(), time.monotonic(), observed_s=observed_s)
+            step = self.core.step(self.inputs(read_psi=not urgent), time.monotonic(), observed_s=observed_s)
         except Exception:  # a policy bug must not take the daemon (and every sandbox's API) down
             log.exception("policy %s failed this step; the next one tries again", self.name)
             self.stats.observe_action("error", "policy_failed")

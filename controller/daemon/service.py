@@ -327,7 +327,7 @@ class Daemon(ClientConnections, EngineLinks):
         """A kernel threshold fired: decide now, in this loop turn, latency from the kernel's time."""
         for sandbox, call_id, observed_s, detail in crossings:
             self.control.core.crossed(sandbox, call_id, observed_s, detail, detail.get("rss_bytes"))
-        self._step(min(c[2] for c in crossings))
+        self._step(min(c[2] for c in crossings), urgent=True)
 
     def _call_of_cgroup(self, cgroup_id: int) -> tuple[str, str] | None:
         for call in self.calls.running():
@@ -346,13 +346,13 @@ class Daemon(ClientConnections, EngineLinks):
             budget = self.config.policy.host_budget_bytes
             self._send_directives(self.engines.host_pressure(time.monotonic(), budget, self._sandbox_bytes()))
 
-    def _step(self, observed_s: float) -> None:
+    def _step(self, observed_s: float, urgent: bool = False) -> None:
         """One control-core step, and everything that follows from it."""
         budget = self.config.policy.host_budget_bytes
         if budget is not None:   # the sandboxes get what the host KV pools cannot give back
             sandbox_bytes = self._sandbox_bytes() if self.engines.links else 0
             self.control.host_budget_bytes = self.engines.sandbox_budget_bytes(budget, sandbox_bytes)
-        step = self.control.step(observed_s)
+        step = self.control.step(observed_s, urgent=urgent)
         if step is None:
             return
         now = time.monotonic()
