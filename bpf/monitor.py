@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.bpf import events as ev
-from agentcg.errors import BpfError, InvalidInput
+from agentcg.errors import AgentcgError, BpfError, InvalidInput, ProcessGone
+from agentcg.procfs import PROC
 
 CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
 OPTIONAL_CONCERNS = ("exit_codes",)                          # opt-in: costs every syscall
@@ -256,11 +257,10 @@ class BpfMonitor:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidInput(f"pid must be a positive integer, got {pid!r}")
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except (FileNotFoundError, ProcessLookupError):
+            ppid = PROC.stat(pid).ppid
+            tids = PROC.tids(pid)
+        except ProcessGone:
             raise InvalidInput(f"process {pid} does not exist (it may have exited already)") from None
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tasks = b[b"tasks"]
         for tid in tids:
             tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid)
@@ -386,6 +386,21 @@ class BpfMonitor:
                 self._purge(event.cgroup_id)
         return out
 
+    def fileno(self) -> int:
+        """An fd readable when ring-buffer records wait (libbpf ring_buffer__epoll_fd, an
+        epoll fd itself): put it in an event loop, then poll(0) when it is ready."""
+        b = self._require_open()
+        manager = getattr(b, "_ringbuf_manager", None)
+        if not manager:
+            raise BpfError("the ring buffer is not open")
+        lib = load_bcc().libbcc.lib
+        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+        lib.ring_buffer__epoll_fd.restype = ct.c_int
+        fd = lib.ring_buffer__epoll_fd(ct.c_void_p(manager))
+        if fd < 0:
+            raise BpfError(f"ring_buffer__epoll_fd failed ({fd})")
+        return fd
+
     def live_entries(self) -> dict[str, int]:
         """Map name -> number of entries, for every hash map loaded."""
         b = self._require_open()
@@ -445,10 +460,9 @@ def _threshold(value: Any) -> int:
 def _fdinfo(fd: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            name, _, value = line.partition(":")
+        for name, value in PROC.fdinfo(fd).items():
             if name in ("run_time_ns", "run_cnt"):
-                out[name] = int(value.strip())
-    except (OSError, ValueError):
+                out[name] = int(value)
+    except (AgentcgError, ValueError):
         pass
     return out
