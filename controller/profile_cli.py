@@ -25,11 +25,13 @@ from agentcg.units import parse_duration, parse_size
 @click.option("--daemon-socket", type=click.Path(dir_okay=False, path_type=Path),
               help="Read policy actions, KV directives and engine LLM requests for the sandbox from this daemon "
                    "(default: $AGENTCG_SOCKET or /run/agentcg/agentcg.sock when it exists).")
-@click.option("--no-daemon", is_flag=True, help="Do not read the daemon's event log.")
+@click.option("--no-daemon", is_flag=True, help="Do not use the daemon even when its socket exists.")
+@click.option("--memory-budget", help="With a daemon: the sandbox's memory budget there (its policy throttles, "
+                                      "freezes and kills the calls begun through it near the budget).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def profile(output: Path | None, sandbox: str | None, interval: str, root: str, state_dir: Path | None,
             memory_max: str | None, llm_record: Path | None, daemon_socket: Path | None, no_daemon: bool,
-            command: tuple[str, ...]) -> None:
+            memory_budget: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND (an agent, or any command) as a sandbox session and record it as a trace.
 
     Every command it starts as a direct child (shells, developer tools, coreutils) becomes a
@@ -52,7 +54,11 @@ def profile(output: Path | None, sandbox: str | None, interval: str, root: str, 
     limit = parse_size(memory_max, what="--memory-max") if memory_max is not None else None
     if limit is not None and limit < 4096 * 256:
         raise InvalidInput(f"--memory-max {memory_max}: below 1 MiB, nothing could run in the sandbox")
-    sources = SourceOptions(memory_max_bytes=limit, llm_record=llm_record,
+    budget = parse_size(memory_budget, what="--memory-budget") if memory_budget is not None else None
+    if budget is not None and no_daemon:
+        raise InvalidInput("--memory-budget is the daemon's budget for the sandbox; it needs the daemon, "
+                           "not --no-daemon (--memory-max limits the sandbox without one)")
+    sources = SourceOptions(memory_max_bytes=limit, memory_budget_bytes=budget, llm_record=llm_record,
                             daemon_socket=False if no_daemon else daemon_socket)
     summary = profile_command(list(command), output if output is not None else default_trace_path(),
                               sandbox=sandbox, interval_s=interval_s, root=root, state=state_dir, sources=sources)

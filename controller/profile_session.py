@@ -76,6 +76,7 @@ class SourceOptions:
     """What `agentcg profile` records besides calls and cgroup samples (controller/profile_sources.py)."""
 
     memory_max_bytes: int | None = None   # memory.max of the sandbox (None: no limit)
+    memory_budget_bytes: int | None = None  # the budget registered with the daemon (its policy acts on it)
     llm_record: Path | None = None        # the agent's LLM record file (None: a private temporary one)
     daemon_socket: Path | None | bool = None   # None: the daemon's socket if it exists; False: never
     nvml: Any = None                      # a pynvml-like module (tests); None: pynvml if installed
@@ -206,24 +207,37 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
     if tree.exists(sandbox):
         raise CgroupExists(f"sandbox {sandbox!r} already exists below {tree.root}; pick another --sandbox, "
                            f"or remove it with `agentcg sandbox rm {sandbox}`")
+    from agentcg.controller.profile_sources import open_daemon
+
     monitor = _open_monitor() if monitor_factory is None else monitor_factory()
     status_line = StatusLine(sys.stderr if status is None else status)
+    daemon = None
     try:
         mgr = ToolCallManager(tree, monitor=monitor, state=state)
         recorder = TraceRecorder(recording, source="agentcg")
         try:
+            daemon = open_daemon(sources.daemon_socket)
+            if daemon is None and sources.memory_budget_bytes is not None:
+                raise InvalidInput("--memory-budget: no agentcg daemon socket to register the sandbox with; "
+                                   "start `agentcg daemon` or pass --daemon-socket")
+            if daemon is not None:       # before our own set-up: the daemon creates it as it does any sandbox
+                daemon.register(sandbox, sources.memory_budget_bytes)
             mgr.ensure_sandbox(sandbox)
             try:
                 if sources.memory_max_bytes is not None:
                     tree.set_memory(sandbox, max=sources.memory_max_bytes)
                 summary = _Session(argv, sandbox, interval_s, mgr, recorder, status_line, setup_start,
-                                   sources, root).run()
+                                   sources, root, daemon).run()
             finally:
                 mgr.close(kill=True)
+                if daemon is not None:
+                    daemon.unregister()
                 _remove_sandbox(tree, sandbox)
         finally:
             recorder.close()
     finally:
+        if daemon is not None:
+            daemon.close()
         monitor.close()
     if recording != output:
         _pack(recording, output)
@@ -270,7 +284,7 @@ def _remove_sandbox(tree: "CgroupTree", sandbox: str) -> None:
 class _Session:
     def __init__(self, argv: list[str], sandbox: str, interval_s: float, mgr: Any, recorder: Any,
                  status: StatusLine, setup_start_s: float, options: SourceOptions = SourceOptions(),
-                 root: str = "agentcg") -> None:
+                 root: str = "agentcg", daemon_link: Any = None) -> None:
         self.argv = argv
         self.sandbox = sandbox
         self.interval_s = interval_s
@@ -285,6 +299,7 @@ class _Session:
         self.progress = _Progress(time.monotonic())
         self.options = options
         self.root = root
+        self.daemon_link = daemon_link
         self.events = 0
         self.llm_requests = 0
 

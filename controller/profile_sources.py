@@ -29,8 +29,17 @@ BPF_KINDS = frozenset({"oom_kill", "reclaim_stall"})   # recorded from our own e
 MAX_EVENTS_PER_KIND = 10_000     # per session; a reclaim storm beyond it is counted, not recorded
 
 
+EPOCH_FLOOR_S = 1e9               # 2001: a smaller time is a CLOCK_MONOTONIC reading, not epoch seconds
+
+
 def wall_of(monotonic_s: float) -> float:
+    """Epoch seconds of a CLOCK_MONOTONIC reading of this host (eBPF events, the daemon's log)."""
     return time.time() - (time.monotonic() - monotonic_s)
+
+
+def epoch_of(value: float) -> float:
+    """Epoch seconds of a time that is either epoch seconds or this host's monotonic clock."""
+    return value if value >= EPOCH_FLOOR_S else wall_of(value)
 
 
 class EventTee:
@@ -195,7 +204,8 @@ class DaemonEvents:
             return
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         detail = event.get("detail") if isinstance(event.get("detail"), dict) else {}
-        time_s = float(event["time_s"]) if isinstance(event.get("time_s"), (int, float)) else time.time()
+        # the daemon's log is on CLOCK_MONOTONIC (controller/core/events.py): same host, same clock
+        time_s = epoch_of(float(event["time_s"])) if isinstance(event.get("time_s"), (int, float)) else time.time()
         if kind == "llm_request":
             self._add_llm(llm_row_of(detail, time_s))
             self.llm_requests += 1
@@ -223,8 +233,8 @@ def _int(value: Any) -> int | None:
 
 def llm_row_of(detail: dict[str, Any], time_s: float) -> dict[str, Any]:
     """An llm_requests row from an engine link's "llm_request" event detail."""
-    start = detail.get("start_s") if isinstance(detail.get("start_s"), (int, float)) else None
-    end = detail.get("end_s") if isinstance(detail.get("end_s"), (int, float)) else None
+    start = epoch_of(detail["start_s"]) if isinstance(detail.get("start_s"), (int, float)) else None
+    end = epoch_of(detail["end_s"]) if isinstance(detail.get("end_s"), (int, float)) else None
     duration = detail.get("duration_s")
     if not isinstance(duration, (int, float)):
         duration = end - start if start is not None and end is not None else None
@@ -304,6 +314,51 @@ def open_gpu(sandbox: str, root: str, nvml: Any = None, proc_root: str | os.Path
     return GpuAttribution(sampler, sandbox), "nvml"
 
 
+class DaemonLink:
+    """The daemon a profiled session reports to: the sandbox is registered there
+    (`sandbox.create`, so the daemon's policy sees it and acts on the calls begun through
+    it) and removed there at the end; its event log fills the trace."""
+
+    def __init__(self, socket: Path) -> None:
+        from agentcg.client import Client
+
+        self.socket = socket
+        self.client = Client(mode="daemon", socket=socket)
+        self.registered: str | None = None
+        self.error: str | None = None
+
+    def register(self, sandbox: str, memory_budget_bytes: int | None) -> None:
+        from agentcg.errors import AgentcgError
+
+        args: dict[str, Any] = {"name": sandbox}
+        if memory_budget_bytes is not None:
+            args["memory_budget_bytes"] = memory_budget_bytes
+        try:
+            self.client.request("sandbox.create", args)
+            self.registered = sandbox
+        except AgentcgError as exc:     # recorded and warned; the session runs unregistered
+            self.error = f"sandbox.create: {exc}"
+
+    def unregister(self) -> None:
+        from agentcg.errors import AgentcgError
+
+        if self.registered is None:
+            return
+        try:
+            self.client.request("sandbox.remove", {"name": self.registered})
+        except AgentcgError as exc:
+            self.error = self.error or f"sandbox.remove: {exc}"
+        self.registered = None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_daemon(choice: Path | None | bool) -> DaemonLink | None:
+    socket = _daemon_socket(choice)
+    return DaemonLink(socket) if socket is not None else None
+
+
 class SessionSources:
     """The sources of one profiled session, opened together, stepped from its loop and
     closed once. `session` has add_event(time_s, kind, **columns), add_llm(row), sandbox,
@@ -332,13 +387,10 @@ class SessionSources:
             path.touch(mode=0o600)
         self.llm = LlmRecordTail(Path(path), session.add_llm)
         self.llm.skip_existing()
-        socket = _daemon_socket(options.daemon_socket)
-        if socket is not None:
-            from agentcg.client import Client
-
-            self.daemon_socket = socket
-            self.daemon = DaemonEvents(Client(mode="daemon", socket=socket), session.sandbox,
-                                       session.add_event, session.add_llm)
+        link = session.daemon_link
+        if link is not None:
+            self.daemon_socket = link.socket
+            self.daemon = DaemonEvents(link.client, session.sandbox, session.add_event, session.add_llm)
         self.gpu, self.gpu_status = open_gpu(session.sandbox, session.root, options.nvml, options.proc_root)
         return self
 
@@ -372,12 +424,13 @@ class SessionSources:
             warnings.append(f"eBPF events: {self.tee_source.not_recorded} beyond {MAX_EVENTS_PER_KIND} per kind "
                             "counted in the session's metadata, not recorded as rows")
         if self.daemon is not None:
+            if self.session.daemon_link.error:
+                warnings.append(f"daemon: {self.session.daemon_link.error}; its policy does not see this sandbox")
             self.daemon.step(force=True)     # the thaw that followed the last freeze, the last requests
             if self.daemon.error:
                 warnings.append(f"daemon events: {self.daemon.error}")
             if self.daemon.dropped:
                 warnings.append(f"daemon events: the daemon's ring dropped {self.daemon.dropped} event(s)")
-            self.daemon.close()
         if self.gpu is not None:
             if self.gpu.error:
                 warnings.append(f"GPU samples: {self.gpu.error}")
@@ -393,7 +446,8 @@ class SessionSources:
             if self.tee_source else {},
             "daemon": None if self.daemon is None else {
                 "socket": str(self.daemon_socket), "events": self.daemon.events, "kinds": self.daemon.kinds,
-                "llm_requests": self.daemon.llm_requests, "dropped": self.daemon.dropped, "error": self.daemon.error},
+                "llm_requests": self.daemon.llm_requests, "dropped": self.daemon.dropped, "error": self.daemon.error,
+                "registered": self.session.daemon_link.registered, "register_error": self.session.daemon_link.error},
             "gpu": self.gpu_status if self.gpu is None else {"source": "nvml", "samples": self.gpu.samples,
                                                             "error": self.gpu.error},
         }
