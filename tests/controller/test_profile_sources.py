@@ -187,3 +187,53 @@ def test_llm_record_tail_waits_for_whole_lines(tmp_path):
     assert [r["input_tokens"] for r in rows] == [1, 2]
     tail.close()                                  # the last line, without its newline
     assert [r["request_id"] for r in rows] == ["llm-1", "llm-2", "llm-4"] and tail.errors.count == 0
+
+
+class LogClient:
+    """Stands in for the daemon's socket in front of DaemonEvents only: it answers
+    events.since from a list the way controller/core/events.py does (monotonic times,
+    pages of `page` events). The real daemon path is tests/controller/test_profile_daemon.py;
+    this covers the engine-link kinds (kv_directive, llm_request) no engine here produces."""
+
+    def __init__(self, events, page=2):
+        self.events, self.page, self.asked = events, page, []
+
+    def request(self, op, args):
+        assert op == "events.since"
+        self.asked.append(dict(args))
+        out = [e for e in self.events if e["seq"] >= args["seq"] and e["sandbox"] in (None, args["sandbox"])]
+        out = out[: self.page]
+        return {"events": out, "next_seq": out[-1]["seq"] + 1 if out else args["seq"], "dropped": 0}
+
+
+def test_daemon_event_kinds_become_rows():
+    import time
+
+    from agentcg.controller.profile_sources import DaemonEvents
+
+    now = time.monotonic()
+    log = [
+        {"seq": 1, "time_s": now - 2, "kind": "freeze", "sandbox": "sb", "call_id": "tc-1", "detail": {"reason": "r"}},
+        {"seq": 2, "time_s": now - 1, "kind": "thaw", "sandbox": "sb", "call_id": "tc-1", "detail": {}},
+        {"seq": 3, "time_s": now, "kind": "kill", "sandbox": "other", "call_id": "tc-9", "detail": {}},
+        {"seq": 4, "time_s": now, "kind": "oom_kill", "sandbox": "sb", "call_id": "tc-1", "detail": {}},
+        {"seq": 5, "time_s": now, "kind": "kv_directive", "sandbox": "sb", "call_id": None,
+         "detail": {"directive": "offload", "bytes": 4096}},
+        {"seq": 6, "time_s": now, "kind": "llm_request", "sandbox": "sb", "call_id": None,
+         "detail": {"request_id": "q1", "context_tokens": 9000, "output_tokens": 12, "cached_tokens": 8000,
+                    "start_s": now - 0.5, "end_s": now}},
+    ]
+    events, llm = [], []
+    client = LogClient(log)
+    source = DaemonEvents(client, "sb", lambda t, kind, **c: events.append((t, kind, c)), llm.append)
+    source.step()                               # pages through the backlog in one step
+    assert [a["seq"] for a in client.asked] == [0, 3, 6, 7] and source.kinds["freeze"] == 1
+    # oom_kill is the profile's own eBPF's to record (not twice); the other sandbox's kill is not ours
+    assert [(k, c["action"], c["call_id"]) for _, k, c in events] == [
+        ("policy_action", "freeze", "tc-1"), ("policy_action", "thaw", "tc-1"), ("kv_decision", "offload", None)]
+    assert events[2][2]["amount_bytes"] == 4096
+    assert abs(events[0][0] - (time.time() - 2)) < 0.5          # monotonic -> epoch seconds
+    (row,) = llm
+    assert (row["request_id"], row["input_tokens"], row["cache_read_tokens"], row["usage_format"]) == \
+        ("q1", 9000, 8000, "engine")
+    assert abs(row["duration_s"] - 0.5) < 1e-6 and abs(row["time_s"] - (time.time() - 0.5)) < 0.5
