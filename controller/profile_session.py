@@ -207,7 +207,7 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
     if tree.exists(sandbox):
         raise CgroupExists(f"sandbox {sandbox!r} already exists below {tree.root}; pick another --sandbox, "
                            f"or remove it with `agentcg sandbox rm {sandbox}`")
-    from agentcg.controller.profile_sources import open_daemon
+    from agentcg.controller.profile_daemon import open_daemon
 
     monitor = _open_monitor() if monitor_factory is None else monitor_factory()
     status_line = StatusLine(sys.stderr if status is None else status)

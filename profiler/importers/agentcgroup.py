@@ -249,9 +249,10 @@ def _read_session(sdir: SessionDir) -> dict[str, Any]:
     edges += [row["time_s"] for row in llm_rows]
     start_s, end_s = float(min(edges)), float(max(edges))
     where_meta = sources["metadata"] or "meta.json"
-    setup_s = files.seconds(meta, "pull_time", where_meta) + files.seconds(meta, "permission_fix_time", where_meta)
+    setup_s = files.seconds(meta, "pull_time", where_meta) + files.seconds(meta, "permission_fix_time", where_meta) \
+        if sources["metadata"] else None     # no metadata at all: the set-up time is not known
     total_s = meta.get("total_time")
-    untraced_s = max(0.0, float(total_s) - setup_s - (end_s - start_s)) if files.is_number(total_s) else None
+    untraced_s = max(0.0, float(total_s) - (setup_s or 0.0) - (end_s - start_s)) if files.is_number(total_s) else None
     tz_offset = files.tz_offset(raw_samples[0]) if raw_samples else None
     meta_start = files.naive_as_utc(meta.get("start_time"))
     models = [row["model"] for row in llm_rows if row["model"]]

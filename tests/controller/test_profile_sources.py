@@ -209,7 +209,7 @@ class LogClient:
 def test_daemon_event_kinds_become_rows():
     import time
 
-    from agentcg.controller.profile_sources import DaemonEvents
+    from agentcg.controller.profile_daemon import DaemonEvents
 
     now = time.monotonic()
     log = [
