@@ -135,3 +135,15 @@ def test_nothing_importable(tmp_path, small_dataset):
                                          "LLM requests or resource samples in meta.json"):
         import_agentcgroup(small_dataset)
 
+
+
+def test_cli_on_the_shared_dataset(dataset_dir, tmp_path, capsys):
+    """`agentcg import agentcgroup` on the reshaped copy, as a user runs it."""
+    from agentcg.cli import main
+
+    assert main(["import", "agentcgroup", str(dataset_dir), "-q", "-o", str(tmp_path / "t.zip")]) == 0
+    out = capsys.readouterr().out
+    assert "tasks: 113 imported, 0 skipped" in out
+    assert not [line for line in out.splitlines() if line.startswith("imported ")]     # -q
+    assert ("summary: 113 sessions, 6641 tool calls, 5643 LLM requests, 51080 samples; skipped 0 task(s) "
+            "and 0 entries inside imported ones; 0 implausible value(s) flagged") in out
