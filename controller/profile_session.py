@@ -209,21 +209,20 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
                            f"or remove it with `agentcg sandbox rm {sandbox}`")
     from agentcg.controller.profile_daemon import open_daemon
 
+    daemon = open_daemon(sources.daemon_socket)
+    if daemon is None and sources.memory_budget_bytes is not None:
+        raise InvalidInput("--memory-budget: no agentcg daemon socket to register the sandbox with; "
+                           "start `agentcg daemon` or pass --daemon-socket")
     monitor = _open_monitor() if monitor_factory is None else monitor_factory()
     status_line = StatusLine(sys.stderr if status is None else status)
-    daemon = None
     try:
         mgr = ToolCallManager(tree, monitor=monitor, state=state)
         recorder = TraceRecorder(recording, source="agentcg")
         try:
-            daemon = open_daemon(sources.daemon_socket)
-            if daemon is None and sources.memory_budget_bytes is not None:
-                raise InvalidInput("--memory-budget: no agentcg daemon socket to register the sandbox with; "
-                                   "start `agentcg daemon` or pass --daemon-socket")
             if daemon is not None:       # before our own set-up: the daemon creates it as it does any sandbox
                 daemon.register(sandbox, sources.memory_budget_bytes)
-            mgr.ensure_sandbox(sandbox)
             try:
+                mgr.ensure_sandbox(sandbox)
                 if sources.memory_max_bytes is not None:
                     tree.set_memory(sandbox, max=sources.memory_max_bytes)
                 summary = _Session(argv, sandbox, interval_s, mgr, recorder, status_line, setup_start,

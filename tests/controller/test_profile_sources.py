@@ -158,6 +158,22 @@ def pd_na():
     return pd.NA
 
 
+def test_bad_source_options_exit_2_before_anything_runs(env, tmp_path):
+    for args, why in [(["--memory-budget", "1GB", "--no-daemon"], "needs the daemon"),
+                      (["--memory-budget", "1GB", "--daemon-socket", str(tmp_path / "none.sock"), "--no-daemon"],
+                       "contradict"),
+                      (["--memory-max", "1kB", "--no-daemon"], "below 1 MiB"),
+                      (["--memory-max", "lots", "--no-daemon"], "--memory-max")]:
+        done = subprocess.run(AGENTCG + ["profile", "-o", str(tmp_path / "t"), *args, "--", "true"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    env = {**env, "AGENTCG_SOCKET": str(tmp_path / "no-daemon.sock")}
+    done = subprocess.run(AGENTCG + ["profile", "-o", str(tmp_path / "t"), "--memory-budget", "1GB", "--", "true"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no agentcg daemon socket" in done.stderr, done.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_llm_record_lines(tmp_path):
     row = parse_record(b'{"time_s": 5.5, "input_tokens": 10, "is_sidechain": true, "duration_s": 2}', 1, 9.0)
     assert row == {"time_s": 5.5, "input_tokens": 10, "is_sidechain": True, "duration_s": 2,
