@@ -56,6 +56,9 @@ sys.exit(0 if frozen and thawed and held else 3)
 
 
 def test_a_burst_frozen_by_the_daemon_is_in_the_trace(tmp_path):
+    from agentcg.controller.doctor_pytest import require
+
+    require("cgroup_layout", "cgroup_v2_freeze_kill", "bcc_load")      # profile detects calls by eBPF
     policy = {"name": "agentcg", "tick_s": 0.1, "throttle_at": 0.8, "freeze_at": 0.8, "kill_at": 0.99,
               "relax_below": 0.5, "lookahead_s": 0, "grace_s": 30.0}
     agent = tmp_path / "agent.py"
