@@ -30,13 +30,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.core import CallInput, ControlCore, Inputs, SandboxInput
 from agentcg.controller.enforce import Applied, Layout
+from agentcg.controller.replay_result import CallResult, ReplayResult, SessionResult
 from agentcg.controller.replay_session import CallPlan, SessionPlan
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
 from agentcg.policies.sandbox import GraduatedConfig
@@ -65,72 +65,6 @@ class ReplayConfig:
             raise InvalidInput(f"tick must be 5 ms .. 5 s, got {self.tick_s} s")
         if not self.grace_s > 0:
             raise InvalidInput(f"grace must be positive, got {self.grace_s} s")
-
-
-@dataclass(frozen=True)
-class CallResult:
-    session_id: str
-    call: str
-    record_id: str
-    tool: str
-    outcome: str               # ok | oom_killed | policy_killed | failed | not_run
-    duration_s: float | None
-    recorded_duration_s: float  # compressed
-    peak_bytes: int | None
-    message: str | None = None
-
-
-@dataclass(frozen=True)
-class SessionResult:
-    session_id: str
-    priority: str
-    survived: bool
-    completion_s: float | None
-    nominal_s: float            # recorded duration / speed
-    calls: int
-    calls_ok: int
-    oom_killed: int
-    policy_killed: int
-    not_run: int
-    peak_bytes: int
-
-
-@dataclass
-class ReplayResult:
-    policy: str
-    budget_bytes: int | None
-    speed: float
-    layout: str
-    sessions: list[SessionResult]
-    calls: list[CallResult]
-    host_peak_bytes: int
-    host_mean_bytes: float
-    actions: dict[str, int]
-    applied: list[Applied]
-    degraded: list[str]
-    wall_s: float
-    timed_out: bool = False
-
-    @property
-    def oom_kills(self) -> int:
-        return sum(s.oom_killed for s in self.sessions)
-
-    @property
-    def calls_killed(self) -> int:
-        return sum(s.oom_killed + s.policy_killed for s in self.sessions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy, "budget_bytes": self.budget_bytes, "speed": self.speed, "layout": self.layout,
-            "sessions": [asdict(s) for s in self.sessions],
-            "killed_calls": [asdict(c) for c in self.calls if c.outcome in ("oom_killed", "policy_killed")],
-            "host_peak_bytes": self.host_peak_bytes, "host_mean_bytes": self.host_mean_bytes,
-            "oom_kills": self.oom_kills, "calls_killed": self.calls_killed, "actions": self.actions,
-            "action_log": [{"t_s": round(a.time_s, 4), "kind": a.action.kind, "sandbox": a.action.sandbox,
-                            "call": a.action.call_id, "ok": a.ok, "reason": a.action.reason, "detail": a.detail,
-                            "latency_s": a.latency_s} for a in self.applied],
-            "degraded": self.degraded, "wall_s": self.wall_s, "timed_out": self.timed_out,
-        }
 
 
 @dataclass
@@ -254,7 +188,7 @@ class Replay:
         path = self.layout.call(plan.sandbox, call.name)
         self.tree.create(path)
         proc = self.tree.spawn(path, [sys.executable, "-S", str(WORKLOAD), "call"], stdin=subprocess.PIPE,
-                               preexec_fn=self._oom_adj(plan.priority))
+                               stdout=subprocess.PIPE, preexec_fn=self._oom_adj(plan.priority))
         spec = '{"steps": [%s]}\n' % ", ".join(f"[{w!r}, {b}, {c!r}]" for w, b, c in call.steps)
         proc.stdin.write(spec.encode())
         proc.stdin.flush()
@@ -341,6 +275,8 @@ class Replay:
         else:
             outcome = "ok" if rc == 0 else "failed"
         duration = now - call.go_s if call.go_s is not None else None
+        alloc = _alloc_samples(call.proc) if outcome == "ok" else ()
+        _close_stream(call.proc.stdout)
         if call.go_s is not None:
             session.delay_s = max(session.delay_s, now - call.nominal_end_s)
         self.core.call_ended(session.plan.sandbox, call.plan.name, call.plan.tool, call.peak_bytes or None,
@@ -348,7 +284,7 @@ class Replay:
         self.core.killed.pop(key, None)
         session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
                                           call.plan.tool, outcome, duration, call.plan.duration_s / self.speed,
-                                          call.peak_bytes or None, message))
+                                          call.peak_bytes or None, message, alloc))
 
     def _abandon(self, session: _Session, now: float) -> None:
         """The agent died: the session is lost; kill and count what is left."""
@@ -359,6 +295,7 @@ class Replay:
                 pass
             call.proc.wait()
             os.close(call.pidfd)
+            _close_stream(call.proc.stdout)
             self._remove(call.path)
             if index in session.running:
                 session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
@@ -474,6 +411,8 @@ class Replay:
                     _close_quiet(call.pidfd)
                     if call.proc.stdin and not call.proc.stdin.closed:
                         _close_stream(call.proc.stdin)
+                    if call.proc.stdout and not call.proc.stdout.closed:
+                        _close_stream(call.proc.stdout)
                 if session.agent is not None:
                     session.agent.wait()
                     _close_stream(session.agent.stdin)
@@ -493,13 +432,26 @@ class Replay:
             calls.extend(results)
             count = Counter(r.outcome for r in results)
             survived = not session.lost and session.finished_s is not None
+            alloc = sorted(x for r in results for x in r.alloc_s)
             sessions.append(SessionResult(plan.session_id, plan.priority, survived,
                                           session.finished_s if survived else None, plan.duration_s / self.speed,
                                           len(plan.calls), count["ok"], count["oom_killed"], count["policy_killed"],
-                                          count["not_run"], session.peak_bytes))
+                                          count["not_run"], session.peak_bytes,
+                                          alloc[min(len(alloc) - 1, int(0.95 * len(alloc)))] if alloc else None))
         return ReplayResult(self.config.policy, self.config.budget_bytes, self.speed, self.tree.kind, sessions,
                             calls, host_peak, _time_mean(self.samples), dict(self.action_counts),
                             self.applied, sorted(self.degraded), wall_s, timed_out)
+
+
+def _alloc_samples(proc: subprocess.Popen) -> tuple[float, ...]:
+    """The chunk latencies a finished call wrote (replay_workload.py); () if it wrote none."""
+    import json
+
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else b""
+        return tuple(float(x) for x in json.loads(line)["alloc_s"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return ()
 
 
 def _time_mean(samples: list[tuple[float, int]]) -> float:

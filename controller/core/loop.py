@@ -151,14 +151,16 @@ class ControlCore:
                 continue
             self._track(key, applied)
             latency = None
+            done_s = applied.time_s + applied.latency_s
+            acted_s = applied.write_returned_s if applied.write_returned_s is not None else done_s
             if applied.ok and not applied.dry_run:
-                latency = max(0.0, applied.time_s + applied.latency_s - observed)
+                latency = max(0.0, acted_s - observed)
                 step.reactions.append((applied, latency))
             if action.kind in LOGGED_KINDS:
                 self.log.append(action.kind, action.sandbox, action.call_id, {
                     "reason": action.reason, "applied": applied.detail, "ok": applied.ok,
                     "degraded": applied.degraded, "dry_run": applied.dry_run, "value_bytes": action.value_bytes,
-                    "observed_monotonic_s": observed, "applied_monotonic_s": applied.time_s + applied.latency_s,
+                    "observed_monotonic_s": observed, "applied_monotonic_s": acted_s, "done_monotonic_s": done_s,
                     "write_s": applied.latency_s, "reaction_s": latency})
         return step
 

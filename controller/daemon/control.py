@@ -99,7 +99,7 @@ class DaemonControl:
     def call_thresholds(self, step: Step) -> dict[str, int | None]:
         """call id -> the RSS at which its scope reaches the next configured fraction."""
         out: dict[str, int | None] = {}
-        if self.core.policy_name != "agentcg":
+        if self.core.policy_name != "agentcg" or not self.settings.kernel_thresholds:
             return out
         host_budget = self.host_budget_bytes
         for sb in step.snapshot.sandboxes:
@@ -114,7 +114,7 @@ class DaemonControl:
 
     def sandbox_budgets(self) -> dict[str, int]:
         """Scope ("" = the tree's root, for the host budget) -> budget, for memcg thresholds."""
-        if self.core.policy_name != "agentcg":
+        if self.core.policy_name != "agentcg" or not self.settings.kernel_thresholds:
             return {}
         out = {name: e.memory_budget_bytes for name, e in self.state.sandboxes.items() if e.memory_budget_bytes}
         if self.host_budget_bytes:

@@ -31,6 +31,7 @@ from agentcg.controller.daemon.clients import ClientConnections
 from agentcg.controller.daemon.config import DaemonConfig, resolve_group
 from agentcg.controller.daemon.control import DaemonControl
 from agentcg.controller.daemon.engine import EngineHub, make_kv_policy
+from agentcg.controller.daemon.exec_watch import ExecWatch
 from agentcg.controller.daemon.engine_links import EngineLinks
 from agentcg.controller.daemon.http import MetricsEndpoint
 from agentcg.controller.daemon.metrics import DaemonStats, make_registry
@@ -69,6 +70,8 @@ class Daemon(ClientConnections, EngineLinks):
         self.events = EventLog()
         self.control: DaemonControl = None  # type: ignore[assignment]   # set by start()
         self.reactor: Reactor | None = None
+        self.exec_watch = ExecWatch(self)            # `sandbox exec` through the daemon (exec_watch.py)
+        self.api.ops.update(self.exec_watch.ops())
         self._epoll: select.epoll | None = None
         self._handlers: dict[int, Callable[[int, int], None]] = {}
         self._listener: UnixListener | None = None
@@ -149,6 +152,7 @@ class Daemon(ClientConnections, EngineLinks):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self.exec_watch.close()
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -332,6 +336,8 @@ class Daemon(ClientConnections, EngineLinks):
         return None
 
     def _tick(self, now: float) -> None:
+        if self.reactor is not None:
+            self.reactor.drain()   # events submitted without a wake-up (BpfMonitor.fileno) are read here
         observed_at, self._observed_at = self._observed_at or now, None
         if "" not in self._triggers:
             self._triggers.arm("")
@@ -427,6 +433,8 @@ class Daemon(ClientConnections, EngineLinks):
     def _housekeeping(self, now: float) -> None:
         if self.control.core.pending:
             self._expire_admissions(now)
+        if self.exec_watch.watches:
+            self.exec_watch.on_housekeeping()
         if now >= self._next_owner_check:
             self._next_owner_check = now + OWNER_CHECK_S
             self._check_owners()

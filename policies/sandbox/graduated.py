@@ -180,6 +180,11 @@ class _Tick:
     # ---- the graduated response -------------------------------------------------------
     def respond(self, b: _Budget) -> None:
         c = self.c
+        # a call killed earlier may still hold its memory while it exits: it is already gone
+        # for this decision, or one kill would be followed by more for the same excess
+        dying = sum(call.usage_bytes for sb, call in b.calls if (sb.name, call.call_id) in self.killed)
+        if dying:
+            b = _Budget(b.name, b.limit_name, b.budget_bytes, max(0, b.usage_bytes - dying), b.calls)
         used = b.usage_bytes / b.budget_bytes
         rate = 0.0
         if b.name in self.last_usage:

@@ -216,3 +216,15 @@ def test_one_priority_to_cpu_weight_table():
     weights = {a.sandbox: a.cpu_weight for a in actions if a.kind == "protect"}
     assert weights == {"hi": PRIORITY_CPU_WEIGHT["high"], "lo": PRIORITY_CPU_WEIGHT["low"]}
     assert controller_table is PRIORITY_CPU_WEIGHT
+
+
+def test_memory_of_a_killed_call_still_exiting_is_not_freed_twice():
+    """Tick 1 kills the largest low call; tick 2 still sees it (it is exiting) and must not
+    kill more for the excess that kill already covers."""
+    policy = make_policy("agentcg", CONFIG)
+    state = policy.initial_state()
+    _, state = policy.decide(snap(0, 700, [("l1", 100), ("l2", 300)], [("h1", 100)]), state)
+    first, state = policy.decide(snap(0.2, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)]), state)
+    assert [(a.kind, a.call_id) for a in first if a.kind == "kill"] == [("kill", "l2")]
+    second, _ = policy.decide(snap(0.4, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)]), state)
+    assert not [a for a in second if a.kind == "kill"], second
