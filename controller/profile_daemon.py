@@ -38,7 +38,7 @@ class DaemonLink:
     it) and removed there at the end; its event log fills the trace."""
 
     def __init__(self, socket: Path) -> None:
-        from agentcg.client import Client
+        from agentcg.controller.client import Client
 
         self.socket = socket
         self.client = Client(mode="daemon", socket=socket)
@@ -190,7 +190,7 @@ def _daemon_socket(choice: Path | None | bool) -> Path | None:
     if choice is False:
         return None
     if choice is None or choice is True:
-        from agentcg.client import socket_path
+        from agentcg.controller.client import socket_path
 
         path = socket_path()
         return path if path.exists() else None
