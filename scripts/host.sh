@@ -112,8 +112,30 @@ setup_venv() {
     "$venv/bin/python" -c 'import bcc, agentcg.cli' || die "the virtualenv cannot import bcc or agentcg"
 }
 
+# Podman for the container-sandbox tests (tests/containers, docs/containers.md): Debian's
+# podman with runc (crun refuses hybrid cgroups), and a local image from busybox-static
+# (no registry is reachable), imported once and cached.
+container_image="localhost/agentcg-busybox:1"
+setup_podman() {
+    apt_install podman runc busybox-static || { warn "could not install podman/runc/busybox-static: the container tests skip"; return 0; }
+    if podman image exists "$container_image" 2>/dev/null; then return 0; fi
+    local rootfs; rootfs=$(mktemp -d)
+    mkdir -p "$rootfs"/{bin,tmp,proc,sys,dev,etc,root}
+    cp /bin/busybox "$rootfs/bin/busybox"
+    local applet; for applet in sh sleep cat ls echo head dd true false mkdir rm tail env; do
+        ln -sf busybox "$rootfs/bin/$applet"
+    done
+    echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
+    echo 'root:x:0:' > "$rootfs/etc/group"
+    say "importing $container_image from busybox-static"
+    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/sh"]' - "$container_image" >/dev/null \
+        || warn "podman import failed: the container tests skip"
+    rm -rf "$rootfs"
+}
+
 setup_kernel_side
 setup_venv
+setup_podman
 
 case "${1:-setup}" in
     setup) say "ready: $venv/bin/agentcg" ;;

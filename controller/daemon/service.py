@@ -64,6 +64,7 @@ class Daemon:
         self.state = DaemonState()
         self.stats = DaemonStats(max_tool_labels=config.metrics.max_tool_labels)
         self.adoption: Adoption | None = None
+        self.containers: Any = None
         self.metrics_address: str | None = None
         self.api = Api(self)
         self._policy_name = config.policy.name
@@ -105,12 +106,16 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         self._protect_self()
-        self.tree = open_tree(root=cfg.daemon.cgroup_root)
+        from agentcg.controller.daemon.adopt import ContainerSandboxes   # adopted containers (docs/containers.md)
+        self.tree = ContainerSandboxes.wrap(open_tree(root=cfg.daemon.cgroup_root))
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor = self._load_bpf()
         self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self._epoll = select.epoll()
+        self.containers = ContainerSandboxes(self)
+        self.containers.restore()
+        self.api.ops.update(self.containers.ops())
         self._adopt()
         self._policy = self._make_policy(self._policy_name, self._dry_run)
         if cfg.engine.kv_policy not in KV_POLICY_NAMES:
@@ -435,6 +440,7 @@ class Daemon:
             self._check_owners()
         if any(c.has_returned for c in self.calls.running()):
             self.finish_due()
+        self.containers.housekeeping(now)
         wake = self.engines.next_wake_s()
         if wake is not None and now >= wake:
             self._send_directives(self.engines.wake(now))
@@ -460,6 +466,7 @@ class Daemon:
         except AgentcgError as exc:
             log.error("eBPF poll: %s", exc)
             return
+        self.containers.on_events(events)
         now = time.monotonic()
         for event in events:
             kind = type(event).__name__.removesuffix("Event").lower()

@@ -1,0 +1,496 @@
+"""Containers as sandboxes in the daemon: `sandbox.adopt`, `sandbox.release`, the exec
+watch inside adopted containers, and re-adoption after a restart.
+
+Adopting container C as sandbox S: C's cgroup becomes S (mounted into the daemon's
+MountedTree), its processes move into S/agent, and both C's cgroup and S/agent are watched
+by eBPF with stop_at_exec. Every exec there is stopped by the kernel before its new image
+runs; the loop (`on_events`) then decides:
+- an exec in C's own cgroup came from outside: `podman exec` / `docker exec` (runc joins
+  the container's cgroup; on cgroup v2 with controllers enabled it joins init's cgroup,
+  S/agent, instead) -- always a tool call;
+- an exec in S/agent whose parent is outside the container: the same, on v2;
+- an exec in S/agent by a direct child of the container's init (the agent), or by init
+  itself after its first exec, matching the tool globs (controller/autodetect.py) -- a
+  tool call, as `agentcg sandbox exec` does;
+- anything else (the agent's grandchildren, runc's own re-exec): left running where it is.
+A tool call gets S/tools/<id>, the process (and what it forked before the move) is moved
+there, and SIGCONT. Its record carries `extra.host_pid` and `extra.container_pid` (NSpid).
+The call's owner is its own main process: when that exits (eBPF exit event, or the
+daemon's owner check) the call ends and is recorded as every other call.
+
+State: `<state_dir>/containers.json` (rewritten whole with rename). A restarted daemon
+re-adopts each container whose init still runs; nothing is killed. A container that
+exited (init gone, or its cgroup removed by the runtime) is released on its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agentcg.controller.autodetect import ToolMatcher, _command_of, _ppid
+from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
+from agentcg.controller.container import inspect_container, ns_pids, validate_container_ref
+from agentcg.controller.container_cgroups import (
+    ContainerCgroup, cgroups_of_pid, check_cgroup_path, classify, container_tree, parse_proc_cgroup,
+)
+from agentcg.controller.container_nest import AGENT, Nesting, move_all, nest, unnest
+from agentcg.controller.container_tree import MountedTree
+from agentcg.controller.daemon.server import ApiError
+from agentcg.controller.daemon.state import CallEntry, SandboxEntry, load_state, save_state
+from agentcg.controller.reaper import process_start_ticks
+from agentcg.controller.sandbox import parse_priority, validate_name
+from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.records import truncate_command
+
+if TYPE_CHECKING:
+    from agentcg.controller.daemon.service import Daemon
+
+log = logging.getLogger("agentcg.daemon.adopt")
+
+STATE_FILE = "containers.json"
+STATE_VERSION = 1
+ALIVE_CHECK_S = 0.25
+MAX_ADOPTED = 256
+UNLIMITED_BYTES = 1 << 60            # v1 reports "no limit" as PAGE_COUNTER_MAX pages
+_RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
+
+
+@dataclass
+class Adopted:
+    name: str
+    cgroup: ContainerCgroup
+    nesting: Nesting
+    runtime: str                      # podman | docker | kubernetes | systemd | unknown
+    container_id: str | None
+    init_pid: int | None
+    init_start_ticks: int | None
+    memory_budget_bytes: int | None
+    budget_from: str                  # "given" | "container" | "none"
+    root_id: int = 0
+    agent_id: int = 0
+    tree: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "cgroup": self.cgroup.to_dict(), "nesting": self.nesting.to_dict(),
+                "runtime": self.runtime, "container_id": self.container_id, "init_pid": self.init_pid,
+                "init_start_ticks": self.init_start_ticks, "memory_budget_bytes": self.memory_budget_bytes,
+                "budget_from": self.budget_from}
+
+    def alive(self) -> bool:
+        if self.tree is None or not self.tree.root_dir.is_dir():
+            return False
+        if self.init_pid is None:
+            return True
+        return process_start_ticks(self.init_pid) == self.init_start_ticks
+
+
+class ContainerSandboxes:
+    """The daemon's adopted containers. Runs in the daemon's loop thread only."""
+
+    def __init__(self, daemon: "Daemon", matcher: ToolMatcher | None = None) -> None:
+        self.d = daemon
+        self.matcher = matcher or ToolMatcher()
+        self.adopted: dict[str, Adopted] = {}
+        self._by_cgroup: dict[int, Adopted] = {}
+        self._by_pid: dict[int, str] = {}          # main pid -> call id
+        self._layout: CgroupLayout | None = None
+        self._next_check = 0.0
+
+    @staticmethod
+    def wrap(tree: Any) -> MountedTree:
+        return tree if isinstance(tree, MountedTree) else MountedTree(tree)
+
+    @property
+    def path(self) -> Path:
+        return self.d.config.daemon.state_dir / STATE_FILE
+
+    @property
+    def layout(self) -> CgroupLayout:
+        if self._layout is None:
+            self._layout = detect_layout()
+        return self._layout
+
+    def ops(self) -> dict[str, Any]:
+        """API operations to add to the daemon's (and guards on two existing ones)."""
+        api = self.d.api
+        remove, update = api.ops["sandbox.remove"], api.ops["sandbox.update"]
+
+        def guarded(op: Any) -> Any:
+            def handler(conn: Any, req: Any) -> Any:
+                name = req.args.get("name") if isinstance(req.args, dict) else None
+                if isinstance(name, str) and name in self.adopted:
+                    raise ApiError("invalid_input", f"{req.op}: sandbox {name!r} is an adopted container; "
+                                                    "release it with sandbox.release (and adopt it again to change "
+                                                    "its budget)")
+                return op(conn, req)
+            return handler
+
+        return {"sandbox.adopt": self.api_adopt, "sandbox.release": self.api_release,
+                "sandbox.remove": guarded(remove), "sandbox.update": guarded(update)}
+
+    # ---- API --------------------------------------------------------------------------
+    def api_adopt(self, conn: Any, req: Any) -> dict[str, Any]:
+        from agentcg.controller.daemon.api import Args
+
+        a = Args(req)
+        name = validate_name(a.str("name"))
+        container = a.str("container", required=False)
+        runtime = a.str("runtime", required=False)
+        cgroup = a.str("cgroup", required=False)
+        pid = a.int("pid", 1, 2**22)
+        budget = a.int("memory_budget_bytes", 1, 2**62)
+        priority = parse_priority(a.str("priority", required=False, default="normal"))
+        a.done()
+        self.d.api._root_only(conn.peer, req.op)
+        if sum(x is not None for x in (container, cgroup, pid)) != 1:
+            raise ApiError("invalid_input", f"{req.op}: give exactly one of 'container' (id or name, with optional "
+                                            "'runtime'), 'pid' (the container's init on the host) or 'cgroup'")
+        container_id = None
+        if container is not None:
+            info = inspect_container(validate_container_ref(container), runtime)
+            pid, runtime, container_id = info.pid, info.runtime, info.container_id
+        entry = self.adopt(name, pid=pid, cgroup=cgroup, runtime=runtime, container_id=container_id,
+                           memory_budget_bytes=budget, priority=priority)
+        return self.describe(entry)
+
+    def api_release(self, conn: Any, req: Any) -> dict[str, Any]:
+        from agentcg.controller.daemon.api import Args
+
+        a = Args(req)
+        name = validate_name(a.str("name"))
+        a.done()
+        self.d.api._root_only(conn.peer, req.op)
+        if name not in self.adopted:
+            raise ApiError("not_found", f"sandbox {name!r} is not an adopted container; `sandbox list` shows them")
+        return {"released": name, "processes_moved_back": self.release(name, "released")}
+
+    def describe(self, entry: Adopted) -> dict[str, Any]:
+        return {**self.d.api.sandbox_object(self.d.state.sandboxes[entry.name]), "adopted": {
+            "runtime": entry.runtime, "container_id": entry.container_id, "init_pid": entry.init_pid,
+            "cgroup": "/" + entry.cgroup.v2, "driver": entry.cgroup.kind.driver, "budget_from": entry.budget_from,
+            "made": entry.nesting.made, "enabled_controllers": entry.nesting.enabled}}
+
+    # ---- adopt and release ------------------------------------------------------------
+    def adopt(self, name: str, *, pid: int | None = None, cgroup: str | None = None, runtime: str | None = None,
+              container_id: str | None = None, memory_budget_bytes: int | None = None,
+              priority: str = "normal") -> Adopted:
+        d = self.d
+        if name in d.state.sandboxes or d.tree.exists(name):
+            raise ApiError("exists", f"sandbox {name!r} exists already; choose another name")
+        if len(self.adopted) >= MAX_ADOPTED:
+            raise ApiError("busy", f"{MAX_ADOPTED} containers are adopted already")
+        if pid is not None:
+            cg = cgroups_of_pid(pid, self.layout)
+        else:
+            cg = self._cgroup_of_path(str(cgroup))
+        for other in self.adopted.values():
+            if other.cgroup.v2 == cg.v2:
+                raise ApiError("exists", f"cgroup /{cg.v2} is adopted already, as sandbox {other.name!r}")
+        kind = classify(cg.v2)
+        tree = container_tree(self.layout, cg, own_root=d.tree.root)
+        if pid is None:   # the oldest process of the cgroup stands for the container's life
+            procs = sorted(int(x) for x in (tree.root_dir / "cgroup.procs").read_text().split())
+            pid = procs[0] if procs else None
+        entry = Adopted(name, cg, Nesting(), runtime or kind.runtime, container_id or kind.ident, pid,
+                        process_start_ticks(pid) if pid else None, None, "none", tree=tree)
+        if memory_budget_bytes is not None:
+            entry.memory_budget_bytes, entry.budget_from = memory_budget_bytes, "given"
+        else:
+            entry.memory_budget_bytes = _memory_limit(tree)
+            entry.budget_from = "container" if entry.memory_budget_bytes is not None else "none"
+        self._start(entry, fresh=True)
+        d.tree.mount(name, tree)
+        d.add_sandbox(SandboxEntry(name, priority, entry.memory_budget_bytes))
+        self.save()
+        log.info("adopted %s container %s (/%s) as sandbox %s, budget %s (%s)", entry.runtime, entry.container_id,
+                 cg.v2, name, entry.memory_budget_bytes, entry.budget_from)
+        return entry
+
+    def _cgroup_of_path(self, path: str) -> ContainerCgroup:
+        layout = self.layout
+        if layout.v2_mount is None:
+            raise InvalidInput("no cgroup v2 tree is mounted here")
+        directory = check_cgroup_path(layout.v2_mount, path, own_root=self.d.tree.root)
+        relative = str(directory.relative_to(layout.v2_mount))
+        v1 = {}
+        if layout.kind == "hybrid":
+            from agentcg.controller.cgroup.hybrid import JOINED_V1
+            for controller in JOINED_V1:
+                mount = layout.v1_mounts.get(controller)
+                if mount is not None and (Path(mount) / relative / "cgroup.procs").is_file():
+                    v1[controller] = relative
+        return ContainerCgroup(relative, v1)
+
+    def _start(self, entry: Adopted, fresh: bool) -> None:
+        """Nest (fresh) or check the nesting (restart), then watch both cgroups in eBPF."""
+        tree, monitor = entry.tree, self.d.monitor
+        entry.root_id = tree.cgroup_id("")
+        if fresh:
+            if monitor is not None:   # watched before the move: an exec right after it is caught
+                monitor.watch(entry.root_id, stop_at_exec=True)
+            try:
+                entry.nesting = nest(tree)
+            except BaseException:
+                if monitor is not None:
+                    monitor.forget(entry.root_id)
+                raise
+        else:
+            for leaf in ("agent", "tools"):
+                if not tree.exists(leaf):
+                    tree.create(leaf)
+                    entry.nesting.made.append(leaf)
+            if monitor is not None:
+                monitor.watch(entry.root_id, stop_at_exec=True)
+            move_all(tree, "", AGENT)          # whatever ran `exec` while no daemon watched
+        entry.agent_id = tree.cgroup_id(AGENT)
+        if monitor is not None:
+            monitor.watch(entry.agent_id, stop_at_exec=True)
+        self.adopted[entry.name] = entry
+        self._by_cgroup[entry.root_id] = entry
+        self._by_cgroup[entry.agent_id] = entry
+
+    def release(self, name: str, why: str) -> int:
+        """End the sandbox's calls (their processes go back to the container), undo the
+        nesting, forget the sandbox. Returns how many processes moved back."""
+        entry = self.adopted.pop(name)
+        d = self.d
+        alive = entry.alive()
+        for call in [c for c in d.calls.running() if c.sandbox == name]:
+            if alive:
+                try:
+                    move_all(entry.tree, call.path.split("/", 1)[1], AGENT)
+                except AgentcgError as exc:
+                    log.warning("release %s: moving call %s back: %s", name, call.call_id, exc)
+            call.extra["released"] = 1.0 if why == "released" else 0.0
+            if why != "released":
+                call.extra["container_exited"] = 1.0
+            self._by_pid = {p: c for p, c in self._by_pid.items() if c != call.call_id}
+            d.calls.returned(call)
+            call.grace_s = 0.0
+        d.finish_due()
+        moved = 0
+        if alive:
+            moved = unnest(entry.tree, entry.nesting)
+        else:
+            try:
+                unnest(entry.tree, entry.nesting)   # what the runtime did not remove yet
+            except AgentcgError:
+                pass
+        for cgroup_id in (entry.root_id, entry.agent_id):
+            self._by_cgroup.pop(cgroup_id, None)
+            if d.monitor is not None and cgroup_id in d.monitor.watched():
+                d.monitor.forget(cgroup_id)
+        d.tree.unmount(name)
+        d._forget_sandbox(name)
+        self.save()
+        log.info("sandbox %s (container %s) %s; %d processes moved back", name, entry.container_id, why, moved)
+        return moved
+
+    # ---- restart ----------------------------------------------------------------------
+    def restore(self) -> None:
+        """Before the daemon's own adoption: re-adopt containers still running, and drop the
+        sandboxes of those that exited from the daemon's state file (it must not recreate them)."""
+        saved = self._load()
+        gone = []
+        for data in saved:
+            try:
+                cg = ContainerCgroup.from_dict(data["cgroup"])
+                entry = Adopted(str(data["name"]), cg, Nesting.from_dict(data.get("nesting", {})),
+                                str(data.get("runtime", "unknown")), data.get("container_id"), data.get("init_pid"),
+                                data.get("init_start_ticks"), data.get("memory_budget_bytes"),
+                                str(data.get("budget_from", "none")))
+                entry.tree = container_tree(self.layout, cg, own_root=self.d.tree.root)
+                if not entry.alive():
+                    raise CgroupGone("its init process is gone")
+                self._start(entry, fresh=False)
+                self.d.tree.mount(entry.name, entry.tree)
+                log.info("re-adopted container %s as sandbox %s", entry.container_id, entry.name)
+            except (AgentcgError, KeyError, TypeError, ValueError) as exc:
+                log.info("adopted container %s not re-adopted: %s", data.get("name"), exc)
+                gone.append(str(data.get("name")))
+        if gone:
+            self._drop_from_daemon_state(gone)
+        self.save()
+
+    def _drop_from_daemon_state(self, names: list[str]) -> None:
+        path = self.d.config.state_path
+        try:
+            state = load_state(path)
+        except InvalidInput:
+            return
+        for name in names:
+            state.sandboxes.pop(name, None)
+        save_state(path, state)
+
+    def _load(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.error("%s unreadable (%s); adopted containers are not re-adopted", self.path, exc)
+            return []
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return []
+        return [c for c in data.get("containers", []) if isinstance(c, dict)][:MAX_ADOPTED]
+
+    def save(self) -> None:
+        data = {"version": STATE_VERSION, "containers": [e.to_dict() for e in self.adopted.values()]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def on_events(self, events: list[Any]) -> None:
+        """Exec and exit events from the daemon's ring-buffer drain."""
+        if not self.adopted and not self._by_pid:
+            for event in events:
+                _continue(event)
+            return
+        from agentcg.bpf.events import ExecEvent, ExitEvent
+
+        for event in events:
+            if isinstance(event, ExecEvent):
+                entry = self._by_cgroup.get(event.cgroup_id)
+                try:
+                    if entry is not None:
+                        self._on_exec(entry, event)
+                except Exception:   # a bug must not leave the command stopped
+                    log.exception("container exec of %s in %s", event.filename, entry.name if entry else "?")
+                finally:
+                    _continue(event)
+            elif isinstance(event, ExitEvent):
+                call_id = self._by_pid.pop(event.pid, None)
+                if call_id is not None:
+                    try:
+                        call = self.d.calls.get(call_id)
+                    except CgroupGone:
+                        continue
+                    self.d.end_call(call, event.exit_code, event.signal, waiter=None)
+
+    def housekeeping(self, now: float) -> None:
+        if now < self._next_check or not self.adopted:
+            return
+        self._next_check = now + ALIVE_CHECK_S
+        for name, entry in list(self.adopted.items()):
+            if not entry.alive():
+                self.release(name, "container exited")
+
+    def _on_exec(self, entry: Adopted, event: Any) -> None:
+        pid, filename = event.pid, event.filename
+        base = os.path.basename(filename)
+        if base.startswith(_RUNC_NAMES) or filename.startswith(("/proc/self/", "memfd:")):
+            return
+        ppid = event.ppid or _ppid(pid)
+        from_outside = event.cgroup_id == entry.root_id or not self._inside(entry, ppid)
+        if not from_outside:
+            if pid != entry.init_pid and ppid != entry.init_pid:
+                return                    # the agent's own work (a grandchild)
+            if not self.matcher.matches(filename):
+                return
+        self._begin(entry, event, from_outside)
+
+    def _inside(self, entry: Adopted, pid: int | None) -> bool:
+        """True when `pid` lives in the container's cgroup or below it."""
+        if not pid:
+            return False
+        try:
+            text = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            return False
+        for hid, controllers, path in parse_proc_cgroup(text):
+            if hid == 0 and not controllers:
+                path = path.strip("/")
+                return path == entry.cgroup.v2 or path.startswith(entry.cgroup.v2 + "/")
+        return False
+
+    def _begin(self, entry: Adopted, event: Any, from_outside: bool) -> None:
+        d, pid = self.d, event.pid
+        if len(d.calls.running()) >= d.config.limits.max_running_calls:
+            log.warning("%s: max_running_calls reached; %s runs untracked", entry.name, event.filename)
+            return
+        tool = os.path.basename(event.filename) or event.comm or "unknown"
+        call = d.calls.begin(entry.name, tool[:64], truncate_command(_command_of(pid, event.filename)),
+                             create_sandbox=False)
+        call.start_monotonic_s = event.monotonic_s
+        call.start_wall_s = time.time() - (time.monotonic() - event.monotonic_s)
+        source = "" if event.cgroup_id == entry.root_id else AGENT
+        try:
+            d.apply_call_limits(call)
+            call.attach(pid)
+            moved = True
+        except (CgroupGone, AgentcgError):
+            moved = False
+        if moved:
+            if d.monitor is not None:
+                try:
+                    d.monitor.watch_pid(pid, call.cgroup_id)
+                except InvalidInput:
+                    pass
+            self._move_children(entry, call, source, pid)
+        host_pid, container_pid = ns_pids(pid)
+        call.extra.update({"host_pid": host_pid, "container_pid": container_pid, "from_exec": 1 if from_outside else 0,
+                           "detect_latency_s": time.monotonic() - event.monotonic_s})
+        if entry.container_id:
+            call.extra["container_id"] = entry.container_id[:12]   # type: ignore[assignment]
+        d.state.calls[call.call_id] = CallEntry(
+            call_id=call.call_id, sandbox=entry.name, tool=call.tool, command=call.command,
+            start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, grace_s=call.grace_s,
+            owner_pid=pid if moved else 0, owner_start_ticks=(process_start_ticks(pid) or 0) if moved else 0)
+        d.save()
+        d.engine_tool_began(call)
+        if moved:
+            self._by_pid[pid] = call.call_id
+        else:
+            call.measured = False
+            d.end_call(call, None, None, waiter=None)
+
+    def _move_children(self, entry: Adopted, call: Any, source: str, pid: int) -> None:
+        """What the command forked between its exec and the move is still in `source`."""
+        family = {pid}
+        for _ in range(8):
+            try:
+                pids = entry.tree.pids(source)
+            except CgroupGone:
+                return
+            found = [p for p in pids if p != entry.init_pid and _ppid(p) in family]
+            for p in found:
+                try:
+                    call.attach(p)
+                    family.add(p)
+                except AgentcgError:
+                    pass
+            if not found:
+                return
+
+
+def _memory_limit(tree: Any) -> int | None:
+    """The container's own memory limit (v2 memory.max, v1 memory.limit_in_bytes), None if unlimited."""
+    try:
+        if tree.kind == "v2":
+            text = (tree.root_dir / "memory.max").read_text().strip()
+        else:
+            text = (tree.cgroup_dir("", "memory") / "memory.limit_in_bytes").read_text().strip()
+    except (OSError, AgentcgError):
+        return None
+    if text == "max":
+        return None
+    value = int(text)
+    return None if value >= UNLIMITED_BYTES else value
+
+
+def _continue(event: Any) -> None:
+    if getattr(event, "stopped", False):
+        try:
+            os.kill(event.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
