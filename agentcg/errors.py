@@ -10,6 +10,7 @@
      │    ├── CgroupBusy          could not be emptied or removed in bounded retries
      │    └── AccessDenied        the kernel refused (EPERM/EACCES)
      ├── BpfError                 compiling, loading or attaching a BPF program failed
+     ├── ProcessGone              a process is not there (exited, a zombie, or never was)
      ├── TraceError               a trace is unreadable, of an unknown version, or incomplete
      └── ProtocolError            a malformed or refused daemon/engine message
 
@@ -60,6 +61,14 @@ class AccessDenied(CgroupError, PermissionError):
 
 class BpfError(AgentcgError):
     """A BPF program could not be compiled, loaded or attached."""
+
+
+class ProcessGone(AgentcgError, ProcessLookupError):
+    """The process does not exist: it exited (or is a zombie) or never was; `.pid` says which."""
+
+    def __init__(self, message: str, pid: object = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class TraceError(AgentcgError):
