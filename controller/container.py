@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from agentcg.errors import AgentcgError, CgroupGone, HostUnsupported, InvalidInput
 
@@ -87,11 +86,17 @@ def _inspect(runtime: str, ref: str, timeout_s: float) -> ContainerInfo:
 def ns_pids(pid: int, proc: str | os.PathLike = "/proc") -> tuple[int, int | None]:
     """(host pid, pid in the innermost PID namespace) from NSpid in /proc/<pid>/status;
     the second is None when the process is gone or the kernel has no NSpid (< 4.1)."""
+    from agentcg.procfs import ProcFs
+
     try:
-        for line in (Path(proc) / str(pid) / "status").read_text().splitlines():
-            if line.startswith("NSpid:"):
+        text = ProcFs(proc).text(f"{int(pid)}/status")
+    except AgentcgError:
+        return pid, None
+    for line in text.splitlines():
+        if line.startswith("NSpid:"):
+            try:
                 values = [int(v) for v in line.split()[1:]]
-                return pid, values[-1] if values else None
-    except (OSError, ValueError):
-        pass
+            except ValueError:
+                return pid, None
+            return pid, values[-1] if values else None
     return pid, None

@@ -33,7 +33,7 @@ from agentcg.controller.cgroup import _fs
 from agentcg.controller.cgroup.hybrid import JOINED_V1, HybridTree
 from agentcg.controller.cgroup.layout import CgroupLayout
 from agentcg.controller.cgroup.v2 import V2Tree
-from agentcg.errors import AccessDenied, CgroupGone, HostUnsupported, InvalidInput
+from agentcg.errors import AccessDenied, CgroupGone, HostUnsupported, InvalidInput, ProcessGone
 
 NAME_MAX = 255                        # a cgroup directory name is a file name
 MAX_PATH_CHARS = 4096
@@ -93,35 +93,23 @@ class ContainerCgroup:
         return cls(str(data["v2"]), {str(k): str(v) for k, v in dict(data.get("v1", {})).items()})
 
 
-def parse_proc_cgroup(text: str) -> list[tuple[int, tuple[str, ...], str]]:
-    """/proc/<pid>/cgroup -> [(hierarchy id, controllers, path)]; v2 is (0, (), path)."""
-    out = []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue
-        controllers = tuple(c for c in parts[1].split(",") if c)
-        out.append((int(parts[0]), controllers, parts[2]))
-    return out
-
-
 def cgroups_of_pid(pid: int, layout: CgroupLayout, proc: str | os.PathLike = "/proc") -> ContainerCgroup:
     """The cgroup `pid` is in, in the v2 tree and each v1 hierarchy agentcg joins."""
+    from agentcg.procfs import ProcFs
+
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise InvalidInput(f"pid must be a positive integer, got {pid!r}")
     try:
-        text = (Path(proc) / str(pid) / "cgroup").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        lines = ProcFs(proc).cgroups(pid)
+    except ProcessGone:
         raise CgroupGone(f"process {pid} does not exist (the container exited?)") from None
-    except PermissionError:
-        raise AccessDenied(f"cannot read {proc}/{pid}/cgroup; run as root") from None
     v2, v1 = None, {}
-    for hid, controllers, path in parse_proc_cgroup(text):
-        if hid == 0 and not controllers:
-            v2 = path
-        for controller in controllers:
+    for line in lines:
+        if line.hierarchy_id == 0 and not line.controllers:
+            v2 = line.path
+        for controller in line.controllers:
             if controller in JOINED_V1 and controller in layout.v1_mounts:
-                v1[controller] = path.strip("/")
+                v1[controller] = line.path.strip("/")
     if v2 is not None and v2.startswith("/.."):
         raise HostUnsupported(f"process {pid}'s cgroup {v2} lies outside this process's cgroup namespace: run the "
                               "daemon in the host's (e.g. nsenter --cgroup=/proc/1/ns/cgroup, see docs/containers.md)")

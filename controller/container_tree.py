@@ -77,6 +77,8 @@ class MountedTree(CgroupTree):
         tree.remove(rest, timeout_s)
 
     def exists(self, path: str) -> bool:
+        if path == "" and self.mounted():
+            return True      # adopted sandboxes are there even before agentcg's own root is made
         tree, rest = self._route(path)
         return tree.exists(rest)
 

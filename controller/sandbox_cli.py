@@ -182,6 +182,12 @@ def _kill_quiet(pid: int, signum: int) -> None:
         pass
 
 
+from agentcg.controller.container_cli import adopt, release  # noqa: E402  (docs/containers.md)
+
+sandbox.add_command(adopt)
+sandbox.add_command(release)
+
+
 @click.command()
 @_root_option
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="AGENTCG_STATE_DIR")

@@ -114,13 +114,15 @@ setup_venv() {
 
 # Podman for the container-sandbox tests (tests/containers, docs/containers.md): Debian's
 # podman with runc (crun refuses hybrid cgroups), and a local image from busybox-static
-# (no registry is reachable), imported once and cached.
-container_image="localhost/agentcg-busybox:1"
+# (no registry is reachable), imported once and cached. /lib and /lib64 point into /usr, so a
+# test that bind-mounts the host's /usr read-only can run the host's python3 inside.
+container_image="localhost/agentcg-busybox:2"
 setup_podman() {
     apt_install podman runc busybox-static || { warn "could not install podman/runc/busybox-static: the container tests skip"; return 0; }
     if podman image exists "$container_image" 2>/dev/null; then return 0; fi
     local rootfs; rootfs=$(mktemp -d)
-    mkdir -p "$rootfs"/{bin,tmp,proc,sys,dev,etc,root}
+    mkdir -p "$rootfs"/{bin,tmp,proc,sys,dev,etc,root,usr}
+    ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
     cp /bin/busybox "$rootfs/bin/busybox"
     local applet; for applet in sh sleep cat ls echo head dd true false mkdir rm tail env; do
         ln -sf busybox "$rootfs/bin/$applet"

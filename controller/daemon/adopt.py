@@ -33,19 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentcg.controller.autodetect import ToolMatcher, _command_of, _ppid
+from agentcg.controller.autodetect import ToolMatcher, _command_of
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
 from agentcg.controller.container import inspect_container, ns_pids, validate_container_ref
 from agentcg.controller.container_cgroups import (
-    ContainerCgroup, cgroups_of_pid, check_cgroup_path, classify, container_tree, parse_proc_cgroup,
+    ContainerCgroup, cgroups_of_pid, check_cgroup_path, classify, container_tree,
 )
 from agentcg.controller.container_nest import AGENT, Nesting, move_all, nest, unnest
 from agentcg.controller.container_tree import MountedTree
 from agentcg.controller.daemon.server import ApiError
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry, load_state, save_state
-from agentcg.controller.reaper import process_start_ticks
 from agentcg.controller.sandbox import parse_priority, validate_name
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.procfs import ProcFs
 from agentcg.records import truncate_command
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ STATE_VERSION = 1
 ALIVE_CHECK_S = 0.25
 MAX_ADOPTED = 256
 UNLIMITED_BYTES = 1 << 60            # v1 reports "no limit" as PAGE_COUNTER_MAX pages
+PROC = ProcFs()
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
 
 
@@ -87,7 +88,7 @@ class Adopted:
             return False
         if self.init_pid is None:
             return True
-        return process_start_ticks(self.init_pid) == self.init_start_ticks
+        return PROC.is_alive(self.init_pid, self.init_start_ticks)
 
 
 class ContainerSandboxes:
@@ -142,6 +143,7 @@ class ContainerSandboxes:
         name = validate_name(a.str("name"))
         container = a.str("container", required=False)
         runtime = a.str("runtime", required=False)
+        container_id = a.str("container_id", required=False)
         cgroup = a.str("cgroup", required=False)
         pid = a.int("pid", 1, 2**22)
         budget = a.int("memory_budget_bytes", 1, 2**62)
@@ -151,7 +153,10 @@ class ContainerSandboxes:
         if sum(x is not None for x in (container, cgroup, pid)) != 1:
             raise ApiError("invalid_input", f"{req.op}: give exactly one of 'container' (id or name, with optional "
                                             "'runtime'), 'pid' (the container's init on the host) or 'cgroup'")
-        container_id = None
+        if runtime is not None and runtime not in ("podman", "docker", "kubernetes", "systemd", "unknown"):
+            raise ApiError("invalid_input", f"{req.op}: runtime {runtime!r} unknown (podman, docker, kubernetes, ...)")
+        if container_id is not None and (len(container_id) > 128 or not container_id.isprintable()):
+            raise ApiError("invalid_input", f"{req.op}: container_id must be up to 128 printable characters")
         if container is not None:
             info = inspect_container(validate_container_ref(container), runtime)
             pid, runtime, container_id = info.pid, info.runtime, info.container_id
@@ -190,15 +195,17 @@ class ContainerSandboxes:
         else:
             cg = self._cgroup_of_path(str(cgroup))
         for other in self.adopted.values():
-            if other.cgroup.v2 == cg.v2:
-                raise ApiError("exists", f"cgroup /{cg.v2} is adopted already, as sandbox {other.name!r}")
+            mine, theirs = cg.v2 + "/", other.cgroup.v2 + "/"
+            if mine.startswith(theirs) or theirs.startswith(mine):
+                raise ApiError("exists", f"cgroup /{cg.v2} is (inside) the container adopted already as sandbox "
+                                         f"{other.name!r} (/{other.cgroup.v2}); release it first")
         kind = classify(cg.v2)
         tree = container_tree(self.layout, cg, own_root=d.tree.root)
         if pid is None:   # the oldest process of the cgroup stands for the container's life
             procs = sorted(int(x) for x in (tree.root_dir / "cgroup.procs").read_text().split())
             pid = procs[0] if procs else None
         entry = Adopted(name, cg, Nesting(), runtime or kind.runtime, container_id or kind.ident, pid,
-                        process_start_ticks(pid) if pid else None, None, "none", tree=tree)
+                        PROC.start_ticks(pid) if pid else None, None, "none", tree=tree)
         if memory_budget_bytes is not None:
             entry.memory_budget_bytes, entry.budget_from = memory_budget_bytes, "given"
         else:
@@ -404,14 +411,10 @@ class ContainerSandboxes:
         if not pid:
             return False
         try:
-            text = Path(f"/proc/{pid}/cgroup").read_text()
-        except OSError:
+            path = (PROC.v2_cgroup(pid) or "").strip("/")
+        except AgentcgError:
             return False
-        for hid, controllers, path in parse_proc_cgroup(text):
-            if hid == 0 and not controllers:
-                path = path.strip("/")
-                return path == entry.cgroup.v2 or path.startswith(entry.cgroup.v2 + "/")
-        return False
+        return path == entry.cgroup.v2 or path.startswith(entry.cgroup.v2 + "/")
 
     def _begin(self, entry: Adopted, event: Any, from_outside: bool) -> None:
         d, pid = self.d, event.pid
@@ -445,7 +448,7 @@ class ContainerSandboxes:
         d.state.calls[call.call_id] = CallEntry(
             call_id=call.call_id, sandbox=entry.name, tool=call.tool, command=call.command,
             start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, grace_s=call.grace_s,
-            owner_pid=pid if moved else 0, owner_start_ticks=(process_start_ticks(pid) or 0) if moved else 0)
+            owner_pid=pid if moved else 0, owner_start_ticks=(PROC.start_ticks(pid) or 0) if moved else 0)
         d.save()
         d.engine_tool_began(call)
         if moved:
@@ -486,6 +489,13 @@ def _memory_limit(tree: Any) -> int | None:
         return None
     value = int(text)
     return None if value >= UNLIMITED_BYTES else value
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return PROC.stat(pid).ppid
+    except AgentcgError:
+        return None
 
 
 def _continue(event: Any) -> None:

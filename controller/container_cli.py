@@ -1,0 +1,85 @@
+"""`agentcg sandbox adopt NAME --container ID | --pid PID | --cgroup PATH` and
+`agentcg sandbox release NAME`: containers as sandboxes, through the daemon (it keeps
+watching the container's execs; see docs/containers.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _client(socket: Path | None) -> Any:
+    from agentcg.client import Client
+
+    return Client(mode="daemon", socket=socket)
+
+
+def _socket_option(f: Any) -> Any:
+    return click.option("--socket", type=click.Path(dir_okay=False, path_type=Path), envvar="AGENTCG_SOCKET",
+                        default=None, help="The daemon's socket (env AGENTCG_SOCKET).")(f)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--container", "container", default=None, help="Docker/Podman container id (or prefix) or name.")
+@click.option("--runtime", type=click.Choice(["podman", "docker"]), default=None,
+              help="Which CLI resolves --container (default: podman, then docker).")
+@click.option("--pid", type=int, default=None, help="The container's init process on the host.")
+@click.option("--cgroup", "cgroup", default=None,
+              help="The cgroup path below the v2 mount (Kubernetes pods, systemd units, other runtimes).")
+@click.option("--memory-budget", default=None, help="The sandbox's budget for the policy (default: the "
+                                                      "container's own memory limit), e.g. 2G.")
+@click.option("--priority", default="normal", show_default=True, help="high, normal or low.")
+@click.option("--json", "as_json", is_flag=True)
+@_socket_option
+def adopt(name: str, container: str | None, runtime: str | None, pid: int | None, cgroup: str | None,
+          memory_budget: str | None, priority: str, as_json: bool, socket: Path | None) -> None:
+    """Make a running container sandbox NAME: its processes go to NAME/agent, every
+    `podman exec`/`docker exec` and every command its agent starts becomes a tool call."""
+    from agentcg.controller.sandbox import parse_priority, validate_name
+    from agentcg.errors import InvalidInput
+    from agentcg.units import parse_size
+
+    validate_name(name)
+    parse_priority(priority)
+    if sum(x is not None for x in (container, pid, cgroup)) != 1:
+        raise InvalidInput("give exactly one of --container ID, --pid PID or --cgroup PATH")
+    if runtime is not None and container is None:
+        raise InvalidInput("--runtime goes with --container")
+    args: dict[str, Any] = {"name": name, "priority": priority}
+    if memory_budget is not None:
+        args["memory_budget_bytes"] = parse_size(memory_budget, what="--memory-budget")
+    if container is not None:
+        from agentcg.controller.container import inspect_container
+        # resolved here, not in the daemon: the runtime's CLI must not stall the daemon's loop
+        info = inspect_container(container, runtime)
+        args.update(pid=info.pid, runtime=info.runtime, container_id=info.container_id)
+    elif pid is not None:
+        args["pid"] = pid
+    else:
+        args["cgroup"] = cgroup
+    result = _client(socket).request("sandbox.adopt", args)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    adopted = result.get("adopted", {})
+    budget = result.get("memory_budget_bytes")
+    click.echo(f"adopted: {name} = {adopted.get('runtime')} {str(adopted.get('container_id') or '')[:12]} "
+               f"({adopted.get('cgroup')}), budget {budget if budget is not None else 'none'} "
+               f"({adopted.get('budget_from')})")
+
+
+@click.command()
+@click.argument("name")
+@_socket_option
+def release(name: str, socket: Path | None) -> None:
+    """Give sandbox NAME's container back: its processes return to the container's cgroup,
+    agentcg's leaves are removed; the container keeps running."""
+    from agentcg.controller.sandbox import validate_name
+
+    validate_name(name)
+    result = _client(socket).request("sandbox.release", {"name": name})
+    click.echo(f"released: {name} ({result.get('processes_moved_back', 0)} processes moved back)")
+
