@@ -83,3 +83,37 @@ def release(name: str, socket: Path | None) -> None:
     result = _client(socket).request("sandbox.release", {"name": name})
     click.echo(f"released: {name} ({result.get('processes_moved_back', 0)} processes moved back)")
 
+
+
+@click.command(name="adopt-pods")
+@click.option("--label", default="agentcg.io/sandbox", show_default=True,
+              help="Pods with this label are sandboxes (its value names the sandbox; else the pod's name).")
+@click.option("--node", envvar="NODE_NAME", required=True, help="This node's name (env NODE_NAME).")
+@click.option("--interval", default="10s", show_default=True, help="Time between two passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@_socket_option
+def adopt_pods(label: str, node: str, interval: str, once: bool, socket: Path | None) -> None:
+    """Kubernetes: adopt this node's pods that carry LABEL, release them when they go
+    (runs beside the daemon in deploy/kubernetes; needs the pod's service account)."""
+    import signal
+    import threading
+
+    from agentcg.controller.cgroup.layout import detect_layout
+    from agentcg.controller.container_k8s import list_node_pods, pods_to_adopt, reconcile
+    from agentcg.errors import AgentcgError
+    from agentcg.units import parse_duration
+
+    period_s = parse_duration(interval, what="--interval")
+    mount = detect_layout().v2_mount
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    client, adopted = _client(socket), {}
+    while not stop.is_set():
+        try:
+            adopted = reconcile(client, pods_to_adopt(list_node_pods(node, label), label), str(mount), adopted)
+        except AgentcgError as exc:
+            click.echo(f"agentcg adopt-pods: {exc}; retrying in {period_s:g} s", err=True)
+        if once:
+            return
+        stop.wait(period_s)

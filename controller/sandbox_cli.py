@@ -182,10 +182,10 @@ def _kill_quiet(pid: int, signum: int) -> None:
         pass
 
 
-from agentcg.controller.container_cli import adopt, release  # noqa: E402  (docs/containers.md)
+from agentcg.controller.container_cli import adopt, adopt_pods, release  # noqa: E402  (docs/containers.md)
 
-sandbox.add_command(adopt)
-sandbox.add_command(release)
+for _command in (adopt, release, adopt_pods):
+    sandbox.add_command(_command)
 
 
 @click.command()

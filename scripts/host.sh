@@ -135,9 +135,17 @@ setup_podman() {
     rm -rf "$rootfs"
 }
 
+# The deploy/kubernetes schema check (tests/containers/test_deploy.py): kubernetes-validate
+# ships the Kubernetes JSON schemas, so it validates offline.
+setup_deploy_check() {
+    "$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null && return 0
+    "$venv/bin/python" -m pip install -q kubernetes-validate || warn "could not install kubernetes-validate: the manifest check skips"
+}
+
 setup_kernel_side
 setup_venv
 setup_podman
+setup_deploy_check
 
 case "${1:-setup}" in
     setup) say "ready: $venv/bin/agentcg" ;;
