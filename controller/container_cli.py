@@ -32,10 +32,14 @@ def _socket_option(f: Any) -> Any:
 @click.option("--memory-budget", default=None, help="The sandbox's budget for the policy (default: the "
                                                       "container's own memory limit), e.g. 2G.")
 @click.option("--priority", default="normal", show_default=True, help="high, normal or low.")
+@click.option("--tools", default=None, help="Globs of the agent's commands that count as tool calls (default: "
+                                            "shells, developer tools, coreutils); every exec from outside counts.")
+@click.option("--exclude", default=None, help="Globs of the agent's commands that never count.")
 @click.option("--json", "as_json", is_flag=True)
 @_socket_option
 def adopt(name: str, container: str | None, runtime: str | None, pid: int | None, cgroup: str | None,
-          memory_budget: str | None, priority: str, as_json: bool, socket: Path | None) -> None:
+          memory_budget: str | None, priority: str, tools: str | None, exclude: str | None, as_json: bool,
+          socket: Path | None) -> None:
     """Make a running container sandbox NAME: its processes go to NAME/agent, every
     `podman exec`/`docker exec` and every command its agent starts becomes a tool call."""
     from agentcg.controller.sandbox import parse_priority, validate_name
@@ -49,6 +53,10 @@ def adopt(name: str, container: str | None, runtime: str | None, pid: int | None
     if runtime is not None and container is None:
         raise InvalidInput("--runtime goes with --container")
     args: dict[str, Any] = {"name": name, "priority": priority}
+    if tools is not None:
+        args["tools"] = tools
+    if exclude is not None:
+        args["exclude"] = exclude
     if memory_budget is not None:
         args["memory_budget_bytes"] = parse_size(memory_budget, what="--memory-budget")
     if container is not None:

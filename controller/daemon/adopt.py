@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentcg.controller.autodetect import ToolMatcher, _command_of
+from agentcg.controller.autodetect import ToolMatcher, _command_of, parse_globs
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
 from agentcg.controller.container import inspect_container, ns_pids, validate_container_ref
 from agentcg.controller.container_cgroups import (
@@ -73,6 +73,8 @@ class Adopted:
     init_start_ticks: int | None
     memory_budget_bytes: int | None
     budget_from: str                  # "given" | "container" | "none"
+    tools: tuple[str, ...] | None = None     # globs of the agent's commands that count (None: the defaults)
+    exclude: tuple[str, ...] = ()
     root_id: int = 0
     agent_id: int = 0
     tree: Any = field(default=None, repr=False)
@@ -81,7 +83,12 @@ class Adopted:
         return {"name": self.name, "cgroup": self.cgroup.to_dict(), "nesting": self.nesting.to_dict(),
                 "runtime": self.runtime, "container_id": self.container_id, "init_pid": self.init_pid,
                 "init_start_ticks": self.init_start_ticks, "memory_budget_bytes": self.memory_budget_bytes,
-                "budget_from": self.budget_from}
+                "budget_from": self.budget_from, "tools": list(self.tools) if self.tools is not None else None,
+                "exclude": list(self.exclude)}
+
+    @property
+    def matcher(self) -> ToolMatcher:
+        return ToolMatcher(self.tools, self.exclude) if self.tools is not None else ToolMatcher(exclude=self.exclude)
 
     def alive(self) -> bool:
         if self.tree is None or not self.tree.root_dir.is_dir():
@@ -94,9 +101,8 @@ class Adopted:
 class ContainerSandboxes:
     """The daemon's adopted containers. Runs in the daemon's loop thread only."""
 
-    def __init__(self, daemon: "Daemon", matcher: ToolMatcher | None = None) -> None:
+    def __init__(self, daemon: "Daemon") -> None:
         self.d = daemon
-        self.matcher = matcher or ToolMatcher()
         self.adopted: dict[str, Adopted] = {}
         self._by_cgroup: dict[int, Adopted] = {}
         self._by_pid: dict[int, str] = {}          # main pid -> call id
@@ -148,8 +154,10 @@ class ContainerSandboxes:
         pid = a.int("pid", 1, 2**22)
         budget = a.int("memory_budget_bytes", 1, 2**62)
         priority = parse_priority(a.str("priority", required=False, default="normal"))
+        tools, exclude = a.str("tools", required=False), a.str("exclude", required=False, default="")
         a.done()
         self.d.api._root_only(conn.peer, req.op)
+        globs = parse_globs(tools) if tools is not None else None
         if sum(x is not None for x in (container, cgroup, pid)) != 1:
             raise ApiError("invalid_input", f"{req.op}: give exactly one of 'container' (id or name, with optional "
                                             "'runtime'), 'pid' (the container's init on the host) or 'cgroup'")
@@ -161,7 +169,7 @@ class ContainerSandboxes:
             info = inspect_container(validate_container_ref(container), runtime)
             pid, runtime, container_id = info.pid, info.runtime, info.container_id
         entry = self.adopt(name, pid=pid, cgroup=cgroup, runtime=runtime, container_id=container_id,
-                           memory_budget_bytes=budget, priority=priority)
+                           memory_budget_bytes=budget, priority=priority, tools=globs, exclude=parse_globs(exclude))
         return self.describe(entry)
 
     def api_release(self, conn: Any, req: Any) -> dict[str, Any]:
@@ -184,7 +192,7 @@ class ContainerSandboxes:
     # ---- adopt and release ------------------------------------------------------------
     def adopt(self, name: str, *, pid: int | None = None, cgroup: str | None = None, runtime: str | None = None,
               container_id: str | None = None, memory_budget_bytes: int | None = None,
-              priority: str = "normal") -> Adopted:
+              priority: str = "normal", tools: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> Adopted:
         d = self.d
         if name in d.state.sandboxes or d.tree.exists(name):
             raise ApiError("exists", f"sandbox {name!r} exists already; choose another name")
@@ -205,7 +213,8 @@ class ContainerSandboxes:
             procs = sorted(int(x) for x in (tree.root_dir / "cgroup.procs").read_text().split())
             pid = procs[0] if procs else None
         entry = Adopted(name, cg, Nesting(), runtime or kind.runtime, container_id or kind.ident, pid,
-                        PROC.start_ticks(pid) if pid else None, None, "none", tree=tree)
+                        PROC.start_ticks(pid) if pid else None, None, "none", tools=tools, exclude=exclude,
+                        tree=tree)
         if memory_budget_bytes is not None:
             entry.memory_budget_bytes, entry.budget_from = memory_budget_bytes, "given"
         else:
@@ -311,7 +320,9 @@ class ContainerSandboxes:
                 entry = Adopted(str(data["name"]), cg, Nesting.from_dict(data.get("nesting", {})),
                                 str(data.get("runtime", "unknown")), data.get("container_id"), data.get("init_pid"),
                                 data.get("init_start_ticks"), data.get("memory_budget_bytes"),
-                                str(data.get("budget_from", "none")))
+                                str(data.get("budget_from", "none")),
+                                tuple(data["tools"]) if data.get("tools") is not None else None,
+                                tuple(data.get("exclude") or ()))
                 entry.tree = container_tree(self.layout, cg, own_root=self.d.tree.root)
                 if not entry.alive():
                     raise CgroupGone("its init process is gone")
@@ -402,7 +413,7 @@ class ContainerSandboxes:
         if not from_outside:
             if pid != entry.init_pid and ppid != entry.init_pid:
                 return                    # the agent's own work (a grandchild)
-            if not self.matcher.matches(filename):
+            if not entry.matcher.matches(filename):
                 return
         self._begin(entry, event, from_outside)
 

@@ -205,3 +205,30 @@ def test_bad_input_and_faults_are_refused_with_clear_errors(containers, adopting
     assert d.request("sandbox.release", name="nope")["error"]["code"] == "not_found"
     assert d.result("sandbox.release", name="A")["released"] == "A"
     assert _proc_cgroup(pid).splitlines()[-1] == f"0::/libpod_parent/libpod-{cid}"
+
+
+AGENT = ("while [ ! -e /x/stop ]; do\n"
+         "  if [ -e /x/go ]; then rm -f /x/go; python3 -c \"x = bytearray(64 << 20); x[::4096] = b'a' * 16384\"; "
+         "python3 -c 'print(1)' > /dev/null; touch /x/done; fi\n"
+         "  sleep 0.05\n"
+         "done\n")
+
+
+def test_commands_the_containers_agent_starts_are_tool_calls_too(containers, adopting_daemon, tmp_path):
+    shared = tmp_path / "x"
+    shared.mkdir()
+    cid = containers("sh", "-c", AGENT, extra=("-v", f"{shared}:/x"))
+    d = adopting_daemon()
+    adopted = _cli(d, "adopt", "G", "--container", cid, "--tools", "python3*")
+    assert adopted.returncode == 0, adopted.stderr
+    (shared / "go").touch()
+    assert wait_until(lambda: (shared / "done").exists(), 20)
+    assert wait_until(lambda: len(d.records()) == 2, 10), d.records()
+    first, second = sorted(d.records(), key=lambda r: r["start_monotonic_s"])
+    assert (first["tool"], second["tool"]) == ("python3", "python3")
+    assert 64 * MiB <= first["peak_memory_bytes"] < 100 * MiB and second["peak_memory_bytes"] < 40 * MiB
+    assert first["extra"]["from_exec"] == 0 and first["exit_code"] == 0
+    # the agent's sleeps do not match --tools: no records; pause and unpause still work
+    assert podman("pause", cid).returncode == 0 and podman("unpause", cid).returncode == 0
+    assert len(d.records()) == 2
+    (shared / "stop").touch()
