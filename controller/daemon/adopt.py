@@ -24,16 +24,14 @@ exited (init gone, or its cgroup removed by the runtime) is released on its own.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentcg.controller.autodetect import ToolMatcher, _command_of, parse_globs
+from agentcg.controller.autodetect import _command_of, parse_globs
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
 from agentcg.controller.container import inspect_container, ns_pids, validate_container_ref
 from agentcg.controller.container_cgroups import (
@@ -41,11 +39,13 @@ from agentcg.controller.container_cgroups import (
 )
 from agentcg.controller.container_nest import AGENT, Nesting, move_all, nest, unnest
 from agentcg.controller.container_tree import MountedTree
+from agentcg.controller.daemon.adopt_state import (
+    MAX_ADOPTED, PROC, STATE_FILE, Adopted, memory_limit, load_adopted, save_adopted,
+)
 from agentcg.controller.daemon.server import ApiError
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry, load_state, save_state
 from agentcg.controller.sandbox import parse_priority, validate_name
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
-from agentcg.procfs import ProcFs
 from agentcg.records import truncate_command
 
 if TYPE_CHECKING:
@@ -53,49 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agentcg.daemon.adopt")
 
-STATE_FILE = "containers.json"
-STATE_VERSION = 1
 ALIVE_CHECK_S = 0.25
-MAX_ADOPTED = 256
-UNLIMITED_BYTES = 1 << 60            # v1 reports "no limit" as PAGE_COUNTER_MAX pages
-PROC = ProcFs()
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
-
-
-@dataclass
-class Adopted:
-    name: str
-    cgroup: ContainerCgroup
-    nesting: Nesting
-    runtime: str                      # podman | docker | kubernetes | systemd | unknown
-    container_id: str | None
-    init_pid: int | None
-    init_start_ticks: int | None
-    memory_budget_bytes: int | None
-    budget_from: str                  # "given" | "container" | "none"
-    tools: tuple[str, ...] | None = None     # globs of the agent's commands that count (None: the defaults)
-    exclude: tuple[str, ...] = ()
-    root_id: int = 0
-    agent_id: int = 0
-    tree: Any = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "cgroup": self.cgroup.to_dict(), "nesting": self.nesting.to_dict(),
-                "runtime": self.runtime, "container_id": self.container_id, "init_pid": self.init_pid,
-                "init_start_ticks": self.init_start_ticks, "memory_budget_bytes": self.memory_budget_bytes,
-                "budget_from": self.budget_from, "tools": list(self.tools) if self.tools is not None else None,
-                "exclude": list(self.exclude)}
-
-    @property
-    def matcher(self) -> ToolMatcher:
-        return ToolMatcher(self.tools, self.exclude) if self.tools is not None else ToolMatcher(exclude=self.exclude)
-
-    def alive(self) -> bool:
-        if self.tree is None or not self.tree.root_dir.is_dir():
-            return False
-        if self.init_pid is None:
-            return True
-        return PROC.is_alive(self.init_pid, self.init_start_ticks)
 
 
 class ContainerSandboxes:
@@ -218,7 +177,7 @@ class ContainerSandboxes:
         if memory_budget_bytes is not None:
             entry.memory_budget_bytes, entry.budget_from = memory_budget_bytes, "given"
         else:
-            entry.memory_budget_bytes = _memory_limit(tree)
+            entry.memory_budget_bytes = memory_limit(tree)
             entry.budget_from = "container" if entry.memory_budget_bytes is not None else "none"
         self._start(entry, fresh=True)
         d.tree.mount(name, tree)
@@ -347,25 +306,10 @@ class ContainerSandboxes:
         save_state(path, state)
 
     def _load(self) -> list[dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            log.error("%s unreadable (%s); adopted containers are not re-adopted", self.path, exc)
-            return []
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            return []
-        return [c for c in data.get("containers", []) if isinstance(c, dict)][:MAX_ADOPTED]
+        return load_adopted(self.path)
 
     def save(self) -> None:
-        data = {"version": STATE_VERSION, "containers": [e.to_dict() for e in self.adopted.values()]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, sort_keys=True))
-        os.replace(tmp, self.path)
+        save_adopted(self.path, self.adopted.values())
 
     # ---- the loop -----------------------------------------------------------------------
     def on_events(self, events: list[Any]) -> None:
@@ -409,13 +353,20 @@ class ContainerSandboxes:
         if base.startswith(_RUNC_NAMES) or filename.startswith(("/proc/self/", "memfd:")):
             return
         ppid = event.ppid or _ppid(pid)
-        from_outside = event.cgroup_id == entry.root_id or not self._inside(entry, ppid)
-        if not from_outside:
-            if pid != entry.init_pid and ppid != entry.init_pid:
-                return                    # the agent's own work (a grandchild)
-            if not entry.matcher.matches(filename):
-                return
-        self._begin(entry, event, from_outside)
+        # From outside: its parent is not in the container (runc, for `podman exec`). A
+        # process the container forked itself may still exec in the container's cgroup
+        # while adoption moves the others: it is the agent's and joins agent/.
+        from_outside = not self._inside(entry, ppid)
+        if not from_outside and (pid == entry.init_pid or ppid == entry.init_pid) \
+                and entry.matcher.matches(filename):
+            self._begin(entry, event, False)
+        elif from_outside:
+            self._begin(entry, event, True)
+        elif event.cgroup_id == entry.root_id:
+            try:
+                entry.tree.attach(AGENT, pid)
+            except AgentcgError:
+                pass   # exited meanwhile
 
     def _inside(self, entry: Adopted, pid: int | None) -> bool:
         """True when `pid` lives in the container's cgroup or below it."""
@@ -485,21 +436,6 @@ class ContainerSandboxes:
                     pass
             if not found:
                 return
-
-
-def _memory_limit(tree: Any) -> int | None:
-    """The container's own memory limit (v2 memory.max, v1 memory.limit_in_bytes), None if unlimited."""
-    try:
-        if tree.kind == "v2":
-            text = (tree.root_dir / "memory.max").read_text().strip()
-        else:
-            text = (tree.cgroup_dir("", "memory") / "memory.limit_in_bytes").read_text().strip()
-    except (OSError, AgentcgError):
-        return None
-    if text == "max":
-        return None
-    value = int(text)
-    return None if value >= UNLIMITED_BYTES else value
 
 
 def _ppid(pid: int) -> int | None:

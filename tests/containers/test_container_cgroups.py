@@ -23,7 +23,7 @@ from agentcg.controller.container_cgroups import (
 )
 from agentcg.controller.container_nest import enable_controllers
 from agentcg.controller.container_tree import MountedTree
-from agentcg.controller.daemon.adopt import _memory_limit
+from agentcg.controller.daemon.adopt_state import memory_limit
 from agentcg.errors import CgroupGone, HostUnsupported, InvalidInput
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "cgroup2"
@@ -92,7 +92,7 @@ def test_systemd_driver_container_found_from_its_init_and_nested_below(runtime, 
     assert {"memory.max", "memory.high", "memory.peak", "cpu.weight", "pids.max", "freeze"} <= tree.capabilities
     assert tree.cgroup_dir("tools/tc-1") == mount / path.lstrip("/") / "tools" / "tc-1"
     assert tree.pids("") == sorted(int(x) for x in (tree.root_dir / "cgroup.procs").read_text().split())
-    assert _memory_limit(tree) == budget
+    assert memory_limit(tree) == budget
     # v2's no-internal-process rule: controllers for agent/ and tools/ are enabled in the
     # container's own subtree_control (after its processes moved to agent/; a fixture does not move them)
     assert enable_controllers(tree) == ["memory", "cpu", "pids"]

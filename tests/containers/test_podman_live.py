@@ -155,12 +155,14 @@ def test_podman_stop_with_calls_running_ends_them_and_leaves_no_agentcg_cgroup(c
     assert podman("exec", cid, "true").returncode == 0
 
 
-def test_daemon_restart_readopts_and_kills_nothing(containers, adopting_daemon):
-    cid = containers()
+def test_daemon_restart_readopts_and_kills_nothing(containers, adopting_daemon, tmp_path):
+    shared = tmp_path / "x"
+    shared.mkdir()
+    cid = containers(extra=("-v", f"{shared}:/x"))
     pid = init_pid(cid)
     d = adopting_daemon()
     d.result("sandbox.adopt", name="R", pid=pid, container_id=cid, runtime="podman")
-    long_call = subprocess.Popen([*PODMAN, "exec", cid, "sleep", "4"])
+    long_call = subprocess.Popen([*PODMAN, "exec", cid, "sh", "-c", "while [ ! -e /x/end ]; do sleep 0.05; done"])
     try:
         assert wait_until(lambda: len(d.result("sandbox.get", name="R")["calls"]) == 1, 15)
         call_id = d.result("sandbox.get", name="R")["calls"][0]["call_id"]
@@ -170,11 +172,12 @@ def test_daemon_restart_readopts_and_kills_nothing(containers, adopting_daemon):
         assert call_id in {c["call_id"] for c in d.result("sandbox.get", name="R")["calls"]}
         assert long_call.poll() is None and Path(f"/proc/{pid}").exists()
         assert podman("exec", cid, "ls", "/").returncode == 0          # still caught after the restart
+        (shared / "end").touch()
         assert long_call.wait(30) == 0                                 # it ran to its end
     finally:
         long_call.kill()
         long_call.wait()
-    assert wait_until(lambda: {r["tool"] for r in d.records()} == {"sleep", "ls"}, 15), d.records()
+    assert wait_until(lambda: sorted(r["tool"] for r in d.records()) == ["ls", "sh"], 15), d.records()
     assert d.request("sandbox.adopt", name="R2", pid=pid)["error"]["code"] == "exists"
     assert d.result("sandbox.release", name="R")["released"] == "R"
     assert _proc_cgroup(pid).splitlines()[-1] == f"0::/libpod_parent/libpod-{cid}"
