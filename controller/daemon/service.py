@@ -106,7 +106,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         self._protect_self()
-        from agentcg.controller.daemon.adopt import ContainerSandboxes   # adopted containers (docs/containers.md)
+        from agentcg.controller.container_daemon import ContainerSandboxes   # adopted containers (docs/containers.md)
         self.tree = ContainerSandboxes.wrap(open_tree(root=cfg.daemon.cgroup_root))
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor = self._load_bpf()

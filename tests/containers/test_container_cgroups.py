@@ -23,7 +23,7 @@ from agentcg.controller.container_cgroups import (
 )
 from agentcg.controller.container_nest import enable_controllers
 from agentcg.controller.container_tree import MountedTree
-from agentcg.controller.daemon.adopt_state import memory_limit
+from agentcg.controller.container_state import memory_limit
 from agentcg.errors import CgroupGone, HostUnsupported, InvalidInput
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "cgroup2"

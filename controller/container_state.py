@@ -15,7 +15,7 @@ from agentcg.controller.container_nest import Nesting
 from agentcg.errors import AgentcgError
 from agentcg.procfs import ProcFs
 
-log = logging.getLogger("agentcg.daemon.adopt")
+log = logging.getLogger("agentcg.daemon.containers")
 
 STATE_FILE = "containers.json"
 STATE_VERSION = 1

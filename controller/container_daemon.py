@@ -39,7 +39,7 @@ from agentcg.controller.container_cgroups import (
 )
 from agentcg.controller.container_nest import AGENT, Nesting, move_all, nest, unnest
 from agentcg.controller.container_tree import MountedTree
-from agentcg.controller.daemon.adopt_state import (
+from agentcg.controller.container_state import (
     MAX_ADOPTED, PROC, STATE_FILE, Adopted, memory_limit, load_adopted, save_adopted,
 )
 from agentcg.controller.daemon.server import ApiError
@@ -51,7 +51,7 @@ from agentcg.records import truncate_command
 if TYPE_CHECKING:
     from agentcg.controller.daemon.service import Daemon
 
-log = logging.getLogger("agentcg.daemon.adopt")
+log = logging.getLogger("agentcg.daemon.containers")
 
 ALIVE_CHECK_S = 0.25
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
