@@ -172,11 +172,10 @@ class ContainerV2Tree(V2Tree):
     removed by this class (see `remove`)."""
 
     def __init__(self, mount: str | os.PathLike, root: str, *, kernel_release: str | None = None) -> None:
-        self.mount = Path(mount)
-        self.root = root
-        self.root_dir = self.mount / root
-        self._release = kernel_release or os.uname().release
-        self._caps = self._probe()
+        # V2Tree's own set-up with a placeholder root (its segment rule refuses container
+        # names), then the real root: whatever V2Tree.__init__ learns to do, this does too.
+        super().__init__(mount, _PLACEHOLDER, kernel_release=kernel_release)
+        _reroot(self, root)
 
     def remove(self, path: str, timeout_s: float = 5.0) -> None:
         if path == "":
@@ -188,17 +187,10 @@ class ContainerHybridTree(HybridTree):
     """The hybrid variant: the container's path may differ per v1 hierarchy."""
 
     def __init__(self, layout: CgroupLayout, cgroup: ContainerCgroup, *, kernel_release: str | None = None) -> None:
-        if layout.v2_mount is None:
-            raise HostUnsupported("hybrid cgroups need the v2 tree (e.g. /sys/fs/cgroup/unified); none is mounted")
-        self.v1_mounts = {c: Path(m) for c, m in layout.v1_mounts.items() if c in JOINED_V1 and c in cgroup.v1}
+        super().__init__(layout, _PLACEHOLDER, kernel_release=kernel_release)
+        self.v1_mounts = {c: m for c, m in self.v1_mounts.items() if c in cgroup.v1}
         self._v1_roots = dict(cgroup.v1)
-        self.mount = Path(layout.v2_mount)
-        self.root = cgroup.v2
-        self.root_dir = self.mount / cgroup.v2
-        self._release = kernel_release or os.uname().release
-        if "freeze" in self._core_caps():
-            self.v1_mounts.pop("freezer", None)
-        self._caps = self._probe()
+        _reroot(self, cgroup.v2)
 
     def _v1_bases(self) -> list[Path]:
         bases: list[Path] = []
@@ -220,6 +212,15 @@ class ContainerHybridTree(HybridTree):
         if path == "":
             raise InvalidInput(f"{self.root_dir} is the container's own cgroup: agentcg never removes it")
         super().remove(path, timeout_s)
+
+
+_PLACEHOLDER = "agentcg-container-placeholder"
+
+
+def _reroot(tree: V2Tree, root: str) -> None:
+    tree.root = root
+    tree.root_dir = tree.mount / root
+    tree._caps = tree._probe()
 
 
 def container_tree(layout: CgroupLayout, cgroup: ContainerCgroup, *, own_root: str | None = None) -> V2Tree:
