@@ -37,7 +37,7 @@ from agentcg.controller.container import inspect_container, ns_pids, validate_co
 from agentcg.controller.container_cgroups import (
     ContainerCgroup, cgroups_of_pid, check_cgroup_path, classify, container_tree,
 )
-from agentcg.controller.container_nest import AGENT, Nesting, move_all, nest, unnest
+from agentcg.controller.container_nest import AGENT, Nesting, make_leaf, move_all, nest, unnest
 from agentcg.controller.container_tree import MountedTree
 from agentcg.controller.container_state import (
     MAX_ADOPTED, PROC, STATE_FILE, Adopted, memory_limit, load_adopted, save_adopted,
@@ -216,9 +216,8 @@ class ContainerSandboxes:
                     monitor.forget(entry.root_id)
                 raise
         else:
-            for leaf in ("agent", "tools"):
-                if not tree.exists(leaf):
-                    tree.create(leaf)
+            for leaf in (AGENT, "tools"):
+                if make_leaf(tree, leaf) and leaf not in entry.nesting.made:
                     entry.nesting.made.append(leaf)
             if monitor is not None:
                 monitor.watch(entry.root_id, stop_at_exec=True)

@@ -40,13 +40,19 @@ class Nesting:
         return cls([str(x) for x in data.get("made", [])], [str(x) for x in data.get("enabled", [])])
 
 
+def make_leaf(tree: V2Tree, leaf: str) -> bool:
+    """mkdir `leaf` below the container in every hierarchy (no controller is enabled: the
+    container's cgroup may still hold processes); True when agentcg made any of them."""
+    return _mkdir_all(tree._hierarchy_dirs(leaf))
+
+
 def nest(tree: V2Tree) -> Nesting:
     """Create agent and tools (where missing), move the container's processes into agent,
     enable the v2 controllers the container has. Undone on failure."""
     nesting = Nesting()
     try:
         for leaf in (AGENT, TOOLS):
-            if _mkdir_all(tree._hierarchy_dirs(leaf)):
+            if make_leaf(tree, leaf):
                 nesting.made.append(leaf)
         move_all(tree, "", AGENT)
         nesting.enabled = enable_controllers(tree)
