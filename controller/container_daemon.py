@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentcg.daemon.containers")
 
 ALIVE_CHECK_S = 0.25
+LOST_EXIT_S = 0.5               # a command gone this long without its exit event: status unknown
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
 
 
@@ -65,6 +66,7 @@ class ContainerSandboxes:
         self.adopted: dict[str, Adopted] = {}
         self._by_cgroup: dict[int, Adopted] = {}
         self._by_pid: dict[int, str] = {}          # main pid -> call id
+        self._dead_since: dict[int, float] = {}    # main pid gone, its exit event not seen yet
         self._layout: CgroupLayout | None = None
         self._next_check = 0.0
 
@@ -271,7 +273,7 @@ class ContainerSandboxes:
         """Before the daemon's own adoption: re-adopt containers still running, and drop the
         sandboxes of those that exited from the daemon's state file (it must not recreate them)."""
         saved = self._load()
-        gone = []
+        gone: list[str] = []
         for data in saved:
             try:
                 cg = ContainerCgroup.from_dict(data["cgroup"])
@@ -281,6 +283,7 @@ class ContainerSandboxes:
                                 str(data.get("budget_from", "none")),
                                 tuple(data["tools"]) if data.get("tools") is not None else None,
                                 tuple(data.get("exclude") or ()))
+                entry.calls = {str(k): (int(v[0]), int(v[1])) for k, v in dict(data.get("calls") or {}).items()}
                 entry.tree = container_tree(self.layout, cg, own_root=self.d.tree.root)
                 if not entry.alive():
                     raise CgroupGone("its init process is gone")
@@ -290,24 +293,37 @@ class ContainerSandboxes:
             except (AgentcgError, KeyError, TypeError, ValueError) as exc:
                 log.info("adopted container %s not re-adopted: %s", data.get("name"), exc)
                 gone.append(str(data.get("name")))
-        if gone:
-            self._drop_from_daemon_state(gone)
+        self._patch_daemon_state(gone)
         self.save()
 
-    def _drop_from_daemon_state(self, names: list[str]) -> None:
+    def _patch_daemon_state(self, gone: list[str]) -> None:
+        """Before the daemon reads its state file: the sandboxes of exited containers go (it
+        must not recreate them), and each running call of a re-adopted container gets its
+        main process as owner, so the daemon's owner check ends it when that exits (while
+        this daemon ran, the eBPF exit event did, with the exit status), and nothing is killed."""
+        owners = {cid: owner for e in self.adopted.values() for cid, owner in e.calls.items()}
+        if not gone and not owners:
+            return
         path = self.d.config.state_path
         try:
             state = load_state(path)
         except InvalidInput:
             return
-        for name in names:
+        for name in gone:
             state.sandboxes.pop(name, None)
+        for call_id, (pid, ticks) in owners.items():
+            entry = state.calls.get(call_id)
+            if entry is not None and entry.owner_pid == 0:
+                entry.owner_pid, entry.owner_start_ticks = pid, ticks
         save_state(path, state)
 
     def _load(self) -> list[dict[str, Any]]:
         return load_adopted(self.path)
 
     def save(self) -> None:
+        running = {c.call_id for c in self.d.calls.running()} if self.d.calls is not None else set()
+        for entry in self.adopted.values():
+            entry.calls = {k: v for k, v in entry.calls.items() if k in running}
         save_adopted(self.path, self.adopted.values())
 
     # ---- the loop -----------------------------------------------------------------------
@@ -322,15 +338,18 @@ class ContainerSandboxes:
         for event in events:
             if isinstance(event, ExecEvent):
                 entry = self._by_cgroup.get(event.cgroup_id)
+                continued = False
                 try:
                     if entry is not None:
-                        self._on_exec(entry, event)
+                        continued = self._on_exec(entry, event)
                 except Exception:   # a bug must not leave the command stopped
                     log.exception("container exec of %s in %s", event.filename, entry.name if entry else "?")
                 finally:
-                    _continue(event)
+                    if not continued:
+                        _continue(event)
             elif isinstance(event, ExitEvent):
                 call_id = self._by_pid.pop(event.pid, None)
+                self._dead_since.pop(event.pid, None)
                 if call_id is not None:
                     try:
                         call = self.d.calls.get(call_id)
@@ -339,18 +358,30 @@ class ContainerSandboxes:
                     self.d.end_call(call, event.exit_code, event.signal, waiter=None)
 
     def housekeeping(self, now: float) -> None:
-        if now < self._next_check or not self.adopted:
+        if now < self._next_check or not (self.adopted or self._by_pid):
             return
         self._next_check = now + ALIVE_CHECK_S
+        for pid, call_id in list(self._by_pid.items()):
+            if PROC.is_alive(pid):
+                continue
+            since = self._dead_since.setdefault(pid, now)
+            if now - since >= LOST_EXIT_S:       # its exit event was lost: status unknown
+                self._by_pid.pop(pid, None)
+                self._dead_since.pop(pid, None)
+                try:
+                    self.d.end_call(self.d.calls.get(call_id), None, None, waiter=None)
+                except CgroupGone:
+                    pass
         for name, entry in list(self.adopted.items()):
             if not entry.alive():
                 self.release(name, "container exited")
 
-    def _on_exec(self, entry: Adopted, event: Any) -> None:
+    def _on_exec(self, entry: Adopted, event: Any) -> bool:
+        """Handle one exec; True when the process was sent its SIGCONT already."""
         pid, filename = event.pid, event.filename
         base = os.path.basename(filename)
         if base.startswith(_RUNC_NAMES) or filename.startswith(("/proc/self/", "memfd:")):
-            return
+            return False
         ppid = event.ppid or _ppid(pid)
         # From outside: its parent is not in the container (runc, for `podman exec`). A
         # process the container forked itself may still exec in the container's cgroup
@@ -358,14 +389,15 @@ class ContainerSandboxes:
         from_outside = not self._inside(entry, ppid)
         if not from_outside and (pid == entry.init_pid or ppid == entry.init_pid) \
                 and entry.matcher.matches(filename):
-            self._begin(entry, event, False)
-        elif from_outside:
-            self._begin(entry, event, True)
-        elif event.cgroup_id == entry.root_id:
+            return self._begin(entry, event, False)
+        if from_outside:
+            return self._begin(entry, event, True)
+        if event.cgroup_id == entry.root_id:
             try:
                 entry.tree.attach(AGENT, pid)
             except AgentcgError:
                 pass   # exited meanwhile
+        return False
 
     def _inside(self, entry: Adopted, pid: int | None) -> bool:
         """True when `pid` lives in the container's cgroup or below it."""
@@ -377,11 +409,13 @@ class ContainerSandboxes:
             return False
         return path == entry.cgroup.v2 or path.startswith(entry.cgroup.v2 + "/")
 
-    def _begin(self, entry: Adopted, event: Any, from_outside: bool) -> None:
+    def _begin(self, entry: Adopted, event: Any, from_outside: bool) -> bool:
+        """The exec becomes a call: cgroup, move, SIGCONT, then the bookkeeping (the
+        command waits stopped only for what it must: its cgroup and the move)."""
         d, pid = self.d, event.pid
         if len(d.calls.running()) >= d.config.limits.max_running_calls:
             log.warning("%s: max_running_calls reached; %s runs untracked", entry.name, event.filename)
-            return
+            return False
         tool = os.path.basename(event.filename) or event.comm or "unknown"
         call = d.calls.begin(entry.name, tool[:64], truncate_command(_command_of(pid, event.filename)),
                              create_sandbox=False)
@@ -400,23 +434,33 @@ class ContainerSandboxes:
                     d.monitor.watch_pid(pid, call.cgroup_id)
                 except InvalidInput:
                     pass
-            self._move_children(entry, call, source, pid)
+            if not getattr(event, "stopped", False):   # it ran meanwhile, and may have forked
+                self._move_children(entry, call, source, pid)
         host_pid, container_pid = ns_pids(pid)
+        start_ticks = PROC.start_ticks(pid) if moved else None
         call.extra.update({"host_pid": host_pid, "container_pid": container_pid, "from_exec": 1 if from_outside else 0,
                            "detect_latency_s": time.monotonic() - event.monotonic_s})
+        _continue(event)
         if entry.container_id:
             call.extra["container_id"] = entry.container_id[:12]   # type: ignore[assignment]
         d.state.calls[call.call_id] = CallEntry(
             call_id=call.call_id, sandbox=entry.name, tool=call.tool, command=call.command,
             start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, grace_s=call.grace_s,
-            owner_pid=pid if moved else 0, owner_start_ticks=(PROC.start_ticks(pid) or 0) if moved else 0)
+            # no owner for the daemon's owner check: its end comes from the eBPF exit event (with
+            # the status), or from housekeeping when that event was lost; after a restart the
+            # call is ended once its cgroup is empty
+            owner_pid=0)
         d.save()
         d.engine_tool_began(call)
         if moved:
             self._by_pid[pid] = call.call_id
+            self._dead_since.pop(pid, None)
+            entry.calls[call.call_id] = (pid, start_ticks or 0)
+            self.save()
         else:
             call.measured = False
             d.end_call(call, None, None, waiter=None)
+        return True
 
     def _move_children(self, entry: Adopted, call: Any, source: str, pid: int) -> None:
         """What the command forked between its exec and the move is still in `source`."""

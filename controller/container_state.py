@@ -37,6 +37,7 @@ class Adopted:
     budget_from: str                  # "given" | "container" | "none"
     tools: tuple[str, ...] | None = None     # globs of the agent's commands that count (None: the defaults)
     exclude: tuple[str, ...] = ()
+    calls: dict[str, tuple[int, int]] = field(default_factory=dict)   # running call -> its main (pid, ticks)
     root_id: int = 0
     agent_id: int = 0
     tree: Any = field(default=None, repr=False)
@@ -46,7 +47,7 @@ class Adopted:
                 "runtime": self.runtime, "container_id": self.container_id, "init_pid": self.init_pid,
                 "init_start_ticks": self.init_start_ticks, "memory_budget_bytes": self.memory_budget_bytes,
                 "budget_from": self.budget_from, "tools": list(self.tools) if self.tools is not None else None,
-                "exclude": list(self.exclude)}
+                "exclude": list(self.exclude), "calls": {k: list(v) for k, v in self.calls.items()}}
 
     @property
     def matcher(self) -> ToolMatcher:
