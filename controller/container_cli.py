@@ -11,7 +11,7 @@ import click
 
 
 def _client(socket: Path | None) -> Any:
-    from agentcg.client import Client
+    from agentcg.controller.client import Client
 
     return Client(mode="daemon", socket=socket)
 

@@ -25,11 +25,12 @@ exited (init gone, or its cgroup removed by the runtime) is released on its own.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agentcg.controller.autodetect import _command_of, parse_globs
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
@@ -48,12 +49,11 @@ from agentcg.controller.sandbox import parse_priority, validate_name
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
 from agentcg.records import truncate_command
 
-if TYPE_CHECKING:
-    from agentcg.controller.daemon.service import Daemon
 
 log = logging.getLogger("agentcg.daemon.containers")
 
 ALIVE_CHECK_S = 0.25
+FORGOTTEN_KEPT_S = 5.0          # a released container's stopped execs may still be in the ring buffer
 LOST_EXIT_S = 0.5               # a command gone this long without its exit event: status unknown
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
 
@@ -61,12 +61,17 @@ _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
 class ContainerSandboxes:
     """The daemon's adopted containers. Runs in the daemon's loop thread only."""
 
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: Any, args: Any) -> None:
+        """`daemon`: the Daemon (its tree, calls, state, api, monitor, config); `args`: the
+        API's typed-argument reader (daemon.api.Args), passed in so that this module does
+        not import the daemon's modules that import it back."""
         self.d = daemon
+        self.args = args
         self.adopted: dict[str, Adopted] = {}
         self._by_cgroup: dict[int, Adopted] = {}
         self._by_pid: dict[int, str] = {}          # main pid -> call id
         self._dead_since: dict[int, float] = {}    # main pid gone, its exit event not seen yet
+        self._stopping: dict[int, float] = {}      # cgroup ids watched with stop_at_exec (and lately forgotten)
         self._layout: CgroupLayout | None = None
         self._next_check = 0.0
 
@@ -104,9 +109,7 @@ class ContainerSandboxes:
 
     # ---- API --------------------------------------------------------------------------
     def api_adopt(self, conn: Any, req: Any) -> dict[str, Any]:
-        from agentcg.controller.daemon.api import Args
-
-        a = Args(req)
+        a = self.args(req)
         name = validate_name(a.str("name"))
         container = a.str("container", required=False)
         runtime = a.str("runtime", required=False)
@@ -134,9 +137,7 @@ class ContainerSandboxes:
         return self.describe(entry)
 
     def api_release(self, conn: Any, req: Any) -> dict[str, Any]:
-        from agentcg.controller.daemon.api import Args
-
-        a = Args(req)
+        a = self.args(req)
         name = validate_name(a.str("name"))
         a.done()
         self.d.api._root_only(conn.peer, req.op)
@@ -227,6 +228,7 @@ class ContainerSandboxes:
         entry.agent_id = tree.cgroup_id(AGENT)
         if monitor is not None:
             monitor.watch(entry.agent_id, stop_at_exec=True)
+            self._stopping.update({entry.root_id: math.inf, entry.agent_id: math.inf})
         self.adopted[entry.name] = entry
         self._by_cgroup[entry.root_id] = entry
         self._by_cgroup[entry.agent_id] = entry
@@ -262,6 +264,8 @@ class ContainerSandboxes:
             self._by_cgroup.pop(cgroup_id, None)
             if d.monitor is not None and cgroup_id in d.monitor.watched():
                 d.monitor.forget(cgroup_id)
+            if cgroup_id in self._stopping:    # events already in the ring buffer still get their SIGCONT
+                self._stopping[cgroup_id] = time.monotonic() + FORGOTTEN_KEPT_S
         d.tree.unmount(name)
         d._forget_sandbox(name)
         self.save()
@@ -329,11 +333,10 @@ class ContainerSandboxes:
     # ---- the loop -----------------------------------------------------------------------
     def on_events(self, events: list[Any]) -> None:
         """Exec and exit events from the daemon's ring-buffer drain."""
-        if not self.adopted and not self._by_pid:
-            for event in events:
-                _continue(event)
-            return
         from agentcg.bpf.events import ExecEvent, ExitEvent
+
+        if not self.adopted and not self._by_pid and not self._stopping:
+            return
 
         for event in events:
             if isinstance(event, ExecEvent):
@@ -345,8 +348,8 @@ class ContainerSandboxes:
                 except Exception:   # a bug must not leave the command stopped
                     log.exception("container exec of %s in %s", event.filename, entry.name if entry else "?")
                 finally:
-                    if not continued:
-                        _continue(event)
+                    if not continued and event.cgroup_id in self._stopping:
+                        _continue(event)   # only what our stop_at_exec watches stopped
             elif isinstance(event, ExitEvent):
                 call_id = self._by_pid.pop(event.pid, None)
                 self._dead_since.pop(event.pid, None)
@@ -358,9 +361,11 @@ class ContainerSandboxes:
                     self.d.end_call(call, event.exit_code, event.signal, waiter=None)
 
     def housekeeping(self, now: float) -> None:
-        if now < self._next_check or not (self.adopted or self._by_pid):
+        if now < self._next_check or not (self.adopted or self._by_pid or self._stopping):
             return
         self._next_check = now + ALIVE_CHECK_S
+        for cgroup_id in [c for c, until in self._stopping.items() if until < now]:
+            del self._stopping[cgroup_id]
         for pid, call_id in list(self._by_pid.items()):
             if PROC.is_alive(pid):
                 continue
