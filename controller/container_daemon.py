@@ -212,11 +212,13 @@ class ContainerSandboxes:
         if fresh:
             if monitor is not None:   # watched before the move: an exec right after it is caught
                 monitor.watch(entry.root_id, stop_at_exec=True)
+                self._stopping[entry.root_id] = math.inf
             try:
                 entry.nesting = nest(tree)
             except BaseException:
                 if monitor is not None:
                     monitor.forget(entry.root_id)
+                    self._stopping[entry.root_id] = time.monotonic() + FORGOTTEN_KEPT_S
                 raise
         else:
             for leaf in (AGENT, "tools"):
@@ -224,6 +226,7 @@ class ContainerSandboxes:
                     entry.nesting.made.append(leaf)
             if monitor is not None:
                 monitor.watch(entry.root_id, stop_at_exec=True)
+                self._stopping[entry.root_id] = math.inf
             move_all(tree, "", AGENT)          # whatever ran `exec` while no daemon watched
         entry.agent_id = tree.cgroup_id(AGENT)
         if monitor is not None:
