@@ -58,6 +58,27 @@ LOST_EXIT_S = 0.5               # a command gone this long without its exit even
 _RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
 
 
+class MonitorTap:
+    """The daemon's BpfMonitor, with every batch `poll` returns shown to a listener first
+    (the adopted containers' execs and exits), whoever drains the ring buffer."""
+
+    def __init__(self, monitor: Any, listener: Any) -> None:
+        self._monitor, self._listener = monitor, listener
+
+    def poll(self, timeout_s: float = 0.0) -> list[Any]:
+        events = self._monitor.poll(timeout_s)
+        sandboxes = self._listener()
+        if sandboxes is not None and events:
+            try:
+                sandboxes.on_events(events)
+            except Exception:   # a bug here must not cost the daemon its events
+                log.exception("adopted containers: handling %d eBPF events", len(events))
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._monitor, name)
+
+
 class ContainerSandboxes:
     """The daemon's adopted containers. Runs in the daemon's loop thread only."""
 
@@ -78,6 +99,11 @@ class ContainerSandboxes:
     @staticmethod
     def wrap(tree: Any) -> MountedTree:
         return tree if isinstance(tree, MountedTree) else MountedTree(tree)
+
+    @staticmethod
+    def tap(monitor: Any, sandboxes: Any) -> Any:
+        """`monitor` (or None) with its events shown to `sandboxes()` (None until it exists)."""
+        return None if monitor is None else MonitorTap(monitor, sandboxes)
 
     @property
     def path(self) -> Path:

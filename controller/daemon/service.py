@@ -112,7 +112,7 @@ class Daemon:
         from agentcg.controller.container_daemon import ContainerSandboxes   # adopted containers (docs/containers.md)
         self.tree = ContainerSandboxes.wrap(open_tree(root=cfg.daemon.cgroup_root))
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-        self.monitor = self._load_bpf()
+        self.monitor = ContainerSandboxes.tap(self._load_bpf(), lambda: self.containers)
         self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self._epoll = select.epoll()
@@ -472,7 +472,6 @@ class Daemon:
         except AgentcgError as exc:
             log.error("eBPF poll: %s", exc)
             return
-        self.containers.on_events(events)
         now = time.monotonic()
         for event in events:
             kind = type(event).__name__.removesuffix("Event").lower()
