@@ -285,9 +285,10 @@ def _ebpf(f: _Fields) -> EbpfSection:
     if mode not in ("auto", "on", "off"):
         raise InvalidInput(f"{f.where}: mode must be \"auto\", \"on\" or \"off\", got {mode!r}")
     concerns = f.get("concerns", list, list(BPF_CONCERNS))
-    bad = [c for c in concerns if c not in BPF_CONCERNS]
+    known = BPF_CONCERNS + ("exit_codes",)   # opt-in: exit statuses of adopted containers' commands
+    bad = [c for c in concerns if c not in known]
     if bad or not concerns:
-        raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(BPF_CONCERNS)}")
+        raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(known)}")
     section = EbpfSection(mode=mode, concerns=tuple(concerns), program_stats=f.get("program_stats", bool, True))
     f.done()
     return section
