@@ -2,13 +2,13 @@
  * sched_wakeup (the woken task is not current there, so it is found in `tasks`). */
 #include "agentcg.h"
 
-/* sched_switch prev_state: TASK_REPORT bits; 0 (or only the preempt bit 0x100) = runnable */
-#define TASK_REPORT_MASK 0xff
-/* EXIT_DEAD | EXIT_ZOMBIE: the task's last switch, after sched_process_exit */
-#define TASK_EXITED 0x30
+/* sched_switch's raw prev_state is the task's __state: TASK_RUNNING (0) when it was
+ * preempted or yielded, TASK_DEAD (0x80) at an exiting task's last switch */
+#define TASK_RUNNING_STATE 0
+#define TASK_DEAD_STATE 0x80
 
 BPF_PERCPU_ARRAY(oncpu_since, u64, 1);
-BPF_HASH(runq_since, u32, struct acg_stamp, MAX_TASKS);
+BPF_TABLE("lru_hash", u32, struct acg_stamp, runq_since, MAX_TASKS);
 BPF_HASH(runq_hist, u64, struct acg_hist, MAX_CGROUPS);
 
 static __always_inline u32 acg_log2(u64 v)
@@ -29,26 +29,29 @@ static __always_inline void acg_enqueued(u32 tid, u64 cg, u64 now)
     runq_since.update(&tid, &s);
 }
 
-int acg_sched__sched__sched_wakeup(struct tracepoint__sched__sched_wakeup *args)
+/* sched_wakeup(struct task_struct *p) and sched_wakeup_new(p): p is not current. */
+static __always_inline int acg_woken(void *p)
 {
-    u32 tid = args->pid;
+    u32 tid = acg_read_u32(p, ACG_OFF_TASK_PID);
     struct acg_task *t = tasks.lookup(&tid);
-    if (t && watched.lookup(&t->cgroup_id))
+    if (t && acg_counters_of(t->cgroup_id))
         acg_enqueued(tid, t->cgroup_id, bpf_ktime_get_ns());
     return 0;
 }
 
-int acg_sched__sched__sched_wakeup_new(struct tracepoint__sched__sched_wakeup_new *args)
+int acg_sched__sched__sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
 {
-    u32 tid = args->pid;
-    struct acg_task *t = tasks.lookup(&tid);
-    if (t && watched.lookup(&t->cgroup_id))
-        acg_enqueued(tid, t->cgroup_id, bpf_ktime_get_ns());
-    return 0;
+    return acg_woken((void *)ctx->args[0]);
 }
 
-/* Runs in prev's context: prev's cgroup is the current one. */
-int acg_sched__sched__sched_switch(struct tracepoint__sched__sched_switch *args)
+int acg_sched__sched__sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
+{
+    return acg_woken((void *)ctx->args[0]);
+}
+
+/* sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+ * unsigned int prev_state): runs in prev's context, so prev's cgroup is the current one. */
+int acg_sched__sched__sched_switch(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 now = bpf_ktime_get_ns();
     int zero = 0;
@@ -57,18 +60,19 @@ int acg_sched__sched__sched_switch(struct tracepoint__sched__sched_switch *args)
         return 0;
     u64 start = *since;
     *since = now;
-    u64 cg = bpf_get_current_cgroup_id();
-    struct acg_counters *c = watched.lookup(&cg) ? counters.lookup(&cg) : NULL;
+    u64 cg;
+    struct acg_counters *c = acg_current(&cg);
     if (c) {
-        u32 prev = args->prev_pid;
+        u32 prev = bpf_get_current_pid_tgid();
+        u32 prev_state = ctx->args[3];
         if (start)
             __sync_fetch_and_add(&c->cpu_ns, now - start);
-        if (!(args->prev_state & TASK_EXITED) && !tasks.lookup(&prev))
+        if (!(prev_state & TASK_DEAD_STATE) && !tasks.lookup(&prev))
             acg_track(prev, cg, 0);  /* moved in after it started: found here */
-        if ((args->prev_state & TASK_REPORT_MASK) == 0)
+        if ((ctx->args[0] & 0xff) || prev_state == TASK_RUNNING_STATE)
             acg_enqueued(prev, cg, now);  /* preempted: waits in the run queue again */
     }
-    u32 next = args->next_pid;
+    u32 next = acg_read_u32((void *)ctx->args[2], ACG_OFF_TASK_PID);
     struct acg_stamp *s = runq_since.lookup(&next);
     if (!s)
         return 0;

@@ -1,15 +1,28 @@
-/* Maps every concern uses, and the helpers that filter on them. Always loaded first. */
+/* Maps every concern uses, and the helpers that filter on them. Always loaded first.
+ *
+ * Hot programs are raw tracepoints (`struct bpf_raw_tracepoint_args *ctx`): the arguments
+ * are the tracepoint's TP_PROTO values (docs/ebpf.md lists them, tests/bpf/test_btf.py
+ * checks them against the running kernel), and a member of a struct they point to is read
+ * with bpf_probe_read_kernel at an offset from the running kernel's BTF (ACG_OFF_*,
+ * bpf/btf.py), never from kernel headers. Rare events stay classic tracepoints.
+ *
+ * Per-task entries (tasks, exits, runq_since, ...) are removed by the kernel side when the
+ * task exits or the stamp is used, and live in LRU maps, so a leftover (a task that moved
+ * out and never exited in a watched cgroup) cannot fill them: user space never walks them. */
 #include "agentcg.h"
 
 BPF_HASH(watched, u64, struct acg_watch, MAX_CGROUPS);
 BPF_HASH(counters, u64, struct acg_counters, MAX_CGROUPS);
-BPF_HASH(tasks, u32, struct acg_task, MAX_TASKS);
+BPF_TABLE("lru_hash", u32, struct acg_task, tasks, MAX_TASKS);
 BPF_PERCPU_ARRAY(errors, u64, ERR_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-#ifdef ACG_CONCERN_MEMORY
-/* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the memory
+/* events submitted without a wake-up since the last one that woke the reader (bcc 0.26
+ * cannot call bpf_ringbuf_query on a bcc map, so the batch is counted here) */
+BPF_ARRAY(unwoken, u64, 1);
+#ifdef ACG_CONCERN_FAULTS
+/* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the faults
  * concern has not seen its new mm yet; that mm starts empty, so all of it counts. */
-BPF_HASH(mm_fresh, u32, struct acg_stamp, MAX_TASKS);
+BPF_TABLE("lru_hash", u32, struct acg_stamp, mm_fresh, MAX_TASKS);
 #endif
 
 static __always_inline void acg_error(int slot)
@@ -19,14 +32,26 @@ static __always_inline void acg_error(int slot)
         (*n)++;
 }
 
-/* The counters of the current task's cgroup, or NULL when it is not watched. */
+/* The counters of `cgroup_id`, or NULL when it is not watched: the filter every program
+ * running in the watched task's context applies first. */
+static __always_inline struct acg_counters *acg_counters_of(u64 cgroup_id)
+{
+    return counters.lookup(&cgroup_id);
+}
+
 static __always_inline struct acg_counters *acg_current(u64 *cgroup_id)
 {
     u64 id = bpf_get_current_cgroup_id();
     *cgroup_id = id;
-    if (!watched.lookup(&id))
-        return NULL;
     return counters.lookup(&id);
+}
+
+/* A u32 member of a kernel struct, at an offset from the running kernel's BTF. */
+static __always_inline u32 acg_read_u32(void *base, u64 offset)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + offset);
+    return v;
 }
 
 static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u32 pid)
@@ -36,13 +61,29 @@ static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u3
         acg_error(ERR_RINGBUF_FULL);
         return NULL;
     }
-    __builtin_memset(e, 0, sizeof(*e));
+    /* all but the file name, which only exec events fill (and which starts empty) */
+    __builtin_memset(e, 0, __builtin_offsetof(struct acg_event, filename));
+    e->filename[0] = 0;
     e->ktime_ns = bpf_ktime_get_ns();
     e->kind = kind;
     e->cgroup_id = cgroup_id;
     e->pid = pid;
     e->exit_code = -1;
     return e;
+}
+
+/* Submit; wake the reader only for an urgent event or once every WAKE_BATCH_EVENTS. */
+static __always_inline void acg_submit(struct acg_event *e, int urgent)
+{
+    int zero = 0;
+    u64 *n = unwoken.lookup(&zero);
+    if (!urgent && n && __sync_fetch_and_add(n, 1) + 1 < WAKE_BATCH_EVENTS) {
+        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+        return;
+    }
+    if (n)
+        *n = 0;
+    events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
 /* Remembers that `tid` belongs to `cgroup_id`, for tracepoints that fire outside its context. */
@@ -78,6 +119,6 @@ int acg_shared__cgroup__cgroup_rmdir(struct tracepoint__cgroup__cgroup_rmdir *ar
     watched.delete(&id);
     struct acg_event *e = acg_reserve(EV_CGROUP_REMOVED, id, 0);
     if (e)
-        events.ringbuf_submit(e, 0);
+        acg_submit(e, 0);
     return 0;
 }
