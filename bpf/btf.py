@@ -35,6 +35,7 @@ _QUALIFIERS = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
 OFFSETS = {
     "ACG_OFF_TASK_PID": ("task_struct", "pid"),
     "ACG_OFF_TASK_TGID": ("task_struct", "tgid"),
+    "ACG_OFF_TASK_FLAGS": ("task_struct", "flags"),
     "ACG_OFF_BINPRM_FILENAME": ("linux_binprm", "filename"),
     "ACG_OFF_KSIGACTION_HANDLER": ("k_sigaction", "sa.sa_handler"),
 }

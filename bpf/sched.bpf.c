@@ -6,6 +6,8 @@
  * preempted or yielded, TASK_DEAD (0x80) at an exiting task's last switch */
 #define TASK_RUNNING_STATE 0
 #define TASK_DEAD_STATE 0x80
+/* task_struct.flags: past sched_process_exit (include/linux/sched.h, unchanged since 2.6) */
+#define PF_EXITING 0x00000004
 
 BPF_PERCPU_ARRAY(oncpu_since, u64, 1);
 BPF_TABLE("lru_hash", u32, struct acg_stamp, runq_since, MAX_TASKS);
@@ -67,8 +69,9 @@ int acg_sched__sched__sched_switch(struct bpf_raw_tracepoint_args *ctx)
         u32 prev_state = ctx->args[3];
         if (start)
             __sync_fetch_and_add(&c->cpu_ns, now - start);
-        if (!(prev_state & TASK_DEAD_STATE) && !tasks.lookup(&prev))
-            acg_track(prev, cg, 0);  /* moved in after it started: found here */
+        if (!(prev_state & TASK_DEAD_STATE) && !tasks.lookup(&prev) &&
+            !(acg_read_u32((void *)bpf_get_current_task(), ACG_OFF_TASK_FLAGS) & PF_EXITING))
+            acg_track(prev, cg, 0);  /* moved in after it started: found here (not once exiting) */
         if ((ctx->args[0] & 0xff) || prev_state == TASK_RUNNING_STATE)
             acg_enqueued(prev, cg, now);  /* preempted: waits in the run queue again */
     }
