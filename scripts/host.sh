@@ -112,8 +112,17 @@ setup_venv() {
     "$venv/bin/python" -c 'import bcc, agentcg.cli' || die "the virtualenv cannot import bcc or agentcg"
 }
 
+# the exec helper tool calls are spawned through (controller/cgroup/acg_exec.c): built once
+# per source version into /var/cache/agentcg, static, so a spawn never forks the caller
+setup_exec_helper() {
+    command -v cc >/dev/null || apt_install gcc libc6-dev
+    "$venv/bin/python" -m agentcg.controller.cgroup.spawner >/dev/null \
+        || warn "could not build the exec helper; tool calls use a slower /bin/sh trampoline"
+}
+
 setup_kernel_side
 setup_venv
+setup_exec_helper
 
 case "${1:-setup}" in
     setup) say "ready: $venv/bin/agentcg" ;;
