@@ -29,6 +29,9 @@
 #ifndef WAKE_BATCH_EVENTS
 #define WAKE_BATCH_EVENTS 64
 #endif
+#ifndef WAKE_AFTER_NS
+#define WAKE_AFTER_NS 20000000ULL  /* an event waits unannounced at most this long if others follow */
+#endif
 #ifndef RECLAIM_STALL_NS
 #define RECLAIM_STALL_NS 10000000ULL
 #endif

@@ -40,6 +40,7 @@ MAX_INFLIGHT_IO = 16384
 RINGBUF_PAGES = 256              # 1 MiB: about 3,400 events between two polls
 RECLAIM_STALL_S = 0.010          # a reclaim longer than this sends a ReclaimStallEvent
 WAKE_BATCH_EVENTS = 64          # non-urgent events submitted per reader wake-up (agentcg.h)
+WAKE_AFTER_S = 0.020            # ... or once the oldest unannounced one is this old
 REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a late forget()
 
 # maps with one entry per something; `live_entries()` reports them
@@ -198,7 +199,7 @@ class BpfMonitor:
             f"-DMAX_CGROUPS={MAX_CGROUPS}", f"-DMAX_TASKS={MAX_TASKS}", f"-DMAX_MMS={MAX_MMS}",
             f"-DMAX_BLOCK_KEYS={MAX_BLOCK_KEYS}", f"-DMAX_INFLIGHT_IO={MAX_INFLIGHT_IO}",
             f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DRECLAIM_STALL_NS={int(reclaim_stall_s * 1e9)}ULL",
-            f"-DWAKE_BATCH_EVENTS={WAKE_BATCH_EVENTS}",
+            f"-DWAKE_BATCH_EVENTS={WAKE_BATCH_EVENTS}", f"-DWAKE_AFTER_NS={int(WAKE_AFTER_S * 1e9)}ULL",
         ] + [f"-D{name}={value}" for name, value in offsets.items()] + [
             f"-DACG_CONCERN_{name.upper()}" for name in self.concerns]
         try:
@@ -423,10 +424,11 @@ class BpfMonitor:
 
     def fileno(self) -> int:
         """The ring buffer's fd, for select/poll/epoll in the caller's own loop: it turns
-        readable when the programs wake the reader (an urgent event such as a threshold,
-        an OOM victim, a reclaim stall or a process stopped at exec, and every
-        WAKE_BATCH_EVENTS other events). Other events are submitted without a wake-up,
-        so also call poll(0) on a timer (say every 0.1 s)."""
+        readable when the programs wake the reader: at once for an urgent event (an RSS
+        threshold, an OOM victim, a reclaim stall, a process stopped at exec), else every
+        WAKE_BATCH_EVENTS events or WAKE_AFTER_S after an unannounced one when another
+        follows. A lone exec or exit event wakes nobody (a wake-up costs the exiting task
+        15-20 us), so ALSO call poll(0) on the caller's tick."""
         return int(self._require_open()[b"events"].map_fd)
 
     def live_entries(self) -> dict[str, int]:

@@ -18,7 +18,11 @@ BPF_PERCPU_ARRAY(errors, u64, ERR_SLOTS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* events submitted without a wake-up since the last one that woke the reader (bcc 0.26
  * cannot call bpf_ringbuf_query on a bcc map, so the batch is counted here) */
-BPF_ARRAY(unwoken, u64, 1);
+struct acg_unwoken {
+    u64 events;     /* submitted without a wake-up since the last one */
+    u64 first_ns;   /* when the oldest of them was reserved */
+};
+BPF_ARRAY(unwoken, struct acg_unwoken, 1);
 #ifdef ACG_CONCERN_FAULTS
 /* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the faults
  * concern has not seen its new mm yet; that mm starts empty, so all of it counts. */
@@ -72,17 +76,24 @@ static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u3
     return e;
 }
 
-/* Submit; wake the reader only for an urgent event or once every WAKE_BATCH_EVENTS. */
+/* Submit; wake the reader for an urgent event, for every WAKE_BATCH_EVENTS-th, and for
+ * the first one submitted WAKE_AFTER_NS after the oldest still unannounced one. A lone
+ * event is read at the reader's next poll timeout (or tick), not woken for. */
 static __always_inline void acg_submit(struct acg_event *e, int urgent)
 {
     int zero = 0;
-    u64 *n = unwoken.lookup(&zero);
-    if (!urgent && n && __sync_fetch_and_add(n, 1) + 1 < WAKE_BATCH_EVENTS) {
-        events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
-        return;
+    struct acg_unwoken *u = unwoken.lookup(&zero);
+    if (!urgent && u) {
+        u64 n = __sync_fetch_and_add(&u->events, 1);
+        if (n == 0)
+            u->first_ns = e->ktime_ns;
+        if (n + 1 < WAKE_BATCH_EVENTS && e->ktime_ns - u->first_ns < WAKE_AFTER_NS) {
+            events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+            return;
+        }
     }
-    if (n)
-        *n = 0;
+    if (u)
+        u->events = 0;
     events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
