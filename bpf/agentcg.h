@@ -98,11 +98,18 @@ struct acg_hist {
     __u64 slots[HIST_SLOTS];
 };
 
-/* tasks: tid -> this */
+/* tasks: tid -> this. The sched concern keeps the task's own scheduler counters as of its
+ * last switch-out (task_struct se.sum_exec_runtime, sched_info.run_delay and .pcount) and
+ * charges the differences: CPU time, and run-queue waits, without a program on wakeups. */
 struct acg_task {
     __u64 cgroup_id;
     __u32 ppid;    /* tgid of the parent that forked it, 0 if unknown */
     __u32 tgid;    /* its process (thread group), 0 if unknown */
+    __u64 base_runtime_ns;
+    __u64 base_run_delay_ns;
+    __u64 base_pcount;
+    __u32 has_base;  /* 1: the bases are the task's (a fork starts at 0); 0: take them next */
+    __u32 pad;
 };
 
 /* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the

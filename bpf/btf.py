@@ -36,6 +36,9 @@ OFFSETS = {
     "ACG_OFF_TASK_PID": ("task_struct", "pid"),
     "ACG_OFF_TASK_TGID": ("task_struct", "tgid"),
     "ACG_OFF_TASK_FLAGS": ("task_struct", "flags"),
+    "ACG_OFF_TASK_RUNTIME": ("task_struct", "se.sum_exec_runtime"),
+    "ACG_OFF_TASK_RUN_DELAY": ("task_struct", "sched_info.run_delay"),
+    "ACG_OFF_TASK_PCOUNT": ("task_struct", "sched_info.pcount"),
     "ACG_OFF_BINPRM_FILENAME": ("linux_binprm", "filename"),
     "ACG_OFF_KSIGACTION_HANDLER": ("k_sigaction", "sa.sa_handler"),
 }

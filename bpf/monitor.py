@@ -49,7 +49,7 @@ _HASH_MAPS = {
     "process": ("exits",),
     "memory": ("reclaim_start",),
     "faults": ("mms", "mm_fresh"),
-    "sched": ("runq_since", "runq_hist"),
+    "sched": ("runq_hist",),
     "block": ("io_owner", "io_inflight", "block_stats"),
     "exit_codes": (),
 }

@@ -25,14 +25,14 @@ int acg_process__task__task_newtask(struct bpf_raw_tracepoint_args *ctx)
     struct acg_task *self = tasks.lookup(&tid);
     u32 self_ppid = self ? self->ppid : 0;
     if (!self)
-        acg_track_tgid(tid, tgid, cg, 0);
+        acg_track_tgid(tid, tgid, cg, 0, 0);
     if (clone_flags & CLONE_THREAD) {
         __sync_fetch_and_add(&c->threads, 1);
         /* a thread shares its process's parent; the last thread out reports the exit */
-        acg_track_tgid(child, tgid, cg, self_ppid);
+        acg_track_tgid(child, tgid, cg, self_ppid, 1);
     } else {
         __sync_fetch_and_add(&c->forks, 1);
-        acg_track_tgid(child, child, cg, tgid);
+        acg_track_tgid(child, child, cg, tgid, 1);
     }
     return 0;
 }
@@ -57,7 +57,7 @@ int acg_process__sched__sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
         t = tasks.lookup(&old_pid);
     if (t)
         ppid = t->ppid;
-    acg_track_tgid(pid, pid, cg, ppid);
+    acg_track_tgid(pid, pid, cg, ppid, 0);
     struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
     if (!e)
         return 0;
@@ -139,6 +139,10 @@ int acg_process__sched__sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
     u32 tid = pid_tgid, tgid = pid_tgid >> 32;
     struct acg_task *t = tasks.lookup(&tid);
     u32 ppid = t ? t->ppid : 0;
+#ifdef ACG_CONCERN_SCHED
+    if (t)
+        acg_charge_sched(c, t);  /* its last slice: no switch-out follows in the cgroup */
+#endif
     if (t)
         tasks.delete(&tid);
 #ifdef ACG_CONCERN_FAULTS

@@ -6,7 +6,7 @@
  * with bpf_probe_read_kernel at an offset from the running kernel's BTF (ACG_OFF_*,
  * bpf/btf.py), never from kernel headers. Rare events stay classic tracepoints.
  *
- * Per-task entries (tasks, exits, runq_since, ...) are removed by the kernel side when the
+ * Per-task entries (tasks, exits, reclaim_start, ...) are removed by the kernel side when the
  * task exits or the stamp is used, and live in LRU maps, so a leftover (a task that moved
  * out and never exited in a watched cgroup) cannot fill them: user space never walks them. */
 #include "agentcg.h"
@@ -97,8 +97,9 @@ static __always_inline void acg_submit(struct acg_event *e, int urgent)
     events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
-/* Remembers that `tid` belongs to `cgroup_id`, for tracepoints that fire outside its context. */
-static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32 ppid)
+/* Remembers that `tid` belongs to `cgroup_id`, for tracepoints that fire outside its context.
+ * new_task: it was just forked (its scheduler counters start at 0). */
+static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32 ppid, u32 new_task)
 {
     struct acg_task *t = tasks.lookup(&tid);
     if (t) {
@@ -109,7 +110,7 @@ static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32
             t->tgid = tgid;
         return;
     }
-    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid};
+    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid, .has_base = new_task};
     if (tasks.update(&tid, &fresh))
         acg_error(ERR_TASKS_FULL);
 }
@@ -118,8 +119,56 @@ static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32
 static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    acg_track_tgid(tid, (u32)pid_tgid == tid ? pid_tgid >> 32 : 0, cgroup_id, ppid);
+    acg_track_tgid(tid, (u32)pid_tgid == tid ? pid_tgid >> 32 : 0, cgroup_id, ppid, 0);
 }
+
+#ifdef ACG_CONCERN_SCHED
+BPF_HASH(runq_hist, u64, struct acg_hist, MAX_CGROUPS);
+
+static __always_inline u32 acg_log2(u64 v)
+{
+    u32 r = 0, shift;
+    shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
+    shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+    shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+    shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+    shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+    r |= (v >> 1);
+    return r;
+}
+
+/* Charges the current task's CPU time and run-queue waits since its bases (its own
+ * scheduler counters, kept up to date by the kernel: se.sum_exec_runtime is updated before
+ * sched_switch fires, sched_info.run_delay/pcount at each arrival on a CPU), then moves the
+ * bases on. The first time a task is seen (moved in after it started) only takes them. */
+static __always_inline void acg_charge_sched(struct acg_counters *c, struct acg_task *t)
+{
+    char *task = (char *)bpf_get_current_task();
+    u64 runtime = 0, delay = 0, pcount = 0;
+    bpf_probe_read_kernel(&runtime, sizeof(runtime), task + ACG_OFF_TASK_RUNTIME);
+    bpf_probe_read_kernel(&delay, sizeof(delay), task + ACG_OFF_TASK_RUN_DELAY);
+    bpf_probe_read_kernel(&pcount, sizeof(pcount), task + ACG_OFF_TASK_PCOUNT);
+    if (t->has_base && runtime >= t->base_runtime_ns && pcount >= t->base_pcount &&
+        delay >= t->base_run_delay_ns) {
+        __sync_fetch_and_add(&c->cpu_ns, runtime - t->base_runtime_ns);
+        u64 waits = pcount - t->base_pcount;
+        if (waits) {
+            u64 cg = t->cgroup_id;
+            struct acg_hist *h = runq_hist.lookup(&cg);
+            if (h) {
+                u32 slot = acg_log2((delay - t->base_run_delay_ns) / waits);
+                if (slot >= HIST_SLOTS)
+                    slot = HIST_SLOTS - 1;
+                __sync_fetch_and_add(&h->slots[slot], waits);
+            }
+        }
+    }
+    t->base_runtime_ns = runtime;
+    t->base_run_delay_ns = delay;
+    t->base_pcount = pcount;
+    t->has_base = 1;
+}
+#endif
 
 /* Entries of a removed cgroup are removed by user space when it reads this event. */
 int acg_shared__cgroup__cgroup_rmdir(struct tracepoint__cgroup__cgroup_rmdir *args)
