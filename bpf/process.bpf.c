@@ -53,11 +53,18 @@ int acg_process__sched__sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
 #endif
     u32 ppid = 0;
     struct acg_task *t = tasks.lookup(&pid);
-    if (!t && old_pid != pid)
-        t = tasks.lookup(&old_pid);
-    if (t)
+    if (t) {            /* the common case: forked in the cgroup, tracked since */
         ppid = t->ppid;
-    acg_track_tgid(pid, pid, cg, ppid, 0);
+        t->cgroup_id = cg;
+        t->tgid = pid;
+    } else {
+        if (old_pid != pid) {   /* a thread exec'd: it took the leader's pid */
+            struct acg_task *old = tasks.lookup(&old_pid);
+            if (old)
+                ppid = old->ppid;
+        }
+        acg_track_tgid(pid, pid, cg, ppid, 0);
+    }
     struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
     if (!e)
         return 0;

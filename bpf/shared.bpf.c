@@ -146,8 +146,15 @@ static __always_inline void acg_charge_sched(struct acg_counters *c, struct acg_
     char *task = (char *)bpf_get_current_task();
     u64 runtime = 0, delay = 0, pcount = 0;
     bpf_probe_read_kernel(&runtime, sizeof(runtime), task + ACG_OFF_TASK_RUNTIME);
+#if ACG_OFF_TASK_RUN_DELAY == ACG_OFF_TASK_PCOUNT + 8
+    u64 info[2] = {};   /* struct sched_info { pcount; run_delay; ... }: one read */
+    bpf_probe_read_kernel(info, sizeof(info), task + ACG_OFF_TASK_PCOUNT);
+    pcount = info[0];
+    delay = info[1];
+#else
     bpf_probe_read_kernel(&delay, sizeof(delay), task + ACG_OFF_TASK_RUN_DELAY);
     bpf_probe_read_kernel(&pcount, sizeof(pcount), task + ACG_OFF_TASK_PCOUNT);
+#endif
     if (t->has_base && runtime >= t->base_runtime_ns && pcount >= t->base_pcount &&
         delay >= t->base_run_delay_ns) {
         __sync_fetch_and_add(&c->cpu_ns, runtime - t->base_runtime_ns);
