@@ -159,8 +159,11 @@ def loaded(concerns: tuple[str, ...] | None, watched: Path) -> Iterator[dict]:
         result.update(mon.finish())
 
 
-def program_stats(config: str, work: dict[str, list[str]], cgroups: dict[str, Path]) -> list[str]:
-    """One pass with run-time stats on: hits and ns per hit of each program, per workload."""
+def program_stats(config: str, work: dict[str, list[str]], cgroups: dict[str, Path],
+                  base_cpu: dict[tuple[str, str], float] | None = None) -> list[str]:
+    """One pass with run-time stats on: hits and ns per hit of each program, per workload;
+    with base_cpu ((where, workload) -> CPU seconds without programs), the programs' own
+    run time as a share of it (a load-robust lower bound of their cost: dispatch excluded)."""
     lines = []
     fd = enable_bpf_stats()
     if fd is None:
@@ -174,7 +177,11 @@ def program_stats(config: str, work: dict[str, list[str]], cgroups: dict[str, Pa
                 cells = ", ".join(f"{tp.split(':')[1]} {n} x {t / n * 1e9:.0f} ns"
                                   for tp, n, t in sorted(busy, key=lambda p: -p[2]))
                 total_ms = sum(t for _tp, _n, t in busy) * 1e3
-                lines.append(f"  {config:7s} {where:9s} {name:30s} {total_ms:7.1f} ms in programs: {cells or 'no hits'}")
+                share = ""
+                if base_cpu and base_cpu.get((where, name)):
+                    share = f" ({total_ms / 1e3 / base_cpu[(where, name)] * 100:.1f} % of its CPU)"
+                lines.append(f"  {config:7s} {where:9s} {name:30s} {total_ms:7.1f} ms in programs{share}: "
+                             f"{cells or 'no hits'}")
     finally:
         disable_bpf_stats(fd)
     return lines
@@ -211,7 +218,9 @@ def main() -> int:
                             wall[(config, where, name)].append(wall_s)
                             cpu[(config, where, name)].append(cpu_s)
                 lost += result["lost"]
-        stats_lines = program_stats("default", work, cgroups) + program_stats("faults", work, cgroups)
+        base_cpu = {(w, n): statistics.median(cpu[("none", w, n)]) for w in cgroups for n in work}
+        stats_lines = (program_stats("default", work, cgroups, base_cpu)
+                       + program_stats("faults", work, cgroups, base_cpu))
     print(f"BPF program overhead, {args.rounds} rounds, configurations rotated per round, "
           f"{os.cpu_count()} CPUs, {time.monotonic() - started:.0f} s")
     print("  ratio = median over rounds of (configuration / none in the same round); medians in seconds")
