@@ -26,9 +26,10 @@ from agentcg.bpf.btf import kernel_offsets
 from agentcg.errors import BpfError, InvalidInput
 
 CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
-# opt-in: faults runs on every page fault (RSS from rss_stat, user faults), exit_codes on
-# every system call (a syscall tracepoint moves every task onto the slow syscall path)
-OPTIONAL_CONCERNS = ("faults", "exit_codes")
+# opt-in: faults runs on every page fault (RSS from rss_stat, user faults), switches on
+# every context switch (per-slice CPU and waits, moved-in tasks found), exit_codes on every
+# system call (a syscall tracepoint moves every task onto the slow syscall path)
+OPTIONAL_CONCERNS = ("faults", "switches", "exit_codes")
 ALL_CONCERNS = CONCERNS + OPTIONAL_CONCERNS
 BPF_DIR = Path(__file__).resolve().parent
 
@@ -51,6 +52,7 @@ _HASH_MAPS = {
     "faults": ("mms", "mm_fresh"),
     "sched": ("runq_hist",),
     "block": ("io_owner", "io_inflight", "block_stats"),
+    "switches": (),
     "exit_codes": (),
 }
 # A program `acg_<concern>__<category>__<event>` is attached to that tracepoint: as a raw
@@ -162,6 +164,11 @@ class BpfMonitor:
             raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(ALL_CONCERNS)}")
         if "exit_codes" in concerns and "process" not in concerns:
             raise InvalidInput("the BPF concern exit_codes needs the concern process as well")
+        if "switches" in concerns and "sched" not in concerns:
+            raise InvalidInput("the BPF concern switches needs the concern sched as well")
+        if "sched" in concerns and "process" not in concerns:
+            # the exit program charges each task's scheduler counters (bpf/sched.bpf.c)
+            raise InvalidInput("the BPF concern sched needs the concern process as well")
         if "faults" in concerns and "process" not in concerns:
             # the exec program tells the faults concern which mms start empty (agentcg.h, acg_mm)
             raise InvalidInput("the BPF concern faults needs the concern process as well")

@@ -64,6 +64,11 @@ int acg_process__sched__sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
                 ppid = old->ppid;
         }
         acg_track_tgid(pid, pid, cg, ppid, 0);
+#ifdef ACG_CONCERN_SCHED
+        t = tasks.lookup(&pid);
+        if (t)
+            acg_charge_sched(c, t);  /* first seen here: its counters so far are not the cgroup's */
+#endif
     }
     struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
     if (!e)

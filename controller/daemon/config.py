@@ -31,7 +31,7 @@ DEFAULT_SOCKET = "/run/agentcg/agentcg.sock"
 DEFAULT_STATE_DIR = "/run/agentcg"          # shared with `agentcg run` (owner files, locks)
 DEFAULT_RECORDS = "/var/lib/agentcg/toolcalls.jsonl"
 BPF_CONCERNS = ("process", "memory", "sched", "block")
-BPF_OPTIONAL_CONCERNS = ("faults", "exit_codes")   # opt-in: cost every page fault / system call
+BPF_OPTIONAL_CONCERNS = ("faults", "switches", "exit_codes")   # opt-in: cost every page fault / switch / syscall
 
 
 @dataclass(frozen=True)

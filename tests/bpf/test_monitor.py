@@ -298,11 +298,12 @@ def test_stats_report_no_losses(monitor):
     stats = monitor.stats()
     assert stats.ringbuf_full == 0 and stats.decode_errors == 0
     assert set(stats.map_full.values()) == {0}
-    assert {p.tracepoint for p in stats.programs} >= {"sched:sched_switch", "oom:mark_victim"}
-    # the per-fault programs are opt-in; the hot ones are raw tracepoints
-    assert not {"kmem:rss_stat", "exceptions:page_fault_user"} & {p.tracepoint for p in stats.programs}
+    assert {p.tracepoint for p in stats.programs} >= {"sched:sched_process_exit", "oom:mark_victim"}
+    # the per-fault and per-switch programs are opt-in; the hot ones are raw tracepoints
+    assert not ({"kmem:rss_stat", "exceptions:page_fault_user", "sched:sched_switch", "sched:sched_wakeup"}
+                & {p.tracepoint for p in stats.programs})
     raw = {p.tracepoint for p in stats.programs if p.raw}
-    assert raw >= {"sched:sched_switch", "sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask"}
+    assert raw >= {"sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask"}
 
 
 def _state(pid: int) -> str:
