@@ -284,7 +284,7 @@ class BpfMonitor:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tasks = b[b"tasks"]
         for tid in tids:
-            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid)
+            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid, *_sched_bases(pid, tid))
 
     def watched(self) -> frozenset[int]:
         return frozenset(self._watched)
@@ -492,6 +492,16 @@ def _threshold(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInput(f"rss_threshold_bytes must be a positive number of bytes or None, got {value!r}")
     return value
+
+
+def _sched_bases(pid: int, tid: int) -> tuple[int, int, int, int]:
+    """(runtime ns, run_delay ns, pcount, has_base) of a thread as of now, from
+    /proc/<pid>/task/<tid>/schedstat: the sched concern charges only what follows."""
+    try:
+        runtime, delay, pcount = (int(v) for v in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[:3])
+    except (OSError, ValueError):
+        return 0, 0, 0, 0   # taken at its exit instead: nothing of it is charged
+    return runtime, delay, pcount, 1
 
 
 def _fdinfo(fd: int) -> dict[str, int]:
