@@ -1,11 +1,13 @@
 /* agentcg-exec: join cgroups, then exec; the exec helper of controller/cgroup/spawner.py.
  *
- *     agentcg-exec STATUS_FD JOIN_FD[,JOIN_FD...] -- PROGRAM [ARG...]
+ *     agentcg-exec STATUS_FD JOIN_FD[,JOIN_FD...] -- PATH ARGV0 [ARG...]
  *
  * The parent spawns this with vfork/posix_spawn semantics (Python's subprocess without a
  * preexec_fn), passing the open cgroup.procs files of the call's cgroup, one per
  * hierarchy. It writes "0" (itself) into each, so PROGRAM's first instruction already
- * runs inside every hierarchy, then execs PROGRAM (PATH searched). STATUS_FD is
+ * runs inside every hierarchy, then execve's PATH (resolved by the parent, as subprocess
+ * does: no PATH search here, and no /bin/sh retry on ENOEXEC as execvp would) with argv
+ * ARGV0 ARG...; PROGRAM below means that. STATUS_FD is
  * close-on-exec: the parent reads end-of-file when PROGRAM runs, or "J <errno>" (a join
  * failed, nothing ran) / "E <errno>" (the exec failed). Built at setup time
  * (`bash scripts/host.sh setup`); small and static so its own exec costs little. */
@@ -26,8 +28,8 @@ static void report(int fd, char what, int err)
 
 int main(int argc, char **argv)
 {
-    if (argc < 5 || strcmp(argv[3], "--") != 0) {
-        static const char usage[] = "usage: agentcg-exec STATUS_FD JOIN_FD[,JOIN_FD...] -- PROGRAM [ARG...]\n";
+    if (argc < 6 || strcmp(argv[3], "--") != 0) {
+        static const char usage[] = "usage: agentcg-exec STATUS_FD JOIN_FD[,JOIN_FD...] -- PATH ARGV0 [ARG...]\n";
         if (write(2, usage, sizeof(usage) - 1) < 0)
             return 2;
         return 2;
@@ -46,7 +48,7 @@ int main(int argc, char **argv)
         close((int)fd);
         p = *end == ',' ? end + 1 : end;
     }
-    execvp(argv[4], argv + 4);
+    execv(argv[4], argv + 5);
     report(status_fd, 'E', errno);
     _exit(127);
 }

@@ -83,19 +83,21 @@ def build_helper(compiler: str | None = None) -> Path:
     return target
 
 
-def resolve(program: str, env: dict[str, str] | None, cwd: Any) -> None:
-    """Raise what subprocess would (FileNotFoundError, PermissionError) when `program`
-    cannot be executed, so callers see the same errors as with a plain Popen."""
+def resolve(program: str, env: dict[str, str] | None, cwd: Any) -> str:
+    """The path subprocess would execute for `program`, or what it would raise
+    (FileNotFoundError, PermissionError) when there is none."""
     if "/" in program:
         path = program if os.path.isabs(program) or cwd is None else os.path.join(os.fspath(cwd), program)
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
         if os.path.isdir(path) or not os.access(path, os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
-        return
+        return path
     search = (env if env is not None else os.environ).get("PATH", os.defpath)
-    if shutil.which(program, path=search) is None:
+    found = shutil.which(program, path=search)
+    if found is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return found
 
 
 def spawn_joined(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
@@ -103,7 +105,7 @@ def spawn_joined(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwarg
     given. Raises FileNotFoundError/PermissionError like Popen, CgroupGone when a cgroup
     vanished (then nothing ran), CgroupError for other join failures."""
     argv = [os.fspath(a) for a in argv]
-    resolve(argv[0], popen_kwargs.get("env"), popen_kwargs.get("cwd"))
+    program = resolve(argv[0], popen_kwargs.get("env"), popen_kwargs.get("cwd"))
     helper = helper_path()
     if helper is None:
         proc = subprocess.Popen(["/bin/sh", "-c", _SH_TRAMPOLINE, "agentcg-join", *map(str, procs_files), "--",
@@ -113,10 +115,10 @@ def spawn_joined(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwarg
     fds: list[int] = []
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     try:
-        for path in procs_files:
-            fds.append(_fs.open_procs(path))
+        for procs in procs_files:
+            fds.append(_fs.open_procs(procs))
         pass_fds = tuple(popen_kwargs.pop("pass_fds", ())) + (status_w, *fds)
-        proc = subprocess.Popen([str(helper), str(status_w), ",".join(map(str, fds)), "--", *argv],
+        proc = subprocess.Popen([str(helper), str(status_w), ",".join(map(str, fds)), "--", program, *argv],
                                 pass_fds=pass_fds, **popen_kwargs)
     except BaseException:
         os.close(status_r)
@@ -135,9 +137,8 @@ def spawn_joined(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwarg
     proc.wait()
     what, _, number = status.partition(" ")
     code = int(number) if number.isdigit() else errno.EIO
-    if what == "E":
-        raise OSError(code, os.strerror(code), argv[0]) if code not in (errno.ENOENT, errno.EACCES) else (
-            FileNotFoundError if code == errno.ENOENT else PermissionError)(code, os.strerror(code), argv[0])
+    if what == "E":   # OSError picks the subclass from the errno, as subprocess's does
+        raise OSError(code, os.strerror(code), argv[0])
     if code in (errno.ENOENT, errno.ENODEV):
         raise CgroupGone(f"the cgroup vanished while spawning {argv[0]!r} (joining it: {os.strerror(code)})")
     raise CgroupError(f"joining the cgroup before running {argv[0]!r} failed: {os.strerror(code)}")
