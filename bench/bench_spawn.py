@@ -29,44 +29,58 @@ from agentcg.controller.cgroup.spawner import helper_path
 TARGET_ADDED_P50_MS = 1.0
 TRUE = "/bin/true"
 _C_FLOOR = r"""
+#include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
-#include <fcntl.h>
 #include <unistd.h>
 extern char **environ;
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
-static int cmp(const void *a, const void *b) { double x = *(double *)a, y = *(double *)b; return x < y ? -1 : x > y; }
+static int cmp(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return x < y ? -1 : x > y; }
+/* floor N                      : posix_spawn /bin/true and wait, N times
+ * floor N HELPER PROCS...      : posix_spawn the exec helper joining PROCS (opened once,
+ *                                as the caller keeps them), read its status pipe, wait */
 int main(int argc, char **argv) {
-    int n = atoi(argv[1]);
+    int n = atoi(argv[1]), failed = 0;
     double *t = malloc(sizeof(double) * n);
+    char fds[256] = "";
+    for (int k = 3; k < argc; k++) {
+        int fd = open(argv[k], O_WRONLY | O_CLOEXEC);
+        if (fd < 0) { perror(argv[k]); return 1; }
+        fcntl(fd, F_SETFD, 0);   /* inherited by the helper */
+        char one[16];
+        snprintf(one, sizeof one, "%s%d", k > 3 ? "," : "", fd);
+        strcat(fds, one);
+    }
     for (int i = 0; i < n; i++) {
         pid_t pid;
+        int status = 0;
         double s = now();
-        if (argc > 3) {   /* argv[2]: the helper, argv[3..]: cgroup.procs paths */
-            char fds[256] = "", st[16];
-            int p[2]; pipe2(p, O_CLOEXEC); fcntl(p[1], F_SETFD, 0);
-            for (int k = 3; k < argc; k++) {
-                int fd = open(argv[k], O_WRONLY); char one[16];
-                snprintf(one, sizeof one, "%s%d", k > 3 ? "," : "", fd); strcat(fds, one);
-            }
+        if (argc > 3) {
+            int p[2];
+            if (pipe(p)) return 1;
+            fcntl(p[0], F_SETFD, FD_CLOEXEC);
+            char st[16];
             snprintf(st, sizeof st, "%d", p[1]);
-            char *args[] = {argv[2], st, fds, "--", "/bin/true", NULL};
+            char *args[] = {argv[2], st, fds, "--", "/bin/true", "/bin/true", NULL};
             posix_spawn(&pid, argv[2], NULL, NULL, args, environ);
-            close(p[1]); char b[8]; while (read(p[0], b, sizeof b) > 0) {} close(p[0]);
-            for (int k = 3; k < argc; k++) close(3 + 2 + (k - 3));
+            close(p[1]);
+            char b[32];
+            if (read(p[0], b, sizeof b) > 0) failed++;
+            close(p[0]);
         } else {
             char *args[] = {"/bin/true", NULL};
             posix_spawn(&pid, "/bin/true", NULL, NULL, args, environ);
         }
-        waitpid(pid, NULL, 0);
+        waitpid(pid, &status, 0);
+        if (status != 0) failed++;
         t[i] = now() - s;
     }
     qsort(t, n, sizeof(double), cmp);
-    printf("%.6f %.6f\n", t[n / 2], t[(int)(0.99 * (n - 1))]);
+    printf("%.6f %.6f %d\n", t[n / 2], t[(int)(0.99 * (n - 1))], failed);
     return 0;
 }
 """
@@ -113,7 +127,8 @@ def c_floor(runs: int, tree) -> str:
             finally:
                 tree.remove("floor")
             line += (f"\n          posix_spawn of the exec helper, joining {len(procs)} hierarchies, then /bin/true: "
-                     f"p50 {float(joined[0]) * 1e3:.3f} ms  p99 {float(joined[1]) * 1e3:.3f} ms")
+                     f"p50 {float(joined[0]) * 1e3:.3f} ms  p99 {float(joined[1]) * 1e3:.3f} ms"
+                     + (f" ({joined[2]} runs FAILED)" if joined[2] != "0" else ""))
         return line
 
 
