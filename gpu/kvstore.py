@@ -45,6 +45,8 @@ from agentcg.gpu.ssd_tier import SsdTier
 DEVICE, HOST, SSD = 0, 1, 2
 RECORDS_MAX = 65536
 STAGING_BYTES = 32 * 2**20
+BOUNCE_BYTES = 16 * 2**20          # two halves: one gathers while the other is in flight
+BOUNCE_BELOW_BYTES = 256 * 2**10   # memory runs smaller than this on average go through it
 
 
 class _Slots:
@@ -142,6 +144,9 @@ class TieredKVStore:
         self.host: HostRegion | None = None
         self.ssd: SsdTier | None = None
         self._staging: HostRegion | None = None
+        self._bounce: HostRegion | None = None          # made at the first scattered SSD move
+        self._bounce_blocks = 0
+        self._bounce_io: ThreadPoolExecutor | None = None
         try:
             self.device = choose_device_tier(device_blocks, bb, device)
             use_cuda = self.device.kind == "cuda"
@@ -381,22 +386,31 @@ class TieredKVStore:
         mem_slots, ssd_slots = (leg.src_slots, leg.dst_slots) if to_ssd else (leg.dst_slots, leg.src_slots)
         if other == HOST or dev.host_addressable:
             region = self.host if other == HOST else dev.region  # type: ignore[attr-defined]
-            ios = self._ssd_io(to_ssd, region, mem_slots, ssd_slots)
+            pool = self.host_pool if other == HOST else dev.pool
+            ios = self._ssd_io(to_ssd, region, mem_slots, ssd_slots, pool)
             return ios, self.ssd.io_mode + (f", {lock}" if other == HOST else "")
         return self._staged(to_ssd, mem_slots, ssd_slots, ready), f"{self.ssd.io_mode} via staging ({self._staging.lock_method})"
 
-    def _ssd_io(self, to_ssd: bool, region: HostRegion, mem_slots: np.ndarray, ssd_slots: np.ndarray) -> int:
+    def _ssd_io(self, to_ssd: bool, region: HostRegion, mem_slots: np.ndarray, ssd_slots: np.ndarray,
+                pool: torch.Tensor | None = None) -> int:
         """Blocks between memory (`region`, slots of block_bytes) and the SSD file: each range
         of consecutive file slots is one I/O whose iovecs are the memory runs it maps to,
-        and separate ranges go several at a time (SsdTier.write_gather/read_scatter)."""
+        and separate ranges go several at a time (SsdTier.write_gather/read_scatter). Small
+        scattered runs (under BOUNCE_BELOW_BYTES on average) go through a double-buffered
+        bounce buffer instead: gathered into it with one indexed copy while the previous
+        piece is written (or read into it while the previous piece is scattered), because an
+        O_DIRECT I/O of many small segments measured several times slower than one of a few."""
         bb = self.block_bytes
         if len(ssd_slots) == 0:
             return 0
         order = np.argsort(ssd_slots, kind="stable")
         ssd, mem = ssd_slots[order], mem_slots[order]
+        runs = block_runs(ssd, mem)
+        if pool is not None and len(runs) > FEW_RUNS and len(ssd) * bb / len(runs) < BOUNCE_BELOW_BYTES:
+            return self._bounced(to_ssd, pool, mem, ssd)
         items: list[tuple[int, list[memoryview]]] = []
         end = -1   # the file slot after the last item's range
-        for s, m, k in block_runs(ssd, mem):
+        for s, m, k in runs:
             if s == end:
                 items[-1][1].append(region.view(m * bb, k * bb))   # same file range, next memory run
             else:
@@ -406,6 +420,46 @@ class TieredKVStore:
             slot, (buffer,) = items[0]
             return self.ssd.write(slot, buffer) if to_ssd else self.ssd.read(slot, buffer)
         return self.ssd.write_gather(items) if to_ssd else self.ssd.read_scatter(items)
+
+    def _bounced(self, to_ssd: bool, pool: torch.Tensor, mem: np.ndarray, ssd: np.ndarray) -> int:
+        """The bounce-buffer path of _ssd_io; `ssd` is sorted."""
+        bb = self.block_bytes
+        if self._bounce is None:
+            half = max(1, BOUNCE_BYTES // 2 // bb)
+            self._bounce = HostRegion(2 * half * bb, locked_bytes=2 * half * bb)
+            self._bounce_blocks = half
+            self._bounce_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentcg-kv-bounce")
+        half, bounce = self._bounce_blocks, self._bounce
+        rows_all = bounce.tensor[: 2 * half * bb].view(2 * half, bb)
+        ios = 0
+        pending: Future | None = None
+        previous: tuple[np.ndarray, np.ndarray] | None = None   # reads: (bounce rows, memory slots) to scatter
+
+        def piece_io(rows: np.ndarray, file_slots: np.ndarray) -> int:
+            items: list[tuple[int, list[memoryview]]] = []
+            for s, r, k in block_runs(file_slots, rows):
+                items.append((s, [bounce.view(r * bb, k * bb)]))
+            return self.ssd.write_gather(items) if to_ssd else self.ssd.read_scatter(items)
+
+        for i, start in enumerate(range(0, len(mem), half)):
+            m, f = mem[start:start + half], ssd[start:start + half]
+            rows = np.arange(len(m), dtype=np.int64) + (i % 2) * half
+            if to_ssd:
+                indexed_copy(rows_all, rows, pool, m)   # the other half may still be writing
+                if pending is not None:
+                    ios += pending.result()
+                pending = self._bounce_io.submit(piece_io, rows, f)
+            else:
+                future = self._bounce_io.submit(piece_io, rows, f)
+                if previous is not None:
+                    indexed_copy(pool, previous[1], rows_all, previous[0])
+                ios += future.result()
+                previous = (rows, m)
+        if pending is not None:
+            ios += pending.result()
+        if previous is not None:
+            indexed_copy(pool, previous[1], rows_all, previous[0])
+        return ios
 
     def _staged(self, to_ssd: bool, mem_slots: np.ndarray, ssd_slots: np.ndarray, ready: object) -> int:
         """Device <-> SSD through the bounded staging buffer, a staging-full at a time:
@@ -522,10 +576,13 @@ class TieredKVStore:
             self.synchronize()
             self._executor.shutdown(wait=True)
             self._executor = None
-        for part in (self.ssd, self._staging, self.host, self.device):
+        if self._bounce_io is not None:
+            self._bounce_io.shutdown(wait=True)
+            self._bounce_io = None
+        for part in (self.ssd, self._staging, self._bounce, self.host, self.device):
             if part is not None:
                 part.close()
-        self.ssd = self._staging = self.host = self.device = None  # type: ignore[assignment]
+        self.ssd = self._staging = self._bounce = self.host = self.device = None  # type: ignore[assignment]
         self.host_pool = None  # type: ignore[assignment]
 
     def __enter__(self) -> "TieredKVStore":
