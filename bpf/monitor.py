@@ -23,7 +23,8 @@ from typing import Any
 
 from agentcg.bpf import events as ev
 from agentcg.bpf.btf import kernel_offsets
-from agentcg.errors import BpfError, InvalidInput
+from agentcg.errors import AgentcgError, BpfError, InvalidInput, ProcessGone
+from agentcg.procfs import PROC
 
 CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
 # opt-in: faults runs on every page fault (RSS from rss_stat, user faults), switches on
@@ -277,11 +278,10 @@ class BpfMonitor:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidInput(f"pid must be a positive integer, got {pid!r}")
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except (FileNotFoundError, ProcessLookupError):
+            ppid = PROC.stat(pid).ppid
+            tids = PROC.tids(pid)
+        except ProcessGone:
             raise InvalidInput(f"process {pid} does not exist (it may have exited already)") from None
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tasks = b[b"tasks"]
         for tid in tids:
             tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid, *_sched_bases(pid, tid))
@@ -430,13 +430,24 @@ class BpfMonitor:
         return out
 
     def fileno(self) -> int:
-        """The ring buffer's fd, for select/poll/epoll in the caller's own loop: it turns
+        """An fd readable when ring-buffer records wait (libbpf ring_buffer__epoll_fd, an
+        epoll fd itself): put it in an event loop, then poll(0) when it is ready. It turns
         readable when the programs wake the reader: at once for an urgent event (an RSS
         threshold, an OOM victim, a reclaim stall, a process stopped at exec), else every
-        WAKE_BATCH_EVENTS events or WAKE_AFTER_S after an unannounced one when another
-        follows. A lone exec or exit event wakes nobody (a wake-up costs the exiting task
+        WAKE_BATCH_EVENTS events, or WAKE_AFTER_S after an unannounced one when another
+        follows. A lone exec or exit event wakes nobody (a wake-up cost the exiting task
         15-20 us), so ALSO call poll(0) on the caller's tick."""
-        return int(self._require_open()[b"events"].map_fd)
+        b = self._require_open()
+        manager = getattr(b, "_ringbuf_manager", None)
+        if not manager:
+            raise BpfError("the ring buffer is not open")
+        lib = load_bcc().libbcc.lib
+        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+        lib.ring_buffer__epoll_fd.restype = ct.c_int
+        fd = lib.ring_buffer__epoll_fd(ct.c_void_p(manager))
+        if fd < 0:
+            raise BpfError(f"ring_buffer__epoll_fd failed ({fd})")
+        return fd
 
     def live_entries(self) -> dict[str, int]:
         """Map name -> number of entries, for every hash map loaded."""
@@ -498,8 +509,8 @@ def _sched_bases(pid: int, tid: int) -> tuple[int, int, int, int]:
     """(runtime ns, run_delay ns, pcount, has_base) of a thread as of now, from
     /proc/<pid>/task/<tid>/schedstat: the sched concern charges only what follows."""
     try:
-        runtime, delay, pcount = (int(v) for v in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[:3])
-    except (OSError, ValueError):
+        runtime, delay, pcount = (int(v) for v in PROC.text(f"{pid}/task/{tid}/schedstat").split()[:3])
+    except (AgentcgError, ValueError):
         return 0, 0, 0, 0   # taken at its exit instead: nothing of it is charged
     return runtime, delay, pcount, 1
 
@@ -507,10 +518,9 @@ def _sched_bases(pid: int, tid: int) -> tuple[int, int, int, int]:
 def _fdinfo(fd: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            name, _, value = line.partition(":")
+        for name, value in PROC.fdinfo(fd).items():
             if name in ("run_time_ns", "run_cnt"):
-                out[name] = int(value.strip())
-    except (OSError, ValueError):
+                out[name] = int(value)
+    except (AgentcgError, ValueError):
         pass
     return out

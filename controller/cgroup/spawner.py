@@ -113,20 +113,34 @@ def spawn_joined(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwarg
         proc.args = argv
         return proc
     fds: list[int] = []
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
     try:
         for procs in procs_files:
             fds.append(_fs.open_procs(procs))
-        pass_fds = tuple(popen_kwargs.pop("pass_fds", ())) + (status_w, *fds)
-        proc = subprocess.Popen([str(helper), str(status_w), ",".join(map(str, fds)), "--", program, *argv],
+        return spawn_with_fds(fds, argv, program=program, helper=helper, **popen_kwargs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def spawn_with_fds(join_fds: Sequence[int], argv: Sequence[str], *, program: str | None = None,
+                   helper: Path | None = None, **popen_kwargs: Any) -> subprocess.Popen:
+    """spawn_joined for callers that opened the cgroup.procs files themselves (and keep
+    them: the helper closes only its inherited copies). Needs the built helper."""
+    argv = [os.fspath(a) for a in argv]
+    program = program or resolve(argv[0], popen_kwargs.get("env"), popen_kwargs.get("cwd"))
+    helper = helper or helper_path()
+    if helper is None:
+        raise CgroupError("the exec helper is not built (`bash scripts/host.sh setup`)")
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pass_fds = tuple(popen_kwargs.pop("pass_fds", ())) + (status_w, *join_fds)
+        proc = subprocess.Popen([str(helper), str(status_w), ",".join(map(str, join_fds)), "--", program, *argv],
                                 pass_fds=pass_fds, **popen_kwargs)
     except BaseException:
         os.close(status_r)
         raise
     finally:
         os.close(status_w)
-        for fd in fds:
-            os.close(fd)
     try:
         status = _read_all(status_r)   # end of file: the program runs
     finally:
