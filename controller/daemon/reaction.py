@@ -5,11 +5,15 @@
   else, so an RSS threshold crossing wakes it at once (no polling interval).
 - cgroup v1 memcg usage thresholds (controller/cgroup/threshold.py): one eventfd per
   configured fraction of each sandbox's budget (and of the host budget on the tree's
-  root), registered in the same epoll.
-- per-call eBPF RSS thresholds, armed after every step (DaemonControl.call_thresholds).
+  root), and one per running tool call (each call has its own v1 memory cgroup) at the
+  usage where its scope reaches the next fraction (DaemonControl.call_thresholds),
+  re-armed after every step and closed when the call ends; all in the same epoll. This is
+  the default configuration's per-call reaction: no per-fault program needed.
+- per-call eBPF RSS thresholds when the opt-in `faults` concern is loaded (the only
+  per-call threshold on pure cgroup v2), armed after every step.
 
-On pure cgroup v2 there are no memcg thresholds: the eBPF threshold when it is loaded,
-else PSI triggers and the tick (service.py). Each crossing reports (sandbox, call_id or
+On pure cgroup v2 there are no memcg thresholds: the eBPF threshold when `faults` is
+loaded, else PSI triggers and the tick (service.py); `mode` says which. Each crossing reports (sandbox, call_id or
 None, observed_s): the kernel's timestamp for a ring-buffer event (bpf_ktime_get_ns is
 CLOCK_MONOTONIC), the time the eventfd was read for a memcg threshold.
 """
@@ -17,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import select
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.cgroup.threshold import UsageThreshold
 from agentcg.controller.core import Thresholds, needs_rearm, sandbox_thresholds
 from agentcg.controller.daemon.metrics import DaemonStats
-from agentcg.errors import AgentcgError
+from agentcg.errors import AgentcgError, CgroupGone
 
 log = logging.getLogger("agentcg.daemon")
 
@@ -35,7 +39,8 @@ class Reactor:
     def __init__(self, tree: CgroupTree, monitor: Any, thresholds: Thresholds, stats: DaemonStats,
                  register: Callable[[int, int, Callable[[int, int], None]], None],
                  unregister: Callable[[int], None], call_of: Callable[[int], "tuple[str, str] | None"],
-                 react: Callable[[list[Crossing]], None], log_event: Callable[..., Any]) -> None:
+                 react: Callable[[list[Crossing]], None], log_event: Callable[..., Any], *,
+                 enabled: bool = True) -> None:
         self.tree, self.monitor, self.thresholds, self.stats = tree, monitor, thresholds, stats
         self._register, self._unregister = register, unregister
         self._call_of, self._react, self._log_event = call_of, react, log_event
@@ -44,17 +49,36 @@ class Reactor:
         self._memcg_refused: set[str] = set()
         self._armed: dict[int, int | None] = {}              # cgroup id -> RSS threshold armed
         self._fired: dict[int, int] = {}                     # cgroup id -> RSS when its threshold fired
+        self._calls: dict[str, tuple[str, UsageThreshold]] = {}   # call id -> (sandbox, its memcg threshold)
+        self._calls_refused: set[str] = set()
         self._ring_fd: int | None = None
+        self.enabled = enabled                                     # [policy] kernel_thresholds
         self.memcg_available = "memory.usage_in_bytes" in _v1_files(tree)
 
     @property
+    def rss_thresholds(self) -> bool:
+        return self.monitor is not None and "faults" in getattr(self.monitor, "concerns", ())
+
+    @property
     def mode(self) -> str:
+        """What wakes the daemon for a decision: `memcg-eventfd` (v1 usage thresholds per
+        call and per sandbox), `ebpf-rss-threshold` (per call, `faults` loaded), else
+        `psi-and-tick`; plus `ebpf-ringbuf-epoll` when the ring buffer (OOM victims, reclaim
+        stalls, RSS events) is in the epoll."""
         parts = []
+        if self.enabled and self.memcg_available:
+            parts.append("memcg-eventfd")
+        if self.enabled and self._ring_fd is not None and self.rss_thresholds:
+            parts.append("ebpf-rss-threshold")
+        if not parts:
+            parts.append("psi-and-tick")
         if self._ring_fd is not None:
             parts.append("ebpf-ringbuf-epoll")
-        if self.memcg_available:
-            parts.append("memcg-eventfd")
-        return "+".join(parts) or "psi-and-tick"
+        return "+".join(parts)
+
+    def armed(self) -> dict[str, int]:
+        """call id -> the memcg usage threshold armed on it now (tests, state)."""
+        return {call_id: t.threshold_bytes for call_id, (_, t) in self._calls.items()}
 
     def start(self) -> None:
         if self.monitor is None:
@@ -72,6 +96,8 @@ class Reactor:
             self._ring_fd = None
         for scope in list(self._memcg):
             self._drop_scope(scope)
+        for call_id in list(self._calls):
+            self.call_ended(call_id)
 
     # ---- eBPF ---------------------------------------------------------------------------
     def drain(self) -> None:
@@ -105,9 +131,18 @@ class Reactor:
         if crossings:
             self._react(crossings)
 
-    def arm_calls(self, wanted: dict[int, int | None]) -> None:
+    def arm_calls(self, wanted: dict[str, int | None], calls: Iterable[Any]) -> None:
+        """call id -> the usage at which its scope reaches the next fraction (None: nothing
+        to arm), for the running `calls` (ToolCall: call_id, sandbox, path, cgroup_id):
+        a memcg threshold on the call's v1 memory cgroup, and the eBPF RSS threshold when
+        `faults` is loaded; each written only where it changed. Calls not in `wanted` lose theirs."""
+        calls = list(calls)
+        self._arm_call_memcg(wanted, calls)
+        self._arm_call_rss({c.cgroup_id: wanted[c.call_id] for c in calls if c.call_id in wanted})
+
+    def _arm_call_rss(self, wanted: dict[int, int | None]) -> None:
         """cgroup id -> RSS threshold (None clears); written only where it changed."""
-        if self.monitor is None or "faults" not in getattr(self.monitor, "concerns", ()):
+        if not self.rss_thresholds:
             return   # RSS thresholds need the opt-in per-fault concern; memcg thresholds cover the rest
         watched = self.monitor.watched()
         for cgroup_id in [c for c in self._armed if c not in wanted]:
@@ -128,10 +163,47 @@ class Reactor:
             except AgentcgError:
                 self._armed.pop(cgroup_id, None)
 
-    # ---- memcg v1 thresholds -------------------------------------------------------------
+    # ---- memcg v1 thresholds: per call -------------------------------------------------
+    def _arm_call_memcg(self, wanted: dict[str, int | None], calls: list[Any]) -> None:
+        if not self.memcg_available:
+            return
+        running = {c.call_id: c for c in calls}
+        for call_id in [c for c in self._calls if wanted.get(c) is None or c not in running]:
+            self.call_ended(call_id)
+        for call_id, threshold in wanted.items():
+            call = running.get(call_id)
+            if call is None or threshold is None or call_id in self._calls_refused:
+                continue
+            old = self._calls.get(call_id)
+            if old is not None and not needs_rearm(old[1].threshold_bytes, threshold):
+                continue
+            try:
+                t = UsageThreshold(self.tree.cgroup_dir(call.path, "memory"), threshold)
+            except CgroupGone:
+                continue             # it ended meanwhile; call_ended follows
+            except AgentcgError as exc:
+                log.warning("no memory threshold on tool call %s: %s", call_id, exc)
+                self._calls_refused.add(call_id)
+                continue
+            self._register(t.fileno(), select.EPOLLIN,
+                           lambda fd, mask, sb=call.sandbox, cid=call_id, t=t: self._on_memcg(sb, t, cid))
+            self._calls[call_id] = (call.sandbox, t)
+            if old is not None:      # the new one is armed first: no gap
+                self._unregister(old[1].fileno())
+                old[1].close()
+
+    def call_ended(self, call_id: str) -> None:
+        """Close the call's memcg threshold (its eventfd), so none outlives the call."""
+        self._calls_refused.discard(call_id)
+        entry = self._calls.pop(call_id, None)
+        if entry is not None:
+            self._unregister(entry[1].fileno())
+            entry[1].close()
+
+    # ---- memcg v1 thresholds: per sandbox and the root ----------------------------------
     def arm_scopes(self, budgets: dict[str, int]) -> None:
         """scope -> budget: one eventfd per configured fraction; re-registered when it changes."""
-        if not self.memcg_available:
+        if not self.memcg_available or not self.enabled:
             return
         for scope in [s for s in self._memcg if budgets.get(s) != self._memcg_budget.get(s)]:
             self._drop_scope(scope)
@@ -151,16 +223,17 @@ class Reactor:
                 self._memcg_refused.add(scope)
             self._memcg[scope], self._memcg_budget[scope] = armed, budget
 
-    def _on_memcg(self, scope: str, t: UsageThreshold) -> None:
+    def _on_memcg(self, scope: str, t: UsageThreshold, call_id: str | None = None) -> None:
         count, read_s = t.read()
         if not count:
             return
-        self.stats.bump(self.stats.memcg_thresholds, "root" if scope == "" else "sandbox")
+        kind = "call" if call_id is not None else "root" if scope == "" else "sandbox"
+        self.stats.bump(self.stats.memcg_thresholds, kind)
         usage = t.usage_bytes()
-        if usage is not None and usage < t.threshold_bytes:
-            return               # crossed downwards: the tick relaxes, nothing urgent
-        self._react([(scope, None, read_s, {"source": "memcg", "threshold_bytes": t.threshold_bytes,
-                                            "usage_bytes": usage, "read_monotonic_s": read_s})])
+        if usage is None or usage < t.threshold_bytes:
+            return               # crossed downwards (the tick relaxes), or the cgroup went (it signals on removal)
+        self._react([(scope, call_id, read_s, {"source": "memcg", "scope": kind, "threshold_bytes": t.threshold_bytes,
+                                               "usage_bytes": usage, "read_monotonic_s": read_s})])
 
     def forget_scope(self, scope: str) -> None:
         self._memcg_refused.discard(scope)

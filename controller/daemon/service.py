@@ -123,7 +123,8 @@ class Daemon(ClientConnections, EngineLinks):
         if cfg.engine.kv_policy not in KV_POLICY_NAMES:
             make_kv_policy(cfg.engine.kv_policy)     # a custom policy that cannot load fails the start
         self.reactor = Reactor(self.tree, self.monitor, self.control.thresholds, self.stats, self._register,
-                               self._unregister, self._call_of_cgroup, self._react, self.events.append)
+                               self._unregister, self._call_of_cgroup, self._react, self.events.append,
+                               enabled=cfg.policy.kernel_thresholds)
         self.reactor.start()
         self._triggers.arm("")
         for name in self.state.sandboxes:
@@ -290,6 +291,8 @@ class Daemon(ClientConnections, EngineLinks):
         self._engine_call_ended(record.call_id)
         self._guarded(self.engines.learn, record)
         self.control.call_ended(record)
+        if self.reactor is not None:
+            self.reactor.call_ended(record.call_id)     # its memcg threshold's eventfd closes with it
         if record.policy_action == "grace_kill":
             self.stats.observe_action("kill", "grace_expired")
         for conn, request_id in self._waiters.pop(record.call_id, []):
@@ -367,9 +370,7 @@ class Daemon(ClientConnections, EngineLinks):
         for (_, call_id), action, waited in step.admitted:
             self._admitted(call_id, action.reason, waited)
         if self.reactor is not None:
-            wanted = self.control.call_thresholds(step)
-            ids = {c.call_id: c.cgroup_id for c in self.calls.running()}
-            self.reactor.arm_calls({ids[c]: t for c, t in wanted.items() if c in ids})
+            self.reactor.arm_calls(self.control.call_thresholds(step), self.calls.running())
             self.reactor.arm_scopes(self.control.sandbox_budgets())
 
     # ---- admission ------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Per-call kernel memcg usage thresholds (cgroup v1 `cgroup.event_control` + eventfd on
+the call's own memory cgroup): armed from the policy's fractions, fired on the real
+kernel, re-armed when the wanted threshold moves, closed when the call ends (no eventfd
+outlives its call: in the Reactor and in a live daemon)."""
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from agentcg.controller.cgroup import open_tree
+from agentcg.controller.core import Thresholds
+from agentcg.controller.daemon.metrics import DaemonStats
+from agentcg.controller.daemon.reaction import Reactor
+from agentcg.controller.daemon.testing import daemon_process
+from agentcg.errors import AgentcgError
+from testutil import wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="memcg thresholds need cgroups we create: run as root")
+
+MiB = 1 << 20
+
+
+def _eventfds(pid: int | str = "self") -> int:
+    fds = f"/proc/{pid}/fd"
+    count = 0
+    for name in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{name}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return count
+
+
+class _Epoll:
+    def __init__(self) -> None:
+        self.ep, self.handlers = select.epoll(), {}
+
+    def register(self, fd, mask, handler):
+        self.ep.register(fd, mask)
+        self.handlers[fd] = handler
+
+    def unregister(self, fd):
+        self.ep.unregister(fd)
+        del self.handlers[fd]
+
+    def dispatch(self, timeout_s: float) -> int:
+        ready = self.ep.poll(timeout_s)
+        for fd, mask in ready:
+            self.handlers[fd](fd, mask)
+        return len(ready)
+
+
+def _reactor(tree, crossings):
+    ep = _Epoll()
+    reactor = Reactor(tree, None, Thresholds((0.5, 0.8)), DaemonStats(), ep.register, ep.unregister,
+                      lambda cgroup_id: None, crossings.extend, lambda *a: None)
+    if not reactor.memcg_available:
+        pytest.skip("no cgroup v1 memory hierarchy here (pure v2): memcg thresholds do not exist")
+    return reactor, ep
+
+
+def test_a_call_threshold_fires_for_that_call_is_rearmed_and_closes_with_it(cgroup_tree):
+    crossings: list = []
+    reactor, ep = _reactor(cgroup_tree, crossings)
+    assert reactor.mode == "memcg-eventfd"
+    cgroup_tree.create("sb")
+    cgroup_tree.create("sb/c1")
+    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=cgroup_tree.cgroup_id("sb/c1"))
+    before = _eventfds()
+    reactor.arm_calls({"c1": 32 * MiB}, [call])
+    assert reactor.armed() == {"c1": 32 * MiB} and _eventfds() == before + 1
+    proc = cgroup_tree.spawn("sb/c1", [sys.executable, "-S", "-c",
+                                       "import sys; b = bytearray(48 << 20); print('ok', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ok"
+        assert wait_until(lambda: ep.dispatch(0.1) or crossings, 10), "the call's threshold never fired"
+        sandbox, call_id, read_s, detail = crossings[0]
+        assert (sandbox, call_id) == ("sb", "c1") and detail["source"] == "memcg" and detail["scope"] == "call"
+        assert detail["usage_bytes"] >= detail["threshold_bytes"] == 32 * MiB and read_s > 0
+        # re-armed above: a new eventfd first, the old one closed; a move under 1/32 writes nothing
+        reactor.arm_calls({"c1": 96 * MiB}, [call])
+        assert reactor.armed() == {"c1": 96 * MiB} and _eventfds() == before + 1
+        reactor.arm_calls({"c1": 96 * MiB + (64 << 10)}, [call])
+        assert reactor.armed() == {"c1": 96 * MiB}
+        crossings.clear()
+        ep.dispatch(0.2)
+        assert crossings == []                   # 48 MiB is below the new threshold: nothing fires
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+    # the cgroup goes while its threshold is armed: the kernel signals the eventfd, which is no crossing
+    cgroup_tree.remove("sb/c1")
+    ep.dispatch(0.5)
+    assert crossings == []
+    reactor.call_ended("c1")
+    assert reactor.armed() == {} and _eventfds() == before and not ep.handlers
+    # not running any more / nothing wanted: nothing armed
+    reactor.arm_calls({"c1": 32 * MiB}, [])
+    assert reactor.armed() == {}
+    reactor.close()
+
+
+def test_calls_not_wanted_lose_their_threshold_and_close_drops_all(cgroup_tree):
+    reactor, ep = _reactor(cgroup_tree, [])
+    cgroup_tree.create("sb")
+    calls = []
+    for i in range(4):
+        cgroup_tree.create(f"sb/c{i}")
+        calls.append(SimpleNamespace(call_id=f"c{i}", sandbox="sb", path=f"sb/c{i}",
+                                     cgroup_id=cgroup_tree.cgroup_id(f"sb/c{i}")))
+    before = _eventfds()
+    reactor.arm_calls({c.call_id: 64 * MiB for c in calls}, calls)
+    assert _eventfds() == before + 4
+    reactor.arm_calls({"c0": 64 * MiB, "c1": None}, calls)   # None: past the last fraction
+    assert set(reactor.armed()) == {"c0"} and _eventfds() == before + 1
+    reactor.close()
+    assert _eventfds() == before and not ep.handlers
+
+
+def test_a_missing_cgroup_is_not_armed_and_not_an_error(cgroup_tree):
+    reactor, _ = _reactor(cgroup_tree, [])
+    ghost = SimpleNamespace(call_id="gone", sandbox="sb", path="sb/gone", cgroup_id=1)
+    reactor.arm_calls({"gone": 64 * MiB}, [ghost])
+    assert reactor.armed() == {}
+
+
+def test_the_daemon_arms_one_threshold_per_call_and_leaks_none():
+    """Default configuration (no eBPF per-fault programs): each running call holds one
+    memcg threshold eventfd in the daemon; 30 calls begun and ended leave the daemon with
+    exactly the eventfds it had before (the sandbox's three, one per fraction)."""
+    with daemon_process(policy={"name": "agentcg", "tick_s": 0.1}, psi={"enabled": False}) as d:
+        try:
+            open_tree(root=d.root).cgroup_dir("", "memory")
+        except AgentcgError:
+            pytest.skip("no cgroup v1 memory hierarchy here (pure v2): memcg thresholds do not exist")
+        assert d.result("state")["reaction"].startswith("memcg-eventfd")
+        d.result("sandbox.create", name="A", memory_budget_bytes=256 * MiB)
+        pid = d.proc.pid
+        assert wait_until(lambda: _eventfds(pid) == 3, 10), _eventfds(pid)      # 80 %, 90 %, 97 %
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        for _ in range(6):
+            begun = [d.result("toolcall.begin", sandbox="A", tool="t") for _ in range(5)]
+            assert _eventfds(pid) == 3 + 5          # armed at admission, before the call can allocate
+            for b in begun:
+                d.result("toolcall.end", call_id=b["call_id"], exit_code=0)
+            assert _eventfds(pid) == 3              # closed with the call, not at the next step
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= fds   # (the count before may include a client connection)
