@@ -8,8 +8,9 @@ cgroup's memory.usage_in_bytes crosses `threshold_bytes`, in either direction.
 
 Registered by writing "<eventfd> <fd of memory.usage_in_bytes> <bytes>" to the cgroup's
 cgroup.event_control. The kernel checks thresholds every 128 page charges (about
-512 KiB), hierarchically: a sandbox's threshold sees its tool calls' memory. It is
-removed when the eventfd is closed or the cgroup goes. Pure cgroup v2 has no such
+512 KiB), hierarchically: a sandbox's threshold sees its tool calls' memory; a tool
+call's own memory cgroup gets one too. It is removed when the eventfd is closed or the
+cgroup goes (the kernel then signals the eventfd once: usage_bytes() is None). Pure cgroup v2 has no such
 interface (memory.events reports only high/max/oom): there the daemon uses the eBPF
 RSS threshold when loaded, else PSI and its tick.
 """

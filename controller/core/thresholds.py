@@ -2,7 +2,8 @@
 
 A sandbox with a budget gets one memcg threshold per distinct fraction (throttle_at,
 freeze_at, kill_at): the kernel wakes the daemon as its usage crosses each, in either
-direction. A tool call gets one eBPF RSS threshold: the room left before the next
+direction. A tool call gets one threshold, on its own memory cgroup (memcg usage, v1) and,
+with the `faults` concern, as an eBPF RSS threshold: the room left before the next
 fraction its sandbox (or the host) has not yet reached, given what the rest of the
 sandbox holds now; it is re-armed after every step, so it follows the others' usage.
 """
