@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from agentcg.client import spawn_into
 from agentcg.controller.cgroup import open_tree
 from agentcg.controller.core import Thresholds
 from agentcg.controller.daemon.metrics import DaemonStats
@@ -153,3 +154,40 @@ def test_the_daemon_arms_one_threshold_per_call_and_leaks_none():
                 d.result("toolcall.end", call_id=b["call_id"], exit_code=0)
             assert _eventfds(pid) == 3              # closed with the call, not at the next step
         assert len(os.listdir(f"/proc/{pid}/fd")) <= fds   # (the count before may include a client connection)
+
+
+def test_the_default_configuration_freezes_a_call_on_a_memcg_crossing_without_ebpf():
+    """No eBPF at all, tick 5 s, PSI off: only a memcg eventfd (the call's own or its
+    sandbox's) can make the daemon act within the allocation; the freeze is timed from
+    the daemon's read of that eventfd."""
+    policy = {"name": "agentcg", "tick_s": 5.0, "throttle_at": 0.8, "freeze_at": 0.8, "kill_at": 0.99,
+              "relax_below": 0.5, "lookahead_s": 0}
+    with daemon_process(policy=policy, psi={"enabled": False}) as d:
+        try:
+            open_tree(root=d.root).cgroup_dir("", "memory")
+        except AgentcgError:
+            pytest.skip("no cgroup v1 memory hierarchy here (pure v2): memcg thresholds do not exist")
+        assert d.result("state")["reaction"] == "memcg-eventfd"
+        d.result("sandbox.create", name="A", memory_budget_bytes=256 * MiB)
+        begun = d.result("toolcall.begin", sandbox="A", tool="alloc")
+        proc = spawn_into(begun["cgroup_procs"], [sys.executable, "-S", "-c",
+                                                  "import sys; b = bytearray(230 << 20); sys.stdin.read()"],
+                          stdin=subprocess.PIPE)
+        try:
+            assert wait_until(lambda: any(e["kind"] == "freeze" for e in d.result("events.since", seq=0)["events"]),
+                              4), d.result("events.since", seq=0)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            d.request("toolcall.end", call_id=begun["call_id"], signal=9)
+        events = d.result("events.since", seq=0)["events"]
+        freeze = next(e for e in events if e["kind"] == "freeze")
+        crossings = {e["detail"]["read_monotonic_s"]: e for e in events
+                     if e["kind"] == "threshold" and e["detail"]["source"] == "memcg"}
+        crossing = crossings.get(freeze["detail"]["observed_monotonic_s"])    # it acted on an eventfd
+        assert crossing is not None, events
+        assert crossing["detail"]["scope"] in ("call", "sandbox") and freeze["call_id"] == begun["call_id"]
+        assert crossing["detail"]["usage_bytes"] >= crossing["detail"]["threshold_bytes"]
+        assert freeze["detail"]["applied_monotonic_s"] > crossing["detail"]["read_monotonic_s"]
+        assert 'agentcg_memcg_thresholds_total{scope="' in d.metrics_text()
