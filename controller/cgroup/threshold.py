@@ -78,3 +78,58 @@ class UsageThreshold:
         if self._efd >= 0:
             os.close(self._efd)
             self._efd = -1
+
+
+EVENTS = "memory.events"
+EVENT_KEYS = ("high", "max", "oom", "oom_kill")
+
+
+class MemoryEventsWatch:
+    """Pure cgroup v2: `memory.events` of one cgroup, for epoll (EPOLLPRI: the kernel's
+    kernfs notification when a counter changes). It reports only high/max/oom/oom_kill,
+    not usage crossings: with memory.high on a throttled call or memory.max on a sandbox,
+    the daemon hears at once when a call presses against it.
+
+        w = MemoryEventsWatch(tree.cgroup_dir("sb", "v2"))
+        epoll.register(w.fileno(), select.EPOLLPRI | select.EPOLLERR)
+        ...  w.changed() -> {"high": 3} (how much each counter grew since the last read)
+    """
+
+    def __init__(self, cgroup_dir: Path) -> None:
+        self.path = Path(cgroup_dir) / EVENTS
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not self.path.parent.is_dir():
+                raise CgroupGone(f"{self.path.parent} does not exist") from None
+            raise ControllerMissing(f"{self.path} is missing: the memory controller is not enabled there") from None
+        self._last = self._read() or {}
+
+    def _read(self) -> dict[str, int] | None:
+        try:
+            text = os.pread(self._fd, 4096, 0).decode()    # also re-arms the kernfs notification
+        except OSError:
+            return None
+        out = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key in EVENT_KEYS and value.strip().isdigit():
+                out[key] = int(value)
+        return out
+
+    def changed(self) -> dict[str, int] | None:
+        """How much each counter grew since the last read; None when the cgroup is gone."""
+        now = self._read()
+        if now is None:
+            return None
+        grown = {k: v - self._last.get(k, 0) for k, v in now.items() if v > self._last.get(k, 0)}
+        self._last = now
+        return grown
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import select
+import time
 from typing import Any, Callable, Iterable
 
 from agentcg.controller.cgroup import CgroupTree
-from agentcg.controller.cgroup.threshold import UsageThreshold
+from agentcg.controller.cgroup.threshold import MemoryEventsWatch, UsageThreshold
 from agentcg.controller.core import Thresholds, needs_rearm, sandbox_thresholds
 from agentcg.controller.daemon.metrics import DaemonStats
 from agentcg.errors import AgentcgError, CgroupGone
@@ -54,6 +55,10 @@ class Reactor:
         self._ring_fd: int | None = None
         self.enabled = enabled                                     # [policy] kernel_thresholds
         self.memcg_available = "memory.usage_in_bytes" in _v1_files(tree)
+        # pure v2: memory.events (high/max/oom) of sandboxes and calls, for want of usage thresholds
+        self.events_available = not self.memcg_available and getattr(tree, "kind", "") == "v2" \
+            and "memory.max" in tree.capabilities
+        self._watches: dict[tuple[str, str | None], MemoryEventsWatch] = {}   # (sandbox, call id) -> watch
 
     @property
     def rss_thresholds(self) -> bool:
@@ -71,6 +76,8 @@ class Reactor:
         if self.enabled and self._ring_fd is not None and self.rss_thresholds:
             parts.append("ebpf-rss-threshold")
         if not parts:
+            if self.enabled and self.events_available:
+                parts.append("memory-events")
             parts.append("psi-and-tick")
         if self._ring_fd is not None:
             parts.append("ebpf-ringbuf-epoll")
@@ -98,6 +105,8 @@ class Reactor:
             self._drop_scope(scope)
         for call_id in list(self._calls):
             self.call_ended(call_id)
+        for key in list(self._watches):
+            self._unwatch(key)
 
     # ---- eBPF ---------------------------------------------------------------------------
     def drain(self) -> None:
@@ -138,6 +147,7 @@ class Reactor:
         `faults` is loaded; each written only where it changed. Calls not in `wanted` lose theirs."""
         calls = list(calls)
         self._arm_call_memcg(wanted, calls)
+        self._watch_events([(c.sandbox, c.call_id, c.path) for c in calls if c.call_id in wanted])
         self._arm_call_rss({c.cgroup_id: wanted[c.call_id] for c in calls if c.call_id in wanted})
 
     def _arm_call_rss(self, wanted: dict[int, int | None]) -> None:
@@ -195,6 +205,8 @@ class Reactor:
     def call_ended(self, call_id: str) -> None:
         """Close the call's memcg threshold (its eventfd), so none outlives the call."""
         self._calls_refused.discard(call_id)
+        for key in [k for k in self._watches if k[1] == call_id]:
+            self._unwatch(key)
         entry = self._calls.pop(call_id, None)
         if entry is not None:
             self._unregister(entry[1].fileno())
@@ -203,6 +215,8 @@ class Reactor:
     # ---- memcg v1 thresholds: per sandbox and the root ----------------------------------
     def arm_scopes(self, budgets: dict[str, int]) -> None:
         """scope -> budget: one eventfd per configured fraction; re-registered when it changes."""
+        if self.events_available and self.enabled:
+            self._watch_events([(scope, None, scope) for scope in budgets if scope])
         if not self.memcg_available or not self.enabled:
             return
         for scope in [s for s in self._memcg if budgets.get(s) != self._memcg_budget.get(s)]:
@@ -239,7 +253,42 @@ class Reactor:
         self._memcg_refused.discard(scope)
         self._drop_scope(scope)
 
+    # ---- pure v2: memory.events --------------------------------------------------------
+    def _watch_events(self, wanted: list[tuple[str, "str | None", str]]) -> None:
+        """(sandbox, call id or None, path): watch each one's memory.events (pure v2 only)."""
+        if not self.events_available or not self.enabled:
+            return
+        for sandbox, call_id, path in wanted:
+            key = (sandbox, call_id)
+            if key in self._watches:
+                continue
+            try:
+                w = MemoryEventsWatch(self.tree.cgroup_dir(path, "v2"))
+            except AgentcgError:
+                continue             # gone, or no memory controller there: PSI and the tick cover it
+            self._watches[key] = w
+            self._register(w.fileno(), select.EPOLLPRI | select.EPOLLERR,
+                           lambda fd, mask, key=key, w=w: self._on_events(key, w))
+
+    def _on_events(self, key: tuple[str, "str | None"], w: MemoryEventsWatch) -> None:
+        grown = w.changed()
+        if grown is None:            # the cgroup went
+            self._unwatch(key)
+            return
+        if grown:
+            now = time.monotonic()
+            self._react([(key[0], key[1], now, {"source": "memory.events", "scope": "call" if key[1] else "sandbox",
+                                                "events": grown, "read_monotonic_s": now})])
+
+    def _unwatch(self, key: tuple[str, "str | None"]) -> None:
+        w = self._watches.pop(key, None)
+        if w is not None:
+            self._unregister(w.fileno())
+            w.close()
+
     def _drop_scope(self, scope: str) -> None:
+        for key in [k for k in self._watches if k[0] == scope and k[1] is None]:
+            self._unwatch(key)
         for t in self._memcg.pop(scope, []):
             self._unregister(t.fileno())
             t.close()
