@@ -33,6 +33,9 @@ MIN_COPY_S = 0.2            # calls predicted shorter than this never get a host
 PREFETCH_MARGIN_S = 0.05
 PREFETCH_HEADROOM = 0.02    # of GPU capacity left free after a prefetch
 PREFETCH_RETRY_S = 0.25
+PIN_SLACK = 1.5             # a short call's pin lasts its predicted remaining time x this, plus
+PIN_MARGIN_S = 0.1
+MAX_PIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,11 @@ class AgentcgPolicy:
     name = "agentcg"
     shares_host_memory = True
 
-    def __init__(self, min_copy_s: float = MIN_COPY_S) -> None:
+    def __init__(self, min_copy_s: float = MIN_COPY_S, swap_under_pressure: bool = False) -> None:
         self.min_copy_s = min_copy_s
+        self.swap_under_pressure = swap_under_pressure
         self.state = AgentcgState()
+        self._ranked: tuple[KvSnapshot, list] | None = None
 
     # -- learning -----------------------------------------------------------------
     def observe(self, event: RequestEvent) -> None:
@@ -104,29 +109,35 @@ class AgentcgPolicy:
         if snap.trigger is Trigger.PRESSURE:
             return self._pressure(snap)
         if snap.trigger is Trigger.HOST_PRESSURE:
-            return Decision(tuple(self._free_host(snap, snap.need_bytes, exclude=set())[0]))
+            return Decision(tuple(self._free_host(snap, snap.need_bytes, exclude=set(), must=True)[0]))
         if snap.trigger is Trigger.TICK:
             return self._prefetch(snap)
         return NO_DECISION
 
     def _pause(self, snap: KvSnapshot) -> Decision:
+        """Keep the KV pinned through the call; a call predicted longer than a round trip
+        also writes a host copy (what the copy lacks), so that under pressure the GPU
+        copy can go at once and be prefetched before the call should end."""
         view = snap.view(snap.subject)
         if view is None:
             return NO_DECISION
         rid = view.request_id
-        if view.is_last_step:
-            return Decision((Directive(rid, Action.DISCARD),))
         keep = Directive(rid, Action.KEEP)
         left = self.remaining_s(view, snap.now_s)
         missing = max(0, view.gpu_tokens - view.host_tokens) * snap.bytes_per_token
-        round_trip = 2 * transfer_time_s(view.gpu_tokens * snap.bytes_per_token, snap.bytes_per_s(Tier.GPU, Tier.HOST))
-        if left < max(self.min_copy_s, round_trip) or missing == 0:
+        if left < max(self.min_copy_s, self._round_trip_s(snap, view)) or missing == 0:
             return Decision((keep,), wake_at_s=self._next_wake(snap))
         room, freed, _ = self._free_host(snap, missing - snap.host_free_bytes, exclude={rid})
         if freed < missing - snap.host_free_bytes:
-            return Decision((keep,))
+            return Decision((keep,), wake_at_s=self._next_wake(snap))
         return Decision(tuple(room) + (keep, Directive(rid, Action.SWAP_TO_HOST, keep_gpu_copy=True)),
                         wake_at_s=self._next_wake(snap))
+
+    @staticmethod
+    def _round_trip_s(snap: KvSnapshot, view: RequestView) -> float:
+        nbytes = view.gpu_tokens * snap.bytes_per_token
+        return (transfer_time_s(nbytes, snap.bytes_per_s(Tier.GPU, Tier.HOST))
+                + transfer_time_s(nbytes, snap.bytes_per_s(Tier.HOST, Tier.GPU)))
 
     def _paused_by_remaining(self, snap: KvSnapshot) -> list[tuple[float, RequestView]]:
         paused = [(self.remaining_s(v, snap.now_s), v) for v in snap.requests
@@ -135,30 +146,41 @@ class AgentcgPolicy:
         return paused
 
     def _pressure(self, snap: KvSnapshot) -> Decision:
+        """Free GPU memory without losing work first, then only from younger programs.
+
+        1. GPU copies of paused KV backed by a host/SSD copy, whose call lasts longer than
+           the copy takes to come back (prefetched before the predicted end): free at once.
+        2. Paused KV whose call lasts longer than a round trip: swapped out into free host
+           memory (room made only from redundant copies, never by dropping a sole one).
+        3. Programs younger than the requester (program FCFS, as the queue): their paused
+           or waiting KV goes to the prefix cache, their running requests are preempted
+           (to host when it has room), youngest first.
+        4. A running requester that is itself the youngest is preempted (vLLM does the same
+           when the victim is the requester); a waiting one waits.
+        """
         requester = snap.view(snap.subject)
         if requester is None:
             return NO_DECISION
         need = snap.need_tokens
+        bpt = snap.bytes_per_token
         out: list[Directive] = []
-        paused = self._paused_by_remaining(snap)
-        # 1. GPU copies backed by a host or SSD copy: free at once.
-        for left, v in paused:
-            if need <= 0:
-                break
-            if v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending:
-                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
-                need -= v.gpu_tokens
-        # Every request named so far: its host copy is either the only copy left (step 1),
-        # about to be written (step 2) or already freed, so the host may not be freed from it.
-        done = {d.request_id for d in out}
+        done: set[str] = set()
         host_free = snap.host_free_bytes
-        # 2. Paused KV without a copy, longest calls first: swap out (frees when the copy
-        #    lands). Even a short call's KV comes back far faster than it is recomputed.
+        paused = self._paused_by_remaining(snap)
+        h2d = snap.bytes_per_s(Tier.HOST, Tier.GPU)
         for left, v in paused:
             if need <= 0:
                 break
-            nbytes = v.gpu_tokens * snap.bytes_per_token
-            if v.request_id in done:
+            backed = v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending
+            if backed and left > transfer_time_s(v.gpu_tokens * bpt, h2d):
+                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
+                done.add(v.request_id)
+                need -= v.gpu_tokens
+        for left, v in paused:
+            if need <= 0 or not self.swap_under_pressure:
+                break
+            nbytes = v.gpu_tokens * bpt
+            if v.request_id in done or left <= max(self.min_copy_s, self._round_trip_s(snap, v)):
                 continue
             if nbytes > host_free:
                 room, freed, chosen = self._free_host(snap, nbytes - host_free, exclude=done | {v.request_id})
@@ -171,40 +193,38 @@ class AgentcgPolicy:
             done.add(v.request_id)
             host_free -= nbytes
             need -= v.gpu_tokens
-        # 3. No host room: release to the prefix cache (the engine evicts tail blocks first).
-        for left, v in paused:
+        if need <= 0 or requester.state is not State.RUNNING:
+            return Decision(tuple(out))        # a waiting request evicts no kept KV (as vLLM)
+        running = [v for v in snap.requests if v.state is State.RUNNING]
+        if len(running) <= 1:
+            # Nothing else runs: release the kept KV of the calls that will last longest.
+            for left, v in paused:
+                if need <= 0:
+                    break
+                if v.request_id not in done and v.pinned:
+                    out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
+                    need -= v.gpu_tokens
             if need <= 0:
-                break
-            if v.request_id not in done and v.pinned:
-                out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
-                need -= v.gpu_tokens
-        # 4. A running requester may preempt the newest running request (to host if room).
-        if need > 0 and requester.state is State.RUNNING:
-            running = [v for v in snap.requests if v.state is State.RUNNING]
-            others = [v for v in running if v.request_id != requester.request_id] or running
-            victim = max(others, key=lambda v: v.admitted_s if v.admitted_s is not None else -1.0)
-            nbytes = victim.gpu_tokens * snap.bytes_per_token
-            room: list[Directive] = []
-            if nbytes > host_free:
-                room, freed, _ = self._free_host(snap, nbytes - host_free, exclude=done | {victim.request_id})
-                if freed < nbytes - host_free:
-                    room = []
-            fits = nbytes <= host_free or bool(room)
-            out += room
-            out.append(Directive(victim.request_id, Action.PREEMPT, tier=Tier.HOST if fits else Tier.GPU))
+                return Decision(tuple(out))
+        victim = max(running, key=lambda v: (v.admitted_s if v.admitted_s is not None else -1.0, v.request_id))
+        tier, host_free = self._preempt_tier(snap, victim, host_free)
+        out.append(Directive(victim.request_id, Action.PREEMPT, tier=tier))
         return Decision(tuple(out))
 
-    def _free_host(self, snap: KvSnapshot, need_bytes: int,
-                   exclude: set[str]) -> tuple[list[Directive], int, set[str]]:
-        """Free `need_bytes` of the host pool: stale copies of running requests, copies
-        whose GPU copy is whole, then the coldest copies go to SSD (or are dropped).
-        Requests in `exclude` are not touched; returns the directives, the bytes they free
-        and the requests they name."""
-        if need_bytes <= 0:
-            return [], 0, set()
-        out: list[Directive] = []
-        freed = 0
-        holders = [v for v in snap.requests if v.host_tokens > 0 and v.request_id not in exclude]
+    @staticmethod
+    def _preempt_tier(snap: KvSnapshot, v: RequestView, host_free: int) -> tuple[Tier, int]:
+        nbytes = v.gpu_tokens * snap.bytes_per_token
+        if v.host_tokens == 0 and nbytes <= host_free:
+            return Tier.HOST, host_free - nbytes
+        return Tier.GPU, host_free
+
+    def _host_ranked(self, snap: KvSnapshot) -> list[tuple[int, RequestView]]:
+        """Host copies, cheapest to lose first: stale copies of requests not paused whose
+        GPU copy is whole; redundant copies of paused calls (longest first); sole copies of
+        paused calls (longest first); copies of requests about to come back. Computed
+        once per snapshot."""
+        if self._ranked is not None and self._ranked[0] is snap:
+            return self._ranked[1]
 
         def rank(v: RequestView) -> tuple:
             if v.gpu_tokens >= v.host_tokens:          # the GPU holds it all: a redundant copy
@@ -213,16 +233,40 @@ class AgentcgPolicy:
                 return (3, v.session_start_s)
             return (2, -self.remaining_s(v, snap.now_s))
 
+        keyed = sorted(((rank(v), v.request_id, v) for v in snap.requests if v.host_tokens > 0),
+                       key=lambda item: (item[0], item[1]))
+        ranked = [(r[0], v) for r, _, v in keyed]
+        self._ranked = (snap, ranked)
+        return ranked
+
+    def _free_host(self, snap: KvSnapshot, need_bytes: int, exclude: set[str],
+                   must: bool = False) -> tuple[list[Directive], int, set[str]]:
+        """Free `need_bytes` of the host pool: stale copies of running requests, copies
+        whose GPU copy is whole, then the coldest copies go to SSD. Only when the memory
+        `must` be given back (the sandboxes need it) is a sole copy dropped without an SSD
+        to take it: to make room for another copy that would only trade one recompute
+        for another. Requests in `exclude` are not touched; returns the directives, the
+        bytes they free and the requests they name."""
+        if need_bytes <= 0:
+            return [], 0, set()
+        out: list[Directive] = []
+        freed = 0
         ssd_free = snap.ssd_capacity_bytes - snap.ssd_used_bytes
-        for v in sorted(holders, key=rank):
+        for rank, v in self._host_ranked(snap):
             if freed >= need_bytes:
                 break
+            if v.request_id in exclude:
+                continue
             nbytes = v.host_tokens * snap.bytes_per_token
-            if rank(v)[0] >= 2 and nbytes <= ssd_free:
+            if rank >= 2 and nbytes <= ssd_free:
                 out.append(Directive(v.request_id, Action.OFFLOAD_TO_SSD))
                 ssd_free -= nbytes
-            else:
+            elif rank < 2 or must:
                 out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.HOST))
+            elif ssd_free <= 0:
+                break                                  # sole copies only from here: none may go
+            else:
+                continue
             freed += nbytes
         return out, freed, {d.request_id for d in out}
 
@@ -261,4 +305,6 @@ class AgentcgPolicy:
         return Decision(tuple(out), wake_at_s=min(future) if future else None)
 
     def waiting_key(self, view: RequestView) -> tuple:
-        return (0 if view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens else 1, view.session_start_s)
+        # Continuum's order: preempted first, then KV kept on the GPU, then program FCFS.
+        resident = view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens
+        return (0 if view.preempted_s is not None else 1 if resident else 2, view.session_start_s)
