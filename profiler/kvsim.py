@@ -84,6 +84,7 @@ class PolicyResult:
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_host_kv_bytes: int = 0
     peak_host_total_bytes: int = 0   # host KV + sandboxes
+    peak_sandbox_bytes: int = 0      # all sandboxes together
     makespan_s: float = 0.0
     preemptions: int = 0
     policy_errors: int = 0
@@ -340,6 +341,7 @@ class Simulator(HostMemory):
         kv = self.host_used * self.bpt
         self.result.peak_host_kv_bytes = max(self.result.peak_host_kv_bytes, kv)
         self.result.peak_host_total_bytes = max(self.result.peak_host_total_bytes, kv + self.sandbox_bytes)
+        self.result.peak_sandbox_bytes = max(self.result.peak_sandbox_bytes, self.sandbox_bytes)
 
     def _recoverable(self, s: _Sess) -> int:
         p = s.g

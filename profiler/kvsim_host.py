@@ -83,8 +83,8 @@ class HostMemory:
         """Set `s`'s sandbox memory; False when the sandbox was OOM-killed instead."""
         delta = nbytes - s.sandbox
         if delta > 0 and can_kill and not s.give_up \
-                and self.sandbox_bytes + delta > self._sandbox_limit_bytes():
-            return self._oom_kill(s)
+                and self.sandbox_bytes + delta > self._sandbox_limit_bytes() and not self._oom_kill(s):
+            return False
         s.sandbox = nbytes
         self.sandbox_bytes += delta
         self._note_host()
@@ -93,6 +93,8 @@ class HostMemory:
         return True
 
     def _oom_kill(self, s) -> bool:
+        """Kill the sandbox's tool call and start it again (False); True once the call is
+        given up, its memory then allowed."""
         r = self.result
         r.sandbox_oom_kills += 1
         s.kills += 1

@@ -109,7 +109,7 @@ def plot_sweep(points: list[SweepPoint], path: str | Path) -> Path:
     spacings = sorted({p.arrival_interval_s for p in points})
     ratios = [p.ratio for p in points if math.isfinite(p.ratio)] or [1.0]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(min(ratios), 0.9), vmax=max(max(ratios), 1.1))
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.4 * len(budgets) + 1.0, 3.8), squeeze=False)
     image = None
     for ax, budget in zip(axes[0], budgets):
         grid = [[math.nan] * len(spacings) for _ in fractions]
@@ -123,7 +123,8 @@ def plot_sweep(points: list[SweepPoint], path: str | Path) -> Path:
         ax.set_xticks(range(len(spacings)), [f"{s:g}" for s in spacings])
         ax.set_yticks(range(len(fractions)), [f"{f:g}" for f in fractions])
         ax.set_xlabel("session arrival spacing (s)")
-        ax.set_ylabel("GPU KV fraction of demand")
+        if ax is axes[0][0]:
+            ax.set_ylabel("GPU KV fraction of demand")
         ax.set_title(f"host budget {budget / 2**30:,.0f} GiB")
     fig.suptitle("agentcg JCT p50 speed-up over the best baseline (safe host pools)")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="best baseline p50 / agentcg p50")

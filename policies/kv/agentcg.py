@@ -1,23 +1,29 @@
-"""agentcg's KV policy: decide from what the agent's tool call is doing.
+"""agentcg's KV policy: decide from what the agent's tool call and its sandbox are doing.
 
-- On a pause, predict the tool call's duration (per tool and sandbox, learned live). A
-  call shorter than a KV round trip keeps its KV pinned on the GPU. A longer one also
-  writes a host copy in the background (SWAP_TO_HOST with keep_gpu_copy: only the tokens
-  the host copy lacks) and stays on the GPU until the memory is wanted.
-- Under GPU pressure, free memory from agents in the longest tool calls first: drop GPU
-  copies that have a host copy (free at once), then swap out paused KV without one, then
-  release short calls' KV to the prefix cache; preempt a running request (to host) only
-  for a running requester, never for a waiting one.
+Inputs only agentcg has (no oracle): the tool call in progress (its tool, from the gap's
+first call, and live signals: throttled, frozen, exited), durations learned causally from
+finished calls (per sandbox and tool, `ToolDurationPredictor`), and the sandboxes' memory
+(the host KV pool follows it).
+
+- On a pause, predict the call's remaining time. The KV is kept pinned for that time x
+  `PIN_SLACK` (+ 1 s), then goes to the prefix cache (evictable, LRU), so a call that
+  overruns its prediction stops holding GPU memory others need. A call predicted longer
+  than `MIN_COPY_S` and a KV round trip also writes a host copy in the background (only
+  the tokens the copy lacks), room made only from redundant copies.
+- Under GPU pressure, first free what loses no work: GPU copies backed by a host/SSD copy
+  whose call lasts longer than the copy takes to come back. A waiting request takes no
+  kept KV (as in vLLM); a running one, when it is alone, releases the kept KV of the
+  longest calls, else preempts the latest admitted request (to host when there is room).
+  (`swap_under_pressure` also swaps unbacked paused KV out: off by default, the stall
+  until the copy lands cost more than it saved in the simulator.)
 - Prefetch a dropped KV back a transfer time before the call is predicted to end, or at
-  once when the controller says the call exited, if the GPU has room.
-- The host KV pool shares one host memory budget with the sandboxes (`HostMemoryBudget`):
-  when sandboxes need RAM it shrinks, dropping redundant host copies first and then
-  moving the coldest ones to SSD; the controller throttles sandboxes only into memory the
-  KV pool cannot give back.
-- Waiting queue: requests whose KV is on the GPU first, then program-level FCFS (as
-  Continuum does): older sessions finish first.
-
-ORACLE used: `is_last_step` (as Continuum): the last call of a session is not kept.
+  once when the controller says the call exited, if the GPU has room: the load is off the
+  request's critical path (vLLM's offloading loads only when the request is scheduled).
+- Host memory: one budget with the sandboxes (`HostMemoryBudget`); when sandboxes need
+  RAM (HOST_PRESSURE) the pool shrinks: redundant copies first, then the coldest go to SSD
+  (or are dropped); room for a new copy never drops another's only copy.
+- Waiting queue (as Continuum): preempted first, then requests with KV kept on the GPU,
+  then program FCFS (older sessions first).
 """
 from __future__ import annotations
 
@@ -29,13 +35,15 @@ from agentcg.policies.kv.costs import transfer_time_s
 from agentcg.policies.kv.predictor import ToolDurationPredictor, ToolSignal, remaining_s
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, RequestView, State, Trigger
 
-MIN_COPY_S = 0.2            # calls predicted shorter than this never get a host copy
+MIN_COPY_S = 5.0            # calls predicted shorter than this never get a host copy (the copy
+                            # competes for the link and the host pool with longer calls' copies)
+MIN_ROOMY_COPY_S = 0.2      # ... unless the host has room to spare (ROOMY_FRACTION of its pool free)
+ROOMY_FRACTION = 0.25
 PREFETCH_MARGIN_S = 0.05
 PREFETCH_HEADROOM = 0.02    # of GPU capacity left free after a prefetch
 PREFETCH_RETRY_S = 0.25
-PIN_SLACK = 1.5             # a short call's pin lasts its predicted remaining time x this, plus
-PIN_MARGIN_S = 0.1
-MAX_PIN_S = 10.0
+PIN_SLACK = 4.0             # a pin lasts the call's predicted remaining time x this, plus
+PIN_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,15 @@ class AgentcgPolicy:
     name = "agentcg"
     shares_host_memory = True
 
-    def __init__(self, min_copy_s: float = MIN_COPY_S, swap_under_pressure: bool = False) -> None:
+    def __init__(self, min_copy_s: float = MIN_COPY_S, swap_under_pressure: bool = False,
+                 queue: str = "pinned", pin_slack: float | None = PIN_SLACK,
+                 roomy_fraction: float = ROOMY_FRACTION) -> None:
+        if queue not in ("pinned", "resident"):
+            raise ValueError(f"agentcg queue must be 'pinned' or 'resident', got {queue!r}")
         self.min_copy_s = min_copy_s
+        self.pin_slack = pin_slack
+        self.roomy_fraction = roomy_fraction
+        self.queue = queue
         self.swap_under_pressure = swap_under_pressure
         self.state = AgentcgState()
         self._ranked: tuple[KvSnapshot, list] | None = None
@@ -122,10 +137,16 @@ class AgentcgPolicy:
         if view is None:
             return NO_DECISION
         rid = view.request_id
-        keep = Directive(rid, Action.KEEP)
         left = self.remaining_s(view, snap.now_s)
+        ttl = None if self.pin_slack is None or not math.isfinite(left) else left * self.pin_slack + PIN_MARGIN_S
+        keep = Directive(rid, Action.KEEP, ttl_s=ttl)
         missing = max(0, view.gpu_tokens - view.host_tokens) * snap.bytes_per_token
-        if left < max(self.min_copy_s, self._round_trip_s(snap, view)) or missing == 0:
+        # A copy costs link time and host memory other calls' copies could use: any call
+        # longer than a round trip gets one while the host has room to spare, only calls
+        # longer than `min_copy_s` when it is short.
+        roomy = snap.host_free_bytes - missing >= self.roomy_fraction * snap.host_capacity_bytes
+        threshold = MIN_ROOMY_COPY_S if roomy else self.min_copy_s
+        if left < max(threshold, self._round_trip_s(snap, view)) or missing == 0:
             return Decision((keep,), wake_at_s=self._next_wake(snap))
         room, freed, _ = self._free_host(snap, missing - snap.host_free_bytes, exclude={rid})
         if freed < missing - snap.host_free_bytes:
@@ -306,5 +327,8 @@ class AgentcgPolicy:
 
     def waiting_key(self, view: RequestView) -> tuple:
         # Continuum's order: preempted first, then KV kept on the GPU, then program FCFS.
-        resident = view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens
+        if self.queue == "pinned":
+            resident = view.pinned and view.gpu_tokens > 0
+        else:
+            resident = view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens
         return (0 if view.preempted_s is not None else 1 if resident else 2, view.session_start_s)
