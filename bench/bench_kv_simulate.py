@@ -28,7 +28,7 @@ from agentcg.profiler.importers.agentcgroup import default_dataset_dir
 from agentcg.profiler.kvsim_cost import gpu_preset
 from agentcg.profiler.kvsim_report import build_config, compare, format_header, format_table
 from agentcg.profiler.kvsim_sessions import load_sessions
-from agentcg.profiler.kvsim_sweep import format_sweep, plot_sweep, sweep
+from agentcg.profiler.kvsim_sweep import format_sweep, host_tier, plot_sweep, sweep
 
 POLICIES = ["vllm-v1", "vllm-v1-priority", "vllm-v1-offload:safe", "vllm-v1-offload:optimistic", "infercept:safe",
             "continuum:safe", "continuum-paper:safe", "agentcg"]
@@ -53,9 +53,17 @@ def main() -> int:
     sessions = loaded.sessions[:args.limit] if args.limit else loaded.sessions
     model = gpu_preset(args.gpu)
     points = {}
+    peaks = sum(s.peak_sandbox_bytes for s in sessions)
     for label, budget in (("(a) ample host memory", AMPLE), ("(b) tight host budget", TIGHT)):
         config = build_config(sessions, model, host_memory_bytes=budget, ssd_bytes=0)
-        results = {r.label: r for r in compare(sessions, POLICIES, config, workers=args.workers)}
+        specs = POLICIES
+        reused = {}
+        if points and budget >= peaks:
+            # No host pool and every sandbox fits whole: the budget cannot change these runs.
+            reused = {spec: r for spec, r in points["(a) ample host memory"].items() if not host_tier(spec)}
+            specs = [spec for spec in POLICIES if spec not in reused]
+        ran = {r.label: r for r in compare(sessions, specs, config, workers=args.workers)}
+        results = {spec: reused.get(spec) or ran[spec] for spec in POLICIES}
         points[label] = results
         print(f"== {label}")
         print(format_header(sessions, config, loaded.source, loaded.imputed_durations, loaded.skipped))

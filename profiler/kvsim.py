@@ -197,6 +197,11 @@ class Simulator(HostMemory):
         self.cap = config.gpu_kv_bytes // self.bpt - self.prefix    # the shared prefix stays resident
         if self.cap < 1024:
             raise InvalidInput(f"GPU KV capacity {config.gpu_kv_bytes} bytes holds under 1024 tokens; raise --gpu-kv")
+        longest = max(sessions, key=lambda x: max(t.input_tokens + t.output_tokens for t in x.turns))
+        need = max(t.input_tokens + t.output_tokens for t in longest.turns)
+        if need > self.cap:
+            raise InvalidInput(f"GPU KV holds {self.cap:,} tokens but session {longest.session_id} needs {need:,} "
+                               f"at once; raise --gpu-kv or --gpu-kv-fraction")
         self.policy = make_policy(policy, **policy_params) if isinstance(policy, str) else policy
         self.decider = KvDecider(self.policy)
         self.pool_bytes = config.host_kv_static_bytes if self.decider.host_tier else 0

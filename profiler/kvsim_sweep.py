@@ -62,20 +62,40 @@ def sweep(sessions: list[SimSession], model: EngineModel, *, fractions=FRACTIONS
         raise InvalidInput(f"--stride must be at least 1, got {stride}")
     subset = sessions[::stride]
     share = len(subset) / (total_sessions or len(sessions))
-    jobs, keys = [], []
+    peaks = sum(s.peak_sandbox_bytes for s in subset)
+    jobs, keys, shared = [], [], {}
     for budget in budgets:
         for frac in fractions:
             for spacing in spacings_s:
                 cfg = build_config(subset, model, gpu_kv_fraction=frac, host_memory_bytes=int(budget * share),
                                    ssd_bytes=ssd_bytes, arrival_interval_s=spacing)
                 for spec in (*baselines, OURS):
+                    # A policy without a host pool does not see the budget while the sandboxes
+                    # fit in it whole (nothing to OOM-kill): one run serves every budget.
+                    if not host_tier(spec) and budget * share >= peaks:
+                        if (spec, frac, spacing) in shared:
+                            continue
+                        shared[(spec, frac, spacing)] = len(jobs)
                     jobs.append((spec, cfg))
                     keys.append((frac, spacing, budget))
     results = run_many(subset, jobs, workers)
     points: dict[tuple, list[PolicyResult]] = {}
     for key, r in zip(keys, results):
         points.setdefault(key, []).append(r)
-    return [SweepPoint(f, s, b, tuple(rs)) for (f, s, b), rs in points.items()]
+    for (spec, frac, spacing), index in shared.items():
+        for budget in budgets:
+            if (frac, spacing, budget) != keys[index] and budget * share >= peaks:
+                points[(frac, spacing, budget)].insert(0, results[index])
+    return [SweepPoint(f, s, b, tuple(rs)) for (f, s, b), rs in sorted(points.items(), key=_order(budgets))]
+
+
+def _order(budgets):
+    return lambda item: (budgets.index(item[0][2]), item[0][0], item[0][1])
+
+
+def host_tier(spec: str) -> bool:
+    """False for a policy that never uses a host pool (vllm-v1, vllm-v1-priority)."""
+    return spec.partition(":")[0] not in ("vllm-v1", "vllm-v1-priority")
 
 
 def format_sweep(points: list[SweepPoint]) -> str:
