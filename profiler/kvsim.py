@@ -22,6 +22,10 @@ for requests that are not computing, plus, while recomputed tokens are prefilled
 share of each step times the running requests' KV, as InferCept counts it), recomputed
 tokens, bytes moved per link, peak host KV memory.
 
+Host memory (the sandboxes' recorded curves, fixed or following pools, OOM kills) is in
+`kvsim_host.py`; the shared prefix is held once per tier (`strip_shared_prefix`); every
+decision goes through the one harness (`agentcg.policies.kv.harness`).
+
 Steps whose batch does not change are advanced together (their times form an arithmetic
 series), so thousands of sessions take seconds.
 """
