@@ -116,7 +116,7 @@ def main() -> int:
         else:
             shown.append(mine.sandbox_oom_kills == 0)
         print(f"{name} sandbox OOM kills: agentcg {mine.sandbox_oom_kills}, vllm-v1-offload optimistic pool "
-              f"{opt.sandbox_oom_kills} ({opt.failed_calls} calls given up), safe pool "
+              f"{opt.sandbox_oom_kills} (calls given up: {opt.failed_calls}), safe pool "
               f"{results['vllm-v1-offload:safe'].sandbox_oom_kills}{note}")
     ok = bool(shown) and all(shown)
     met &= ok

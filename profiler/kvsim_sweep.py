@@ -146,7 +146,7 @@ def plot_sweep(points: list[SweepPoint], path: str | Path) -> Path:
         if ax is axes[0][0]:
             ax.set_ylabel("GPU KV fraction of demand")
         ax.set_title(f"host budget {budget / 2**30:,.0f} GiB")
-    fig.suptitle("agentcg JCT p50 speed-up over the best baseline (safe host pools)")
+    fig.suptitle("agentcg JCT p50 speed-up over the best baseline (safe host pools)", y=1.04)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="best baseline p50 / agentcg p50")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
