@@ -191,8 +191,9 @@ class Reactor:
                 t = UsageThreshold(self.tree.cgroup_dir(call.path, "memory"), threshold)
             except CgroupGone:
                 continue             # it ended meanwhile; call_ended follows
-            except AgentcgError as exc:
-                log.warning("no memory threshold on tool call %s: %s", call_id, exc)
+            except (AgentcgError, OSError) as exc:   # OSError: EMFILE (one eventfd per call: mind RLIMIT_NOFILE)
+                log.warning("no memory threshold on tool call %s (the tick and the sandbox's thresholds cover it): %s",
+                            call_id, exc)
                 self._calls_refused.add(call_id)
                 continue
             self._register(t.fileno(), select.EPOLLIN,
@@ -232,7 +233,7 @@ class Reactor:
                     armed.append(t)
                     self._register(t.fileno(), select.EPOLLIN,
                                    lambda fd, mask, scope=scope, t=t: self._on_memcg(scope, t))
-            except AgentcgError as exc:
+            except (AgentcgError, OSError) as exc:
                 log.warning("no memory thresholds on %s: %s", scope or "the root", exc)
                 self._memcg_refused.add(scope)
             self._memcg[scope], self._memcg_budget[scope] = armed, budget
