@@ -17,18 +17,30 @@ event arrives. The detected calls are begun on the daemon's own ToolCallManager,
 daemon's `finish_due` records them and counts them in /metrics like any other call.
 
 Root only (the client must be able to spawn into the agent cgroup and the detector moves
-its processes). A client that dies ends its watch as if the agent exited; a daemon restart
-ends every watch (the calls already moved are adopted like any other; the agent's later
-commands stay in its agent cgroup).
+its processes). A client that dies ends its watch as if the agent exited.
+
+A daemon restart keeps the watches: each is saved in `<state_dir>/exec_watches.json`
+(rewritten whole with rename at exec_begin, when the agent's pid becomes known, and at the
+watch's end; a clean stop keeps it) and the next daemon re-establishes it at start-up,
+before it accepts connections: same watch id, same tools and grace, the agent's pid, the
+client's pid and start time (a client gone meanwhile ends its watch at the first
+housekeeping pass). Execs the dead daemon's detector had stopped are resumed. So the
+agent's later commands are the new daemon's calls, and the client's exec_end goes to it;
+the calls already moved are adopted like any other (from the cgroup tree: tool "unknown").
+Only the exec events of the downtime itself are missed (those commands run in the agent
+cgroup). The daemon re-establishes rather than the client re-registering: no window
+between the new daemon's start and a client noticing it, and older clients need nothing.
 """
 from __future__ import annotations
 
 import ctypes as ct
+import json
 import logging
 import os
 import select
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from agentcg.controller.autodetect import DEFAULT_TOOL_GLOBS, ExecDetector, ToolMatcher, parse_globs
@@ -43,6 +55,9 @@ log = logging.getLogger("agentcg.daemon.exec_watch")
 MAX_WATCHES = 64
 MAX_GLOB_ITEMS = 256
 EXEC_CONCERNS = ("process", "exit_codes")
+WATCHES_FILE = "exec_watches.json"
+WATCHES_VERSION = 1
+MAX_WATCHES_BYTES = 1 << 20
 
 
 class DaemonExecDetector(ExecDetector):
@@ -94,8 +109,20 @@ class Watch:
     client_ticks: int | None
     created_sandbox: bool
     detector: DaemonExecDetector | None
+    matcher: ToolMatcher = field(default_factory=ToolMatcher)
+    grace_s: float | None = None
+    detect: bool = True
     ending: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    saved_agent_pid: int = 0
+
+    def saved(self) -> dict[str, Any]:
+        agent_pid = self.detector.agent_pid if self.detector is not None else self.saved_agent_pid
+        self.saved_agent_pid = agent_pid
+        return {"watch_id": self.watch_id, "sandbox": self.sandbox, "client_pid": self.client_pid,
+                "client_ticks": self.client_ticks, "created_sandbox": self.created_sandbox, "detect": self.detect,
+                "tools": list(self.matcher.include), "exclude": list(self.matcher.exclude), "grace_s": self.grace_s,
+                "agent_pid": agent_pid}
 
 
 class ExecWatch:
@@ -131,6 +158,17 @@ class ExecWatch:
                                         "`agentcg sandbox exec` as root")
         if len(self.watches) >= MAX_WATCHES:
             raise ApiError("busy", f"{MAX_WATCHES} agents are watched already; end one first")
+        created = self._ensure_sandbox(sandbox)
+        detector = self._detector(sandbox, matcher, grace_s, conn.peer.pid, 0) if detect else None
+        watch = Watch(self._next_id, sandbox, conn.peer.pid, PROC.start_ticks(conn.peer.pid), created, detector,
+                      matcher, grace_s, detect)
+        self._next_id += 1
+        self.watches[watch.watch_id] = watch
+        self._save()
+        return {"watch_id": watch.watch_id, "detect": detector is not None,
+                "agent_procs": [str(p) for p in procs_files(self.d.tree, agent_path(sandbox))]}
+
+    def _ensure_sandbox(self, sandbox: str) -> bool:
         d = self.d
         created = False
         if sandbox not in d.state.sandboxes:
@@ -140,22 +178,87 @@ class ExecWatch:
         else:
             with sandbox_lock(d.tree, sandbox, d.config.daemon.state_dir):
                 ensure_sandbox(d.tree, sandbox)     # an adopted sandbox may lack agent/
-        detector = None
-        if detect:
-            self._ensure_monitor()
-            detector = DaemonExecDetector(d.calls, self.monitor, sandbox, agent_pid=0, matcher=matcher,
-                                          parent_pid=conn.peer.pid, grace_s=grace_s, daemon=d)
+        return created
+
+    def _detector(self, sandbox: str, matcher: ToolMatcher, grace_s: float | None, parent_pid: int,
+                  agent_pid: int) -> DaemonExecDetector:
+        self._ensure_monitor()
+        detector = DaemonExecDetector(self.d.calls, self.monitor, sandbox, agent_pid=agent_pid, matcher=matcher,
+                                      parent_pid=parent_pid, grace_s=grace_s, daemon=self.d)
+        if agent_pid:
+            detector.agent_execs = 1    # the agent started under an earlier daemon: its next exec is a command
+        try:
+            detector.prepare()
+        except BaseException:
+            detector.close(grace_s=0.0)
+            self._release_monitor()
+            raise
+        return detector
+
+    # ---- persistence across a daemon restart (module doc) ----------------------------
+    def _path(self) -> Path:
+        return Path(self.d.config.daemon.state_dir) / WATCHES_FILE
+
+    def _save(self) -> None:
+        data = {"version": WATCHES_VERSION, "watches": [w.saved() for w in self.watches.values() if not w.ending]}
+        path = self._path()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
-                detector.prepare()
-            except BaseException:
-                detector.close(grace_s=0.0)
-                self._release_monitor()
-                raise
-        watch = Watch(self._next_id, sandbox, conn.peer.pid, PROC.start_ticks(conn.peer.pid), created, detector)
-        self._next_id += 1
-        self.watches[watch.watch_id] = watch
-        return {"watch_id": watch.watch_id, "detect": detector is not None,
-                "agent_procs": [str(p) for p in procs_files(d.tree, agent_path(sandbox))]}
+                os.write(fd, json.dumps(data, sort_keys=True).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:     # the watch works; only a restart would lose it
+            log.error("cannot save exec watches to %s (%s); a daemon restart ends them", path, exc.strerror or exc)
+
+    def restore(self) -> int:
+        """Start-up: re-establish the watches an earlier daemon saved; how many."""
+        path = self._path()
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_WATCHES_BYTES + 1)
+            data = json.loads(raw)
+            if len(raw) > MAX_WATCHES_BYTES or data.get("version") != WATCHES_VERSION:
+                raise ValueError(f"not version {WATCHES_VERSION} or over {MAX_WATCHES_BYTES} bytes")
+            items = list(data["watches"])[:MAX_WATCHES]
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("exec watches file %s is unreadable (%s); the agents it named are no longer watched", path, exc)
+            items = []
+        for item in items:
+            try:
+                self._restore_one(item)
+            except (AgentcgError, ApiError, KeyError, TypeError, ValueError) as exc:
+                log.error("cannot re-establish exec watch %r: %s", item.get("watch_id") if isinstance(item, dict)
+                          else item, exc)
+        self._next_id = max([self._next_id, *(w + 1 for w in self.watches)])
+        self._save()
+        if self.watches:
+            log.info("re-established %d exec watch(es) of an earlier daemon", len(self.watches))
+        return len(self.watches)
+
+    def _restore_one(self, item: dict[str, Any]) -> None:
+        watch_id, client_pid = int(item["watch_id"]), int(item["client_pid"])
+        ticks = item.get("client_ticks")
+        sandbox = validate_name(str(item["sandbox"]))
+        matcher = ToolMatcher(parse_globs(list(item["tools"])), parse_globs(list(item["exclude"])))
+        grace_s = None if item.get("grace_s") is None else float(item["grace_s"])
+        agent_pid = int(item.get("agent_pid") or 0)
+        alive = PROC.is_alive(client_pid, ticks)
+        if sandbox not in self.d.state.sandboxes and not alive:
+            return      # nothing left of it: no sandbox, no client
+        self._ensure_sandbox(sandbox)
+        detector = None
+        if item.get("detect") and alive:
+            detector = self._detector(sandbox, matcher, grace_s, client_pid, agent_pid)
+            _resume_stopped(self.d.tree, agent_path(sandbox))
+        # a dead client's watch ends at the first housekeeping pass (and removes a sandbox it made)
+        watch = Watch(watch_id, sandbox, client_pid, ticks, bool(item.get("created_sandbox")), detector, matcher,
+                      grace_s, bool(item.get("detect")), saved_agent_pid=agent_pid)
+        self.watches[watch_id] = watch
 
     def exec_end(self, conn: Connection, req: Request) -> dict[str, Any]:
         args = _args(req, {"watch_id", "exit_code", "signal"})
@@ -210,6 +313,8 @@ class ExecWatch:
                     _sigcont(event.pid)
         for detector in detectors:
             self._guard(detector.housekeeping)
+        if any(w.detector is not None and w.detector.agent_pid != w.saved_agent_pid for w in self.watches.values()):
+            self._save()      # the agent's pid is known now: a restored watch needs it
 
     # ---- internals ----------------------------------------------------------------
     def _end(self, watch: Watch, returncode: int | None) -> None:
@@ -222,6 +327,7 @@ class ExecWatch:
             for call in detector.tracked_calls():
                 self.d.calls.returned(call)          # the daemon finishes them after their grace period
             self.d.finish_due()
+        self._save()
         watch.result = {"calls": (detector.finished + len(detector.tracked_calls())) if detector else 0,
                         "missed": detector.missed if detector else 0,
                         "running": len(detector.tracked_calls()) if detector else 0,
@@ -341,6 +447,20 @@ def _ring_fd(monitor: Any) -> int | None:
         return fd if fd >= 0 else None
     except (AttributeError, OSError, BpfError):
         return None
+
+
+def _resume_stopped(tree: Any, path: str) -> None:
+    """SIGCONT the processes an earlier daemon's detector stopped at exec and never resumed."""
+    try:
+        pids = tree.pids(path)
+    except AgentcgError:
+        return
+    for pid in pids:
+        try:
+            if PROC.stat(pid).state in ("T", "t"):
+                _sigcont(pid)
+        except AgentcgError:
+            pass
 
 
 def _sigcont(pid: int) -> None:
