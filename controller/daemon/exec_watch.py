@@ -26,7 +26,9 @@ before it accepts connections: same watch id, same tools and grace, the agent's 
 client's pid and start time (a client gone meanwhile ends its watch at the first
 housekeeping pass). Execs the dead daemon's detector had stopped are resumed. So the
 agent's later commands are the new daemon's calls, and the client's exec_end goes to it;
-the calls already moved are adopted like any other (from the cgroup tree: tool "unknown").
+the calls already moved are in the daemon's state (owned by the watch's client, entered
+once they were resumed), so the next daemon adopts them, and the restored watch tracks
+them again until they exit (the earlier daemon's spares are dropped).
 Only the exec events of the downtime itself are missed (those commands run in the agent
 cgroup). The daemon re-establishes rather than the client re-registering: no window
 between the new daemon's start and a client noticing it, and older clients need nothing.
@@ -43,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from agentcg.controller.autodetect import DEFAULT_TOOL_GLOBS, ExecDetector, ToolMatcher, parse_globs
+from agentcg.controller.autodetect import DEFAULT_TOOL_GLOBS, ExecDetector, ToolMatcher, _Tracked, parse_globs
 from agentcg.controller.daemon.server import ApiError, Connection, Request
-from agentcg.controller.daemon.state import SandboxEntry
+from agentcg.controller.daemon.state import CallEntry, SandboxEntry
 from agentcg.controller.sandbox import agent_path, ensure_sandbox, procs_files, sandbox_lock, validate_name
 from agentcg.daemon_protocol import MAX_GRACE_S, Method
 from agentcg.errors import AgentcgError, BpfError, InvalidInput
@@ -117,12 +119,18 @@ class Watch:
     saved_agent_pid: int = 0
 
     def saved(self) -> dict[str, Any]:
-        agent_pid = self.detector.agent_pid if self.detector is not None else self.saved_agent_pid
+        detector = self.detector
+        agent_pid = detector.agent_pid if detector is not None else self.saved_agent_pid
         self.saved_agent_pid = agent_pid
+        # the calls it made, so the next daemon drops the spares and names the moved ones
+        spares = [c.call_id for c in detector._spares] if detector is not None else []
+        moved = [{"call_id": t.call.call_id, "pid": t.pid, "tool": t.call.tool, "command": t.call.command,
+                  "start_monotonic_s": t.call.start_monotonic_s, "start_wall_s": t.call.start_wall_s}
+                 for t in detector._by_pid.values()] if detector is not None else []
         return {"watch_id": self.watch_id, "sandbox": self.sandbox, "client_pid": self.client_pid,
                 "client_ticks": self.client_ticks, "created_sandbox": self.created_sandbox, "detect": self.detect,
                 "tools": list(self.matcher.include), "exclude": list(self.matcher.exclude), "grace_s": self.grace_s,
-                "agent_pid": agent_pid}
+                "agent_pid": agent_pid, "spares": spares, "moved": moved}
 
 
 class ExecWatch:
@@ -135,6 +143,7 @@ class ExecWatch:
         self._ring_fd: int | None = None
         self.watches: dict[int, Watch] = {}
         self._next_id = 1
+        self._saved_text: str | None = None
 
     def ops(self) -> dict[str, Callable[[Connection, Request], Any]]:
         return {Method.SANDBOX_EXEC_BEGIN: self.exec_begin, Method.SANDBOX_EXEC_END: self.exec_end}
@@ -201,15 +210,19 @@ class ExecWatch:
 
     def _save(self) -> None:
         data = {"version": WATCHES_VERSION, "watches": [w.saved() for w in self.watches.values() if not w.ending]}
+        text = json.dumps(data, sort_keys=True)
+        if text == self._saved_text:
+            return
         path = self._path()
         tmp = path.with_name(path.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
-                os.write(fd, json.dumps(data, sort_keys=True).encode())
+                os.write(fd, text.encode())
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            self._saved_text = text
         except OSError as exc:     # the watch works; only a restart would lose it
             log.error("cannot save exec watches to %s (%s); a daemon restart ends them", path, exc.strerror or exc)
 
@@ -254,6 +267,8 @@ class ExecWatch:
         detector = None
         if item.get("detect") and alive:
             detector = self._detector(sandbox, matcher, grace_s, client_pid, agent_pid)
+        self._take_back_calls(item, detector)
+        if detector is not None:
             _resume_stopped(self.d.tree, agent_path(sandbox))
         # a dead client's watch ends at the first housekeeping pass (and removes a sandbox it made)
         watch = Watch(watch_id, sandbox, client_pid, ticks, bool(item.get("created_sandbox")), detector, matcher,
@@ -275,6 +290,41 @@ class ExecWatch:
         self._end(watch, returncode)
         return dict(watch.result)
 
+    def _take_back_calls(self, item: dict[str, Any], detector: DaemonExecDetector | None) -> None:
+        """The dead daemon's calls of this watch, adopted from the tree as "unknown" (so
+        returned: they would be killed after their grace period): its empty spares go (no
+        record); its moved commands get their tool, command and start back and, when the
+        watch goes on, are tracked by the new detector until they exit."""
+        d = self.d
+        for call_id in item.get("spares") or []:
+            call = _running(d, str(call_id))
+            if call is not None and call.tool == "unknown" and not self._guard(d.tree.pids, call.path):
+                self._guard(d.calls.discard, call)
+                d.state.calls.pop(call.call_id, None)
+        for moved in item.get("moved") or []:
+            call = _running(d, str(moved["call_id"]))
+            if call is None:
+                continue
+            call.tool, call.command = str(moved["tool"]), str(moved["command"])
+            call.start_monotonic_s, call.start_wall_s = float(moved["start_monotonic_s"]), float(moved["start_wall_s"])
+            if not self._guard(d.tree.is_populated, call.path):
+                d.calls.returned(call)            # it exited while no daemon ran: status unknown
+            elif detector is not None:
+                call.returned_monotonic_s = call.returned_wall_s = call.exit_code = call.signal = None
+                pid = int(moved["pid"])
+                detector._by_pid[pid] = _Tracked(call, pid, True)
+                if call.cgroup_id not in self.monitor.watched():
+                    self._guard(self.monitor.watch, call.cgroup_id)
+                self._guard(self.monitor.watch_pid, pid, call.cgroup_id)
+            entry = d.state.calls.get(call.call_id)
+            if entry is not None:
+                entry.tool, entry.command = call.tool, call.command
+                entry.start_monotonic_s, entry.start_wall_s = call.start_monotonic_s, call.start_wall_s
+                entry.returned_monotonic_s, entry.returned_wall_s = call.returned_monotonic_s, call.returned_wall_s
+                entry.exit_code, entry.signal = call.exit_code, call.signal
+                d.state.calls[call.call_id] = entry
+        d.save()
+
     # ---- the loop's side ------------------------------------------------------------
     def on_housekeeping(self) -> None:
         if self.monitor is not None and self._ring_fd is None:
@@ -288,6 +338,7 @@ class ExecWatch:
                 self._guard(watch.detector.housekeeping)
             if watch.ending:
                 self._settle(watch)
+        self._save()      # spares refilled (no write when nothing changed)
 
     def close(self) -> None:
         """Daemon shutdown: stop detecting (the calls stay for the next daemon)."""
@@ -313,8 +364,28 @@ class ExecWatch:
                     _sigcont(event.pid)
         for detector in detectors:
             self._guard(detector.housekeeping)
-        if any(w.detector is not None and w.detector.agent_pid != w.saved_agent_pid for w in self.watches.values()):
-            self._save()      # the agent's pid is known now: a restored watch needs it
+        self._enter_calls()
+        self._save()      # when the agent's pid, the spares or the moved calls changed (else no write)
+
+    def _enter_calls(self) -> None:
+        """Moved commands go into the daemon's state like toolcall.begin's calls (after
+        they were resumed), owned by the watch's client: a restarted daemon adopts them
+        instead of reaping them as calls of a dead owner (the earlier daemon)."""
+        d, added = self.d, False
+        for watch in self.watches.values():
+            if watch.detector is None:
+                continue
+            for tracked in watch.detector._by_pid.values():
+                call = tracked.call
+                if not tracked.moved or call.call_id in d.state.calls:
+                    continue
+                d.state.calls[call.call_id] = CallEntry(
+                    call_id=call.call_id, sandbox=call.sandbox, tool=call.tool, command=call.command,
+                    start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, priority=call.priority,
+                    grace_s=call.grace_s, owner_pid=watch.client_pid, owner_start_ticks=watch.client_ticks or 0)
+                added = True
+        if added:
+            d.save()
 
     # ---- internals ----------------------------------------------------------------
     def _end(self, watch: Watch, returncode: int | None) -> None:
@@ -446,6 +517,13 @@ def _ring_fd(monitor: Any) -> int | None:
         fd = lib.ring_buffer__epoll_fd(ct.c_void_p(manager))
         return fd if fd >= 0 else None
     except (AttributeError, OSError, BpfError):
+        return None
+
+
+def _running(d: Any, call_id: str) -> Any:
+    try:
+        return d.calls.get(call_id)
+    except AgentcgError:
         return None
 
 

@@ -93,11 +93,15 @@ def test_a_watch_outlives_a_daemon_kill9(daemon, tmp_path):
     agent = _exec(d, tmp_path, script, "--tools", os.path.basename(PY))
     try:
         assert wait_until(lambda: _calls(d, os.path.basename(PY)), timeout_s=60), (d.result("state"), d.log())
-        first.touch()
-        assert wait_until(lambda: not _calls(d, os.path.basename(PY)), timeout_s=60), d.result("state")
-        d.kill9()
+        [moved] = _calls(d, os.path.basename(PY))
+        d.kill9()           # while the first command runs
         d.start()
         assert "re-established 1 exec watch" in d.log(), d.log()
+        # the moved command is adopted under its own name; the dead daemon's spares are gone
+        assert [c["call_id"] for c in _calls(d, os.path.basename(PY))] == [moved["call_id"]], d.log()
+        assert not _calls(d, "unknown"), d.result("state")
+        first.touch()
+        assert wait_until(lambda: not _calls(d, os.path.basename(PY)), timeout_s=60), d.result("state")
         second.touch()      # the agent's next command runs under the new daemon
         assert wait_until(lambda: _calls(d, os.path.basename(PY)), timeout_s=60), (d.result("state"), d.log())
         [call] = _calls(d, os.path.basename(PY))
@@ -112,3 +116,9 @@ def test_a_watch_outlives_a_daemon_kill9(daemon, tmp_path):
     record = next(r for r in d.records() if r["call_id"] == call["call_id"])
     assert record["exit_code"] == 0 and record["tool"] == os.path.basename(PY)
     assert wait_until(lambda: not [s for s in d.result("state")["sandboxes"] if s["name"] == "ag1"], timeout_s=30)
+    # the first command, moved by the killed daemon, is recorded once under its own name
+    mine = [r for r in d.records() if r["sandbox"] == "ag1"]
+    assert sorted(r["call_id"] for r in mine) == sorted([moved["call_id"], call["call_id"]]), mine
+    assert [r["tool"] for r in mine] == [os.path.basename(PY)] * 2, mine
+    assert str(first) in next(r for r in mine if r["call_id"] == moved["call_id"])["command"]
+    assert next(r for r in mine if r["call_id"] == moved["call_id"])["exit_code"] == 0   # its exit seen by the new daemon
