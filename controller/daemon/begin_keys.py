@@ -33,6 +33,7 @@ class BeginKeys:
         self.d = daemon
         self.deferred = deferred
         self._readmitted: set[str] = set()    # adopted calls this daemon put through admission
+        self._by_key: dict[str, str] | None = None   # key -> call id, built from the state at first use
 
     @staticmethod
     def read(op: str, args: dict[str, Any]) -> str | None:
@@ -49,33 +50,43 @@ class BeginKeys:
         if key is not None and entry is not None:
             entry.request_key = key
             self.d.state.calls[call_id] = entry      # assigned again: a journaled state saves it
+            self._index()[key] = call_id
+
+    def _index(self) -> dict[str, str]:
+        if self._by_key is None:      # once per daemon: the keys of calls adopted at start-up
+            self._by_key = {e.request_key: c for c, e in self.d.state.calls.items()
+                            if getattr(e, "request_key", None)}
+        return self._by_key
 
     def repeated(self, conn: Connection, req: Request, sandbox: str, key: str) -> Any:
         """The answer to a begin whose key names a running call, else None (a new call)."""
         d = self.d
-        for call_id, entry in list(d.state.calls.items()):
-            if getattr(entry, "request_key", None) != key or entry.owner_uid != conn.peer.uid:
-                continue
-            try:
-                call = d.calls.get(call_id)
-            except (CgroupGone, KeyError):
-                continue
-            if entry.sandbox != sandbox:
-                raise ApiError("invalid_input", f"{req.op}: request_key {key!r} belongs to call {call_id} of sandbox "
-                                                f"{entry.sandbox!r}, not {sandbox!r}; use a new key per call")
-            if call.has_returned:
-                raise ApiError("exists", f"{req.op}: request_key {key!r} was call {call_id}, which has returned; "
-                                         "a new call needs a new key")
-            result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
-                      "cgroup_id": call.cgroup_id, "limits": d.apply_call_limits(call), "repeated": True}
-            admission = getattr(d, "_admission", {})
-            if call_id in admission:           # still waiting: the answer goes to this request
-                _, _, first_result, _ = admission[call_id]
-                admission[call_id] = (conn, req.id, {**first_result, "repeated": True}, call)
-                conn.busy = True
-                return self.deferred
-            if entry.adopted > 0 and call_id not in self._readmitted:
-                self._readmitted.add(call_id)
-                return result if d.admit_or_wait(call, conn, req.id, result) else self.deferred
-            return result
-        return None
+        call_id = self._index().get(key)
+        entry = d.state.calls.get(call_id) if call_id is not None else None
+        if call_id is None or entry is None or entry.request_key != key:
+            self._index().pop(key, None)      # its call was recorded: the key names nothing now
+            return None
+        if entry.owner_uid != conn.peer.uid:
+            return None                       # another user's key: never theirs to take over
+        try:
+            call = d.calls.get(call_id)
+        except CgroupGone:
+            return None
+        if entry.sandbox != sandbox:
+            raise ApiError("invalid_input", f"{req.op}: request_key {key!r} belongs to call {call_id} of sandbox "
+                                            f"{entry.sandbox!r}, not {sandbox!r}; use a new key per call")
+        if call.has_returned:
+            raise ApiError("exists", f"{req.op}: request_key {key!r} was call {call_id}, which has returned; "
+                                     "a new call needs a new key")
+        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
+                  "cgroup_id": call.cgroup_id, "limits": d.apply_call_limits(call), "repeated": True}
+        admission = getattr(d, "_admission", {})
+        if call_id in admission:               # still waiting: the answer goes to this request
+            _, _, first_result, _ = admission[call_id]
+            admission[call_id] = (conn, req.id, {**first_result, "repeated": True}, call)
+            conn.busy = True
+            return self.deferred
+        if entry.adopted > 0 and call_id not in self._readmitted:
+            self._readmitted.add(call_id)      # the earlier daemon never answered: admit it here
+            return result if d.admit_or_wait(call, conn, req.id, result) else self.deferred
+        return result
