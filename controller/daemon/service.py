@@ -25,7 +25,7 @@ from agentcg.controller.cgroup import UNLIMITED, CgroupTree, open_tree
 from agentcg.controller.core import EventLog
 from agentcg.controller.daemon import bpfstats
 from agentcg.controller.daemon.adopt import adopt
-from agentcg.controller.daemon.api import Api
+from agentcg.controller.daemon.api import Api, Args
 from agentcg.controller.daemon.calls import DaemonCalls
 from agentcg.controller.daemon.clients import ClientConnections
 from agentcg.controller.daemon.config import DaemonConfig, resolve_group
@@ -65,6 +65,7 @@ class Daemon(ClientConnections, EngineLinks):
         self.state = DaemonState()
         self.stats = DaemonStats(max_tool_labels=config.metrics.max_tool_labels)
         self.adoption: Adoption | None = None
+        self.containers: Any = None
         self.metrics_address: str | None = None
         self.api = Api(self)
         self.events = EventLog()
@@ -106,12 +107,16 @@ class Daemon(ClientConnections, EngineLinks):
     def start(self) -> None:
         cfg = self.config
         self._protect_self()
-        self.tree = open_tree(root=cfg.daemon.cgroup_root)
+        from agentcg.controller.container_daemon import ContainerSandboxes   # adopted containers (docs/containers.md)
+        self.tree = ContainerSandboxes.wrap(open_tree(root=cfg.daemon.cgroup_root))
         cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
-        self.monitor = self._load_bpf()
+        self.monitor = ContainerSandboxes.tap(self._load_bpf(), lambda: self.containers)
         self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self._epoll = select.epoll()
+        self.containers = ContainerSandboxes(self, Args)
+        self.containers.restore()
+        self.api.ops.update(self.containers.ops())
         self.control = DaemonControl(self.tree, self.calls, self.state, self.stats, cfg.policy, self.events)
         self._triggers = PsiTriggers(self.tree, cfg.psi, self._register, self._unregister, self._on_pressure)
         self._adopt()
@@ -441,6 +446,7 @@ class Daemon(ClientConnections, EngineLinks):
             self._check_owners()
         if any(c.has_returned for c in self.calls.running()):
             self.finish_due()
+        self.containers.housekeeping(now)
         wake = self.engines.next_wake_s()
         if wake is not None and now >= wake:
             self._send_directives(self.engines.wake(now))
