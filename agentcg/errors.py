@@ -2,6 +2,7 @@
 
     AgentcgError                  base; `exit_code` says what the CLI returns
      ├── InvalidInput             malformed sizes, durations, names, config (exit 2)
+     │    └── UnsafePath          a symlink, foreign owner or loose mode where root writes
      ├── HostUnsupported          the host lacks a kernel feature agentcg needs
      │    └── ControllerMissing   a cgroup controller is not available on this host
      ├── CgroupError              a cgroup operation failed
@@ -28,6 +29,10 @@ class InvalidInput(AgentcgError, ValueError):
     """Input that cannot be used as given: a malformed size, name, option or file."""
 
     exit_code = 2
+
+
+class UnsafePath(InvalidInput):
+    """A path root would write or trust is a symlink, someone else's, or writable by others."""
 
 
 class HostUnsupported(AgentcgError):
