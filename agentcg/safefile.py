@@ -14,6 +14,9 @@ whatever it points to (`x.zip.tmp -> /etc/shadow`). Every such write goes throug
   (O_EXCL) and gets `mode`; a file that already exists is trusted only after `check_private`
   (a regular file, one link, owned by us or root, not writable by group or others) and only
   then truncated if O_TRUNC was asked for.
+- `open_append(path, mode, gid)`: a log-like file (the records) opened for O_APPEND the
+  same way; its mode (and group) are set to what the configuration says, also when an
+  older agentcg left it world-readable.
 - `read_private(path, max_bytes)`: bounded read of a file someone else could have forged
   (owner files, lock files): refused unless `check_private` passes.
 - `ensure_private_dir(path, mode)`: a directory that is a directory (not a symlink), ours,
@@ -167,6 +170,22 @@ def open_private(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 
             os.set_blocking(fd, True)
         if flags & os.O_TRUNC:
             os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_append(path: str | os.PathLike, mode: int = 0o600, gid: int | None = None) -> int:
+    """An O_APPEND descriptor of `path` (created when missing), never through a link, with
+    exactly `mode` and, when given, group `gid`."""
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        st = os.fstat(fd)
+        if gid is not None and st.st_gid != gid:
+            os.fchown(fd, -1, gid)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
         raise

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, Request
+from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, ProcFacts, Request
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry
-from agentcg.controller.reaper import process_start_ticks
 from agentcg.controller.sandbox import (
     PRIORITY_CPU_WEIGHT, ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name,
 )
@@ -77,21 +75,6 @@ class Args:
                                             f"it takes {', '.join(sorted(self.read)) or 'none'}")
 
 
-def peer_sandbox(peer_pid: int, root: str) -> str | None:
-    """The sandbox the peer's process lives in (from its v2 cgroup path), or None."""
-    try:
-        text = Path(f"/proc/{peer_pid}/cgroup").read_text()
-    except OSError:
-        return None
-    prefix = f"/{root}/"
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            path = line[3:]
-            if path.startswith(prefix):
-                return path[len(prefix):].split("/", 1)[0] or None
-    return None
-
-
 class Api:
     def __init__(self, daemon: "Daemon") -> None:
         self.d = daemon
@@ -113,7 +96,7 @@ class Api:
     def _may_act_on(self, peer: PeerCred, sandbox: str, what: str) -> None:
         if peer.is_root:
             return
-        own = peer_sandbox(peer.pid, self.d.tree.root)
+        own = peer.sandbox(self.d.tree.root)     # fixed at accept, not re-read by pid
         if own != sandbox:
             where = f"sandbox {own!r}" if own else "no sandbox"
             raise ApiError("forbidden", f"{what}: a process in {where} (uid {peer.uid}) may act only on its own "
@@ -203,7 +186,7 @@ class Api:
 
     def sandbox_list(self, conn: Connection, req: Request) -> dict[str, Any]:
         Args(req).done()
-        own = None if conn.peer.is_root else peer_sandbox(conn.peer.pid, self.d.tree.root)
+        own = None if conn.peer.is_root else conn.peer.sandbox(self.d.tree.root)
         return {"sandboxes": [self.sandbox_object(e) for n, e in sorted(self.d.state.sandboxes.items())
                               if conn.peer.is_root or n == own]}
 
@@ -240,7 +223,12 @@ class Api:
         if sandbox not in d.state.sandboxes and not peer.is_root:
             raise ApiError("not_found", f"no sandbox {sandbox!r}; root creates it with sandbox.create")
         if len(d.calls.running()) >= d.config.limits.max_running_calls:
-            raise ApiError("busy", f"{d.config.limits.max_running_calls} tool calls are running (max_running_calls)")
+            raise ApiError("busy", f"{d.config.limits.max_running_calls} tool calls are running "
+                                   "([limits] max_running_calls)")
+        per_sandbox = d.config.limits.max_running_calls_per_sandbox
+        if d.running_in(sandbox) >= per_sandbox:
+            raise ApiError("busy", f"sandbox {sandbox!r} has {per_sandbox} tool calls running "
+                                   "([limits] max_running_calls_per_sandbox); end some first")
         if pid is not None:
             self._check_pid(peer, pid, sandbox)
         call = d.calls.begin(sandbox, tool, command, mem_hint_bytes=mem_hint, priority=priority, grace_s=grace_s,
@@ -260,8 +248,10 @@ class Api:
             call_id=call.call_id, sandbox=sandbox, tool=call.tool, command=call.command,
             start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, priority=priority,
             mem_hint_bytes=mem_hint, grace_s=call.grace_s, created_sandbox=call.created_sandbox,
-            owner_pid=peer.pid, owner_start_ticks=process_start_ticks(peer.pid) or 0, owner_uid=peer.uid)
+            owner_pid=peer.pid, owner_start_ticks=peer.start_ticks, owner_uid=peer.uid)
         d.save()
+        if d.owners is not None and not d.owners.watch(call.call_id, peer.pid, peer.start_ticks, peer.pidfd):
+            d.end_call(call, None, None, waiter=None)      # the peer is gone already
         d.engine_tool_began(call)
         return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
                 "cgroup_id": call.cgroup_id, "limits": limits}
@@ -322,22 +312,21 @@ class Api:
         if cfg.group is not None:
             from agentcg.controller.daemon.config import resolve_group
             gid = resolve_group(cfg.group)
-            if peer.gid == gid or gid in _supplementary_groups(peer.pid):
+            if peer.gid == gid or gid in peer.groups:
                 return
         raise ApiError("forbidden", f"engine.attach: uid {peer.uid} may not attach an engine; run the engine as root, "
                                     "or list its uid ([engine] uids) or group ([engine] group) in the daemon's config")
 
     # ---- helpers ------------------------------------------------------------------
     def _check_pid(self, peer: PeerCred, pid: int, sandbox: str) -> None:
-        """A non-root peer may move only its own processes that live in its sandbox."""
+        """A non-root peer may move only its own processes that live in its sandbox (read
+        through a pidfd: a pid recycled while we look is caught by `check_pid_moved`)."""
         if peer.is_root:
             return
-        try:
-            uid = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                           if line.startswith("Uid:")))
-        except (OSError, StopIteration, ValueError, IndexError):
-            raise ApiError("not_found", f"process {pid} does not exist") from None
-        if uid != peer.uid or peer_sandbox(pid, self.d.tree.root) != sandbox:
+        facts = ProcFacts.read(pid)
+        if facts is None:
+            raise ApiError("not_found", f"process {pid} does not exist")
+        if facts.uid != peer.uid or PeerCred(pid, facts.uid, 0, cgroup=facts.cgroup).sandbox(self.d.tree.root) != sandbox:
             raise ApiError("forbidden", f"process {pid} is not yours or not in sandbox {sandbox!r}")
 
     def sandbox_object(self, entry: SandboxEntry) -> dict[str, Any]:
@@ -357,16 +346,6 @@ class Api:
                 "start_wall_s": call.start_wall_s, "age_s": time.monotonic() - call.start_monotonic_s,
                 "returned": call.has_returned, "cgroup_id": call.cgroup_id,
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
-
-
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
 
 
 def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:

@@ -3,15 +3,22 @@ the /metrics endpoint, PSI trigger fds and a self-pipe for signals; the eBPF rin
 is drained (timeout 0) every turn, and a timer runs the housekeeping (finishing calls
 whose grace period is over, owners that died, stalled clients) and the policy tick.
 
-Start-up adopts what an earlier daemon left (state.py), so `kill -9` loses nothing.
+Start-up adopts what an earlier daemon left (state.py), so `kill -9` loses nothing. It
+changes nothing (no state, owner or cgroup file) until this daemon holds the state
+directory's lock, the cgroup root's lock and the socket (`_claim`): a second daemon on
+the same state directory, root or socket refuses before touching anything.
 Shutdown (SIGTERM/SIGINT) goes through `shutdown()` only, and leaves sandboxes and
-running calls in place for the next daemon to adopt.
+running calls in place for the next daemon to adopt. SIGHUP, SIGUSR1/2, SIGALRM and the
+other signals whose default would end the daemon are ignored (docs/daemon.md, "Restart
+safety"): a stray `kill -HUP` must not take every sandbox's API down.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
+import resource
 import select
 import signal
 import socket
@@ -28,14 +35,16 @@ from agentcg.controller.daemon.engine import EngineHub, EngineLink, make_kv_poli
 from agentcg.controller.daemon.metrics import (
     HTTP_TIMEOUT_S, DaemonStats, HttpConnection, http_response, make_registry,
 )
+from agentcg.controller.daemon.owners import OwnerWatch
 from agentcg.controller.daemon.server import (
-    ApiError, Connection, UnixListener, encode_error, encode_result, error_code, parse_request,
+    ApiError, Connection, ConnectionSlots, RateLimitedLog, UnixListener, encode_error, encode_result,
+    error_code, parse_request,
 )
 from agentcg.controller.daemon.state import (
-    Adoption, CallEntry, DaemonState, SandboxEntry, load_state, plan_adoption, save_state,
+    Adoption, CallEntry, DaemonState, SandboxEntry, load_state, move_aside, plan_adoption, save_state,
 )
 from agentcg.controller.psi import PressureTrigger
-from agentcg.controller.reaper import process_start_ticks, reap_orphans
+from agentcg.controller.reaper import DAEMON_LOCK, daemon_owner, process_start_ticks, reap_orphans
 from agentcg.controller.sandbox import PRIORITY_CPU_WEIGHT, ensure_sandbox, remove_sandbox, sandbox_lock
 from agentcg.controller.toolcall import ToolCall
 from agentcg.engine_protocol import Directive, decode as decode_engine_line, encode as encode_engine_line
@@ -46,11 +55,17 @@ from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon")
 
-OWNER_CHECK_S = 0.25          # how often owners of running calls are checked for life
 FINISH_POLL_S = 0.02          # loop timeout while a call waits to be finished
 BPF_POLL_S = 0.05             # loop timeout while eBPF is loaded (ring buffer drained each turn)
 IDLE_POLL_S = 0.5
 MAX_HTTP_CONNECTIONS = 16
+ROOT_LOCK_DIR = Path("/run/agentcg-roots")   # one lock per cgroup root, whatever the state dir
+UNKNOWN_CHECK_S = 1.0         # how often adopted calls with no owner are checked for emptiness
+# default action "terminate" but nothing a daemon should die of (signal(7)); SIGTERM and
+# SIGINT stop it cleanly, SIGKILL and the core-dumping faults stay as they are
+IGNORED_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGPIPE",
+    "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGXFSZ", "SIGSTKFLT") if hasattr(signal, name))
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 
@@ -82,8 +97,15 @@ class Daemon:
         self._old_signals: dict[int, Any] = {}
         self._bpf_stats_fd: int | None = None
         self._stop = False
+        self._locks: list[int] = []
+        self._slots = ConnectionSlots(config.protocol.max_connections, config.protocol.max_connections_per_uid,
+                                      config.protocol.root_connections)
+        self._bad_requests = RateLimitedLog(log)
+        self._ignored: list[int] = []
+        self.owners: OwnerWatch | None = None
+        self._unknown: set[str] = set()        # adopted calls nobody owns: recorded once empty
+        self._next_unknown_check = 0.0
         self._next_tick = 0.0
-        self._next_owner_check = 0.0
         self._observed_at: float | None = None
         self._policy: Any = None
         e = config.engine
@@ -93,6 +115,7 @@ class Daemon:
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
         try:
+            self._install_signals()      # first: a SIGHUP during start-up must not kill it either
             self.start()
             self.loop()
         finally:
@@ -104,31 +127,76 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
+        previous = self._claim()
         self._protect_self()
-        self.tree = open_tree(root=cfg.daemon.cgroup_root)
-        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         self.monitor = self._load_bpf()
         self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
-        self._epoll = select.epoll()
-        self._adopt()
+        self.calls.records_mode = cfg.daemon.records_mode
+        self.calls.records_gid = (resolve_group(cfg.daemon.socket_group)
+                                  if cfg.daemon.socket_group is not None and cfg.daemon.records_mode & 0o040 else None)
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        self.owners = OwnerWatch()
+        self._register(self.owners.fileno(), select.EPOLLIN, self._on_owner_exit)
+        self._adopt(previous)
         self._policy = self._make_policy(self._policy_name, self._dry_run)
         if cfg.engine.kv_policy not in KV_POLICY_NAMES:
             make_kv_policy(cfg.engine.kv_policy)     # a custom policy that cannot load fails the start
         self._arm_trigger("")
         for name in self.state.sandboxes:
             self._arm_trigger(name)
-        gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
-        self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
         self._register(self._listener.fileno(), _IN, self._on_accept)
         if cfg.metrics.address:
             self._listen_metrics(cfg.metrics.address)
-        self._install_signals()
         self._next_tick = time.monotonic() + cfg.policy.tick_s
         log.info("agentcg daemon %d: socket %s, cgroup root %s (%s), eBPF %s, metrics %s, adopted %s",
                  os.getpid(), cfg.daemon.socket_path, self.tree.root, self.tree.kind,
                  "on" if self.monitor else "off", self.metrics_address or "off",
                  self.adoption.summary() if self.adoption else {})
+
+    def _claim(self) -> tuple[int, int] | None:
+        """Take the state directory, the cgroup root and the socket, in that order, before
+        anything is changed; refuse (InvalidInput, exit 2) when another daemon holds one.
+        Returns the (pid, start ticks) of the daemon that held the state directory before."""
+        from agentcg.safefile import ensure_private_dir, open_private
+
+        cfg = self.config
+        state_dir = ensure_private_dir(cfg.daemon.state_dir, 0o755)
+        lock_path = state_dir / DAEMON_LOCK
+        previous = daemon_owner(state_dir)
+        fd = open_private(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._locks.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f"pid {previous[0]}" if previous else "another process"
+            raise InvalidInput(f"another agentcg daemon ({holder}) uses state directory {state_dir}; "
+                               "stop it first, or give this one its own [daemon] state_dir") from None
+        self.tree = open_tree(root=cfg.daemon.cgroup_root)
+        root_lock = self._lock_cgroup_root()
+        try:
+            fcntl.flock(root_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInput(f"another agentcg daemon manages cgroup root {self.tree.root!r} (it holds the "
+                               "root's lock); stop it first, or give this one its own [daemon] cgroup_root") from None
+        gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
+        self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
+        # ours now: say so in the lock file (reap_orphans spares this daemon's calls)
+        ticks = process_start_ticks(os.getpid()) or 0
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {ticks}\n".encode(), 0)
+        return previous
+
+    def _lock_cgroup_root(self) -> int:
+        """A lock file per cgroup root in ROOT_LOCK_DIR, the same for every state directory:
+        whatever state directory a daemon uses, two cannot manage the same root."""
+        from agentcg.safefile import ensure_private_dir, open_private
+
+        directory = ensure_private_dir(ROOT_LOCK_DIR, 0o755)
+        fd = open_private(directory / f"{self.tree.root.replace('/', '.')}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._locks.append(fd)
+        return fd
 
     def shutdown(self) -> None:
         """The one clean-up path: close every fd we opened. Sandboxes and running calls
@@ -150,11 +218,20 @@ class Daemon:
             self.monitor = None
         bpfstats.disable_bpf_stats(self._bpf_stats_fd)
         self._bpf_stats_fd = None
+        if self.owners is not None:
+            self.owners.close()
+            self.owners = None
+        if self.state.journal is not None:
+            self.state.journal.close()
+            self.state.journal = None
         self._restore_signals()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
         self._handlers.clear()
+        for fd in self._locks:          # last: the next daemon may start from here on
+            os.close(fd)
+        self._locks.clear()
 
     def _protect_self(self) -> None:
         try:
@@ -187,14 +264,14 @@ class Daemon:
         return monitor
 
     # ---- adoption -----------------------------------------------------------------
-    def _adopt(self) -> None:
+    def _adopt(self, previous: tuple[int, int] | None = None) -> None:
         cfg = self.config
         try:
             saved = load_state(cfg.state_path)
         except InvalidInput as exc:
-            aside = cfg.state_path.with_name(cfg.state_path.name + f".corrupt-{int(time.time())}")
-            os.replace(cfg.state_path, aside)
-            log.error("%s; moved it to %s and adopt from the cgroup tree alone", exc, aside)
+            aside = move_aside(cfg.state_path, f".corrupt-{int(time.time())}")
+            log.error("%s; moved it to %s and adopt from the cgroup tree alone (its calls as tool "
+                      "\"unknown\", recorded when their processes are gone)", exc, ", ".join(map(str, aside)))
             saved = DaemonState()
         plan = plan_adoption(self.tree, saved, time.monotonic(), time.time(), cfg.limits.grace_s)
         foreign = self._live_foreign_owners(saved)
@@ -211,7 +288,8 @@ class Daemon:
         known = [c for c in plan.calls if c.call_id in saved.calls]
         for entry in known:
             self._adopt_call(entry)
-        reaped = reap_orphans(self.tree, cfg.daemon.state_dir)   # dead `agentcg run`s, not ours
+        # dead `agentcg run`s; the calls of the daemon before us are ours to adopt, not to reap
+        reaped = reap_orphans(self.tree, cfg.daemon.state_dir, spare=previous)
         for gone in reaped:
             self.stats.observe_action("reap", "owner_dead")
         for entry in plan.calls:
@@ -234,13 +312,16 @@ class Daemon:
 
     def _adopt_call(self, entry: CallEntry) -> None:
         try:
-            call = self.calls.adopt_entry(entry)
+            self.calls.adopt_entry(entry)
         except CgroupGone:
             self._record_lost(entry)
             return
         self.state.calls[entry.call_id] = entry
-        if entry.owner_pid == 0:       # found in the tree only: nobody will end it
-            self.calls.returned(call)
+        if entry.owner_pid == 0:       # found in the tree only: recorded once its processes are gone
+            self._unknown.add(entry.call_id)
+        elif entry.returned_monotonic_s is None and not self.owners.watch(
+                entry.call_id, entry.owner_pid, entry.owner_start_ticks):
+            self._owner_died(entry.call_id)
         self.stats.observe_action("adopt", "restart")
 
     def _record_lost(self, entry: CallEntry) -> None:
@@ -312,7 +393,11 @@ class Daemon:
         if entry is not None and entry.returned_monotonic_s is None:
             entry.returned_monotonic_s, entry.returned_wall_s = call.returned_monotonic_s, call.returned_wall_s
             entry.exit_code, entry.signal = call.exit_code, call.signal
+            self.state.calls[call.call_id] = entry      # assigned again: the journal writes it
             self.save()
+        if self.owners is not None:
+            self.owners.forget(call.call_id)
+        self._unknown.discard(call.call_id)
         if waiter is not None:
             waiter[0].busy = True
             self._waiters.setdefault(call.call_id, []).append(waiter)
@@ -335,6 +420,9 @@ class Daemon:
 
     def _call_finished(self, record: ToolCallRecord) -> None:
         entry = self.state.calls.pop(record.call_id, None)
+        if self.owners is not None:
+            self.owners.forget(record.call_id)
+        self._unknown.discard(record.call_id)
         self.stats.observe_call(record)
         self._engine_call_ended(record.call_id)
         self._guarded(self.engines.learn, record)
@@ -430,9 +518,9 @@ class Daemon:
     def _housekeeping(self, now: float) -> None:
         if self.monitor is not None:
             self._drain_bpf()
-        if now >= self._next_owner_check:
-            self._next_owner_check = now + OWNER_CHECK_S
-            self._check_owners()
+        if self._unknown and now >= self._next_unknown_check:
+            self._next_unknown_check = now + UNKNOWN_CHECK_S
+            self._check_unknown()
         if any(c.has_returned for c in self.calls.running()):
             self.finish_due()
         wake = self.engines.next_wake_s()
@@ -467,16 +555,42 @@ class Daemon:
             if kind in ("rssthreshold", "oomvictim", "reclaimstall"):
                 self._decide_now(now)
 
-    def _check_owners(self) -> None:
-        for call in self.calls.running():
-            entry = self.state.calls.get(call.call_id)
-            if call.has_returned or entry is None or entry.owner_pid == 0:
+    def _on_owner_exit(self, fd: int, mask: int) -> None:
+        """An owner's pidfd turned readable: that process exited (or is a zombie)."""
+        assert self.owners is not None
+        for call_id in self.owners.dead():
+            self._owner_died(call_id)
+
+    def _owner_died(self, call_id: str) -> None:
+        try:
+            call = self.calls.get(call_id)
+        except CgroupGone:
+            return
+        entry = self.state.calls.get(call_id)
+        if call.has_returned:
+            return
+        log.info("owner %s of tool call %s died; the call ends after its grace period",
+                 entry.owner_pid if entry else "?", call_id)
+        self.end_call(call, None, None, waiter=None)
+        self.stats.observe_action("end", "owner_dead")
+
+    def _check_unknown(self) -> None:
+        """Adopted calls nobody owns end when their cgroup is empty (then they are recorded)."""
+        for call_id in list(self._unknown):
+            try:
+                call = self.calls.get(call_id)
+            except CgroupGone:
+                self._unknown.discard(call_id)
                 continue
-            if process_start_ticks(entry.owner_pid) != entry.owner_start_ticks:
-                log.info("owner %d of tool call %s died; the call ends after its grace period",
-                         entry.owner_pid, call.call_id)
-                self.end_call(call, None, None, waiter=None)
-                self.stats.observe_action("end", "owner_dead")
+            if call.has_returned:
+                self._unknown.discard(call_id)
+            elif not self.calls._populated(call):
+                self._unknown.discard(call_id)
+                self.calls.returned(call)
+                call.grace_s = 0.0
+
+    def running_in(self, sandbox: str) -> int:
+        return sum(1 for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned)
 
     # ---- epoll plumbing -----------------------------------------------------------
     def _register(self, fd: int, events: int, handler: Callable[[int, int], None]) -> None:
@@ -493,12 +607,33 @@ class Daemon:
                 pass
 
     def _install_signals(self) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        self._raise_fd_limit()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_pipe = (r, w)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._old_signals[signum] = signal.signal(signum, self.request_stop)
+        for signum in IGNORED_SIGNALS:
+            # a handler, not SIG_IGN: exec() resets it, so no child inherits an ignored signal
+            self._old_signals[signum] = signal.signal(signum, self._note_ignored)
         self._register(r, select.EPOLLIN, self._on_signal)
+
+    def _note_ignored(self, signum: int, frame: Any) -> None:
+        if len(self._ignored) < 64:
+            self._ignored.append(signum)
+
+    @staticmethod
+    def _raise_fd_limit() -> None:
+        """Each running call's owner is watched through a pidfd: up to the hard limit."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                            else max(soft, 1 << 20), hard))
+            except (ValueError, OSError):
+                pass
 
     def _restore_signals(self) -> None:
         for signum, handler in self._old_signals.items():
@@ -516,6 +651,12 @@ class Daemon:
             os.read(fd, 512)
         except BlockingIOError:
             pass
+        ignored, self._ignored = self._ignored, []
+        for signum in sorted(set(ignored)):
+            self._bad_requests.log(logging.INFO, ("signal", signum),
+                                   "%s ignored (docs/daemon.md, \"Restart safety\"); SIGTERM stops the daemon, "
+                                   "and a restart keeps every running call", signal.Signals(signum).name,
+                                   now=time.monotonic())
 
     # ---- API clients --------------------------------------------------------------
     def _on_accept(self, fd: int, mask: int) -> None:
@@ -526,12 +667,15 @@ class Daemon:
                 return
             sock, peer = accepted
             conn = Connection(sock, peer, time.monotonic())
-            if len(self._conns) >= self.config.protocol.max_connections:
-                conn.send(encode_error(None, "busy", f"{self.config.protocol.max_connections} connections are "
-                                                     "open (max_connections); retry later"))
+            refused = self._slots.refuse(peer.uid)
+            if refused is not None:
+                conn.send(encode_error(None, "busy", refused))
                 conn.close()
                 self.stats.observe_request("connect", "busy")
+                self._bad_requests.log(logging.WARNING, ("busy", peer.uid), "connection of uid %d refused: %s",
+                                       peer.uid, refused, now=time.monotonic())
                 continue
+            self._slots.take(peer.uid)
             self._conns[conn.fileno()] = conn
             self._register(conn.fileno(), _IN, self._on_client)
 
@@ -595,10 +739,12 @@ class Daemon:
             request_id = getattr(exc, "request_id", request_id)
             self.stats.observe_request(op_label, code)
             return encode_error(request_id, code, str(exc))
-        except Exception as exc:  # a bug must not take the daemon down: answer and log it
-            log.exception("internal error serving %s", op_label)
+        except Exception as exc:  # a bug must not take the daemon down: answer and log it (rate-limited)
+            self._bad_requests.log(logging.ERROR, ("internal", conn.peer.uid), "internal error serving %s",
+                                   op_label, exc_info=True, now=time.monotonic())
             self.stats.observe_request(op_label, "internal")
-            return encode_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
+            return encode_error(request_id, "internal", f"internal error serving {op_label} "
+                                                        f"({type(exc).__name__}); see the daemon's log")
 
     def _answer(self, conn: Connection, data: bytes) -> None:
         if conn.fileno() < 0 or self._conns.get(conn.fileno()) is not conn:
@@ -622,6 +768,7 @@ class Daemon:
         fd = conn.fileno()
         if fd >= 0 and self._conns.get(fd) is conn:
             del self._conns[fd]
+            self._slots.release(conn.peer.uid)
             self._unregister(fd)
             link = self.engines.detach(fd)
             if link is not None:
