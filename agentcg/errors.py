@@ -12,6 +12,7 @@
      │    └── AccessDenied        the kernel refused (EPERM/EACCES)
      ├── BpfError                 compiling, loading or attaching a BPF program failed
      ├── TraceError               a trace is unreadable, of an unknown version, or incomplete
+     │    └── MalformedTrace      ... because a file given as input is wrong (also InvalidInput: exit 2)
      └── ProtocolError            a malformed or refused daemon/engine message
 
 Every message says what went wrong and, where there is one, how to fix it.
@@ -69,6 +70,10 @@ class BpfError(AgentcgError):
 
 class TraceError(AgentcgError):
     """A trace could not be read or written: version, columns or layout are wrong."""
+
+
+class MalformedTrace(TraceError, InvalidInput):
+    """A trace given as input whose manifest or tables have the wrong shape (exit 2)."""
 
 
 class ProtocolError(AgentcgError):

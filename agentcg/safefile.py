@@ -10,6 +10,8 @@ whatever it points to (`x.zip.tmp -> /etc/shadow`). Every such write goes throug
   name, never through a link) relative to a descriptor of the parent directory, is
   fsynced, given exactly `mode` (not the umask's idea of it), and renamed over the target.
   rename(2) replaces a symlink at the target name itself; it never writes through one.
+- `atomic_file(path, mode)`: the same as a context manager yielding a binary file, for
+  writers that stream (a trace's .zip); the target appears only when the block succeeds.
 - `open_private(path, flags, mode)`: open with O_NOFOLLOW; a file that is created is new
   (O_EXCL) and gets `mode`; a file that already exists is trusted only after `check_private`
   (a regular file, one link, owned by us or root, not writable by group or others) and only
@@ -26,11 +28,13 @@ Refusals raise `UnsafePath` (an InvalidInput: the CLI exits 2) naming the path a
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import stat
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from agentcg.errors import UnsafePath
 
@@ -120,6 +124,34 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = 0o600, 
     finally:
         os.close(dfd)
     return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: int = 0o600, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Yield a new binary file that replaces `path` when the block ends without an error
+    (the rules of `atomic_write`); on an error the temp file is removed, `path` untouched."""
+    path = Path(path)
+    dfd = _open_parent(path)
+    try:
+        fd, tmp = _create_temp(dfd, path)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "w+b") as fh:
+                yield fh
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    except IsADirectoryError:
+        raise UnsafePath(f"cannot write {path}: it is a directory") from None
+    finally:
+        os.close(dfd)
 
 
 def _create_temp(dfd: int, path: Path) -> tuple[int, str]:
