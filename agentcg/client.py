@@ -257,7 +257,17 @@ class Client:
                 end_args["signal"] = signal
             return ToolCallRecord.from_dict(self.request("toolcall.end", end_args).get("record"))
 
-        return Call(self, call_id, cgroup_id, procs, lambda argv, **kw: spawn_into(procs, argv, **kw), finish)
+        def spawn(argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+            proc = spawn_into(procs, argv, **kw)
+            if result.get("attach_needed"):   # v1 hierarchies: only the daemon may move it there
+                try:
+                    self.request("toolcall.attach", {"call_id": call_id, "pid": proc.pid})
+                except AgentcgError:
+                    if proc.poll() is None:    # gone already: nothing left to account in v1
+                        raise
+            return proc
+
+        return Call(self, call_id, cgroup_id, procs, spawn, finish)
 
 
 def spawn_into(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:

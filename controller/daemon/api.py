@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, ProcFacts, Request
@@ -253,8 +254,11 @@ class Api:
         if d.owners is not None and not d.owners.watch(call.call_id, peer.pid, peer.start_ticks, peer.pidfd):
             d.end_call(call, None, None, waiter=None)      # the peer is gone already
         d.engine_tool_began(call)
-        return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
-                "cgroup_id": call.cgroup_id, "limits": limits}
+        procs = call.procs_files if peer.is_root else _peer_writable(d, call)
+        return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in procs],
+                "cgroup_id": call.cgroup_id, "limits": limits,
+                # v1 hierarchies the daemon joins for the peer: send toolcall.attach with the child's pid
+                "attach_needed": len(procs) < len(call.procs_files)}
 
     def toolcall_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
         a = Args(req)
@@ -348,10 +352,19 @@ class Api:
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
 
 
+def _peer_writable(d: "Daemon", call: ToolCall) -> list[Path]:
+    """The call's cgroup.procs files a non-root peer may write: the v2 one only."""
+    return [call.procs_files[0]] if call.procs_files else []
+
+
 def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:
-    """Let a non-root peer's child join the call: its cgroup.procs files, and on the v2
-    tree the sandbox's too (v2 checks write access at the common ancestor of the source
-    and destination cgroups: <sandbox>, for a peer in <sandbox>/agent)."""
-    files = list(call.procs_files) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
+    """Let a non-root peer's child join the call's v2 cgroup: its cgroup.procs, and the
+    sandbox's (v2 checks write access at the common ancestor of the source and destination
+    cgroups: <sandbox>, for a peer in <sandbox>/agent, so a process of another sandbox
+    still cannot move in). Never a v1 file: v1 checks only the file's owner, so any process
+    of that uid, in any sandbox, could move itself in and spend this call's budget
+    (issue 12). The daemon moves the pid into v1 itself (toolcall.attach, after checking
+    the pid is the peer's and in its sandbox)."""
+    files = _peer_writable(d, call) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
     for path in files:
         os.chown(path, uid, -1)
