@@ -175,27 +175,27 @@ def open_private(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 
     """
     path = os.fspath(path)
     base = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
-    if flags & os.O_CREAT:
+    for _ in range(_TMP_ATTEMPTS):
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            return _create_new(path, base, mode)
+        # O_NONBLOCK: a planted FIFO must not hang the open; cleared once the file checks out
         try:
-            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, base | os.O_NONBLOCK)
+            break
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(f"{path} is a symlink; refusing to follow it (remove it: someone may "
+                                 "have planted it)") from None
+            raise
+        try:
+            return _create_new(path, base, mode)
         except FileExistsError:
-            if flags & os.O_EXCL:
-                raise
-        else:
-            try:
-                os.fchmod(fd, mode)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-    # O_NONBLOCK: a planted FIFO must not hang the open; cleared once the file checks out
-    try:
-        fd = os.open(path, base | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePath(f"{path} is a symlink; refusing to follow it (remove it: someone may "
-                             "have planted it)") from None
-        raise
+            continue        # made meanwhile by someone else: open and check it
+    else:
+        raise UnsafePath(f"{path}: created and removed under us {_TMP_ATTEMPTS} times; is someone racing us?")
     try:
         check_private(fd, path, allow_group_write=allow_group_write)
         if not base & os.O_NONBLOCK:
@@ -218,6 +218,16 @@ def open_append(path: str | os.PathLike, mode: int = 0o600, gid: int | None = No
             os.fchown(fd, -1, gid)
         if stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create_new(path: str, base: int, mode: int) -> int:
+    fd = os.open(path, base | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
         raise
@@ -250,12 +260,15 @@ def ensure_private_dir(path: str | os.PathLike, mode: int = 0o700, *, allow_grou
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(path, mode)
-        os.chmod(path, mode, follow_symlinks=False)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path, mode)
+            os.chmod(path, mode, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePath(f"{path} is a symlink; agentcg keeps its state only in a real directory "
                          "(remove the link)")

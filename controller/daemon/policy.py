@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from agentcg.controller.daemon.service import Daemon
 
 MAX_EVENTS = 1024                 # events kept between two ticks
+NEAR_BUDGET = 0.5                 # a sandbox's calls are read each tick from this share of its budget on
 
 
 class PolicyRunner:
@@ -36,6 +37,7 @@ class PolicyRunner:
         self.events: list[Event] = []
         self.frozen: set[str] = set()
         self.throttle: dict[str, int] = {}
+        self._readings: dict[str, tuple[int, int]] = {}    # call id -> (usage, peak) last read
 
     @property
     def dry_run(self) -> bool:
@@ -44,6 +46,7 @@ class PolicyRunner:
     def call_ended(self, record: ToolCallRecord) -> None:
         self.frozen.discard(record.call_id)
         self.throttle.pop(record.call_id, None)
+        self._readings.pop(record.call_id, None)
         if len(self.events) < MAX_EVENTS:
             self.events.append(Event(time.monotonic(), "oom_kill" if record.oom_killed else "call_exit",
                                      record.sandbox, record.call_id, record.tool, record.peak_memory_bytes))
@@ -76,28 +79,44 @@ class PolicyRunner:
             self.d.calls.note(action.call_id, "kill", action.message or action.reason)
 
     def snapshot(self) -> Snapshot:
+        """Sandboxes are read every tick; their calls only while the sandbox (or the host) is
+        near its budget (>= NEAR_BUDGET of it) or has a frozen or throttled call: elsewhere no
+        policy acts, and a call's last reading stands (a new call is read once). So an idle
+        tick with 1,000 calls far below their budgets reads one file per sandbox, not 2,000."""
         tree, now = self.d.tree, time.monotonic()
-        running = self.d.calls.running()
+        by_sandbox: dict[str, list] = {}
+        for call in self.d.calls.running():
+            by_sandbox.setdefault(call.sandbox, []).append(call)
+        host = _read(lambda: tree.memory_current("")) if tree.exists("") else None
+        host_hot = (self.host_budget_bytes is not None and host is not None
+                    and host >= NEAR_BUDGET * self.host_budget_bytes)
+        has_peak = "memory.peak" in tree.capabilities
         views = []
         for name, entry in sorted(self.d.state.sandboxes.items()):
-            calls = []
-            for call in running:
-                if call.sandbox != name:
-                    continue
-                usage = _read(lambda: tree.memory_current(call.path))
-                if usage is None:
-                    continue
-                peak = _read(lambda: tree.memory_peak(call.path)) if "memory.peak" in tree.capabilities else None
-                calls.append(CallView(call.call_id, call.tool, usage, max(usage, peak or 0),
-                                      now - call.start_monotonic_s, call.mem_hint_bytes,
-                                      call.call_id in self.frozen, self.throttle.get(call.call_id, 0)))
             usage = _read(lambda: tree.memory_current(name))
             if usage is None:
                 continue
+            mine = by_sandbox.get(name, ())
+            hot = (host_hot or (entry.memory_budget_bytes is not None and usage >= NEAR_BUDGET * entry.memory_budget_bytes)
+                   or any(c.call_id in self.frozen or c.call_id in self.throttle for c in mine))
+            calls = []
+            for call in mine:
+                reading = None if hot else self._readings.get(call.call_id)
+                if reading is None:
+                    used = _read(lambda: tree.memory_current(call.path))
+                    if used is None:
+                        continue
+                    peak = _read(lambda: tree.memory_peak(call.path)) if has_peak else None
+                    reading = self._readings[call.call_id] = (used, max(used, peak or 0))
+                calls.append(CallView(call.call_id, call.tool, reading[0], reading[1],
+                                      now - call.start_monotonic_s, call.mem_hint_bytes,
+                                      call.call_id in self.frozen, self.throttle.get(call.call_id, 0)))
             pressure = _read(lambda: tree.pressure(name, "memory")) if "psi" in tree.capabilities else None
             views.append(SandboxView(name, entry.priority, usage, entry.memory_budget_bytes,
                                      pressure.some.avg10 if pressure else 0.0, tuple(calls)))
-        host = _read(lambda: tree.memory_current("")) if tree.exists("") else None
+        if len(self._readings) > 2 * sum(map(len, by_sandbox.values())) + 64:   # calls discarded unrecorded
+            live = {c.call_id for calls in by_sandbox.values() for c in calls}
+            self._readings = {k: v for k, v in self._readings.items() if k in live}
         return Snapshot(now, host if host is not None else sum(v.usage_bytes for v in views),
                         self.host_budget_bytes, tuple(views), tuple(self.events))
 

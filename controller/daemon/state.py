@@ -224,11 +224,11 @@ class StateJournal:
         lines = []
         for name in sorted(state.sandboxes.take_dirty()):
             entry = state.sandboxes.get(name)
-            lines.append({"op": "sandbox", "value": dataclasses.asdict(entry)} if entry is not None
+            lines.append({"op": "sandbox", "value": dict(vars(entry))} if entry is not None
                          else {"op": "-sandbox", "value": name})
         for call_id in sorted(state.calls.take_dirty()):
             call = state.calls.get(call_id)
-            lines.append({"op": "call", "value": dataclasses.asdict(call)} if call is not None
+            lines.append({"op": "call", "value": dict(vars(call))} if call is not None
                          else {"op": "-call", "value": call_id})
         if lines:
             data = "".join(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n" for line in lines)
