@@ -2,7 +2,7 @@
 anything runs. Every field has a default, so `agentcg daemon` works with no file.
 
     [daemon]    socket_path, socket_mode, socket_group, cgroup_root, state_dir,
-                records_path, records_mode, oom_score_adj, on_sighup
+                records_path, records_mode, oom_score_adj
     [limits]    max_sandboxes, max_running_calls, max_running_calls_per_sandbox,
                 call_pids_max, grace_s
     [protocol]  line_timeout_s, idle_timeout_s, max_connections, max_connections_per_uid,
@@ -46,7 +46,6 @@ class DaemonSection:
     oom_score_adj: int = -1000            # the OOM killer never picks the daemon
     realtime_priority: int = 0            # 1..99: run as SCHED_FIFO at that priority (0: as is)
     records_mode: int = 0o600             # 0640 lets socket_group read the records (commands!)
-    on_sighup: str = "ignore"             # "ignore" | "reload" (policy, limits, protocol, log level)
 
 
 @dataclass(frozen=True)
@@ -248,7 +247,6 @@ def _daemon(f: _Fields) -> DaemonSection:
         oom_score_adj=f.integer("oom_score_adj", -1000, -1000, 1000),
         realtime_priority=f.integer("realtime_priority", 0, 0, 99),
         records_mode=_records_mode(f),
-        on_sighup=_choice(f, "on_sighup", ("ignore", "reload"), "ignore"),
     )
     f.done()
     return section
@@ -264,13 +262,6 @@ def _records_mode(f: _Fields) -> int:
         raise InvalidInput(f"{f.where}: records_mode must be \"0600\", \"0640\" (socket_group reads) or "
                            f"\"0644\", got {text!r}")
     return mode
-
-
-def _choice(f: _Fields, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = f.get(key, str, default)
-    if value not in choices:
-        raise InvalidInput(f"{f.where}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def _limits(f: _Fields) -> LimitsSection:
