@@ -11,6 +11,7 @@
      │    ├── CgroupBusy          could not be emptied or removed in bounded retries
      │    └── AccessDenied        the kernel refused (EPERM/EACCES)
      ├── BpfError                 compiling, loading or attaching a BPF program failed
+     ├── ProcessGone              a process is not there (exited, a zombie, or never was)
      ├── TraceError               a trace is unreadable, of an unknown version, or incomplete
      │    └── MalformedTrace      ... because a file given as input is wrong (also InvalidInput: exit 2)
      └── ProtocolError            a malformed or refused daemon/engine message
@@ -66,6 +67,14 @@ class AccessDenied(CgroupError, PermissionError):
 
 class BpfError(AgentcgError):
     """A BPF program could not be compiled, loaded or attached."""
+
+
+class ProcessGone(AgentcgError, ProcessLookupError):
+    """The process does not exist: it exited (or is a zombie) or never was; `.pid` says which."""
+
+    def __init__(self, message: str, pid: object = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class TraceError(AgentcgError):
