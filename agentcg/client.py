@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import socket
 import subprocess
@@ -31,23 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from agentcg.errors import (
-    AccessDenied, AgentcgError, CgroupBusy, CgroupExists, CgroupGone, HostUnsupported, InvalidInput,
-    ProtocolError,
+from agentcg.daemon_protocol import (
+    DEFAULT_SOCKET, END_TIMEOUT_S, MAX_MESSAGE_BYTES, REQUEST_TIMEOUT_S, SOCKET_ENV, Method, decode_reply,
+    encode_request,
 )
+from agentcg.errors import AccessDenied, CgroupGone, HostUnsupported, InvalidInput, ProtocolError
 from agentcg.records import ToolCallRecord, status_of
 
-DEFAULT_SOCKET = Path("/run/agentcg/agentcg.sock")
-PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024
-REQUEST_TIMEOUT_S = 60.0
-END_TIMEOUT_S = 3660.0           # toolcall.end waits out the call's grace period (at most 3600 s)
 MODES = ("auto", "daemon", "local")
-
-_ERRORS: dict[str, type[AgentcgError]] = {
-    "invalid_input": InvalidInput, "not_found": CgroupGone, "forbidden": AccessDenied,
-    "exists": CgroupExists, "busy": CgroupBusy, "unsupported": HostUnsupported,
-}
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ class CallResult:
 
 
 def socket_path() -> Path:
-    return Path(os.environ.get("AGENTCG_SOCKET") or DEFAULT_SOCKET)
+    return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
 
 
 class Call:
@@ -229,7 +219,7 @@ class Client:
                 self._conn = None
             if self._conn is None:
                 self._conn = _Connection(self.socket_path)
-            timeout_s = END_TIMEOUT_S if op == "toolcall.end" else REQUEST_TIMEOUT_S
+            timeout_s = END_TIMEOUT_S if op == Method.TOOLCALL_END else REQUEST_TIMEOUT_S
             return self._conn.request(op, args or {}, timeout_s)
 
     def _begin_daemon(self, sandbox: str, tool: str | None, command: Sequence[str] | str,
@@ -241,7 +231,7 @@ class Client:
                                 "priority": priority}
         if mem_hint_bytes is not None:
             args["mem_hint_bytes"] = mem_hint_bytes
-        result = self.request("toolcall.begin", args)
+        result = self.request(Method.TOOLCALL_BEGIN, args)
         try:
             call_id = str(result["call_id"])
             procs = [Path(p) for p in result["cgroup_procs"]]
@@ -255,7 +245,7 @@ class Client:
                 end_args["exit_code"] = exit_code
             if signal is not None:
                 end_args["signal"] = signal
-            return ToolCallRecord.from_dict(self.request("toolcall.end", end_args).get("record"))
+            return ToolCallRecord.from_dict(self.request(Method.TOOLCALL_END, end_args).get("record"))
 
         def spawn(argv: Sequence[str], **kw: Any) -> subprocess.Popen:
             proc = spawn_into(procs, argv, **kw)
@@ -328,9 +318,7 @@ class _Connection:
 
     def request(self, op: str, args: dict[str, Any], timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
         request_id = next(self._ids)
-        line = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args}).encode() + b"\n"
-        if len(line) > MAX_MESSAGE_BYTES:
-            raise InvalidInput(f"{op}: request of {len(line)} bytes exceeds the protocol's {MAX_MESSAGE_BYTES}")
+        line = encode_request(request_id, op, args)
         try:
             self._sock.settimeout(timeout_s)
             self._sock.sendall(line)
@@ -344,20 +332,7 @@ class _Connection:
         except ProtocolError:
             self.broken = True
             raise
-        try:
-            message = json.loads(reply)
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"{op}: the daemon sent invalid JSON ({exc})") from None
-        if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION or message.get("id") != request_id:
-            raise ProtocolError(f"{op}: unexpected reply {reply[:200]!r} (want v={PROTOCOL_VERSION}, id={request_id})")
-        if message.get("ok") is True:
-            result = message.get("result", {})
-            if not isinstance(result, dict):
-                raise ProtocolError(f"{op}: the daemon's result is not an object: {result!r}")
-            return result
-        error = message.get("error") or {}
-        code, text = str(error.get("code", "internal")), str(error.get("message", "no message"))
-        raise _ERRORS.get(code, ProtocolError)(f"daemon refused {op} ({code}): {text}")
+        return decode_reply(op, request_id, reply)
 
     def _read_line(self) -> bytes:
         while b"\n" not in self._buffer:
