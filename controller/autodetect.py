@@ -23,12 +23,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from agentcg.controller.sandbox import agent_path
 from agentcg.controller.toolcall import ToolCall, ToolCallManager
-from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.errors import AgentcgError, CgroupGone, InvalidInput, ProcessGone
+from agentcg.procfs import PROC
 from agentcg.records import ToolCallRecord, truncate_command
 
 if TYPE_CHECKING:
@@ -266,25 +266,19 @@ def _continue(event) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
+    return PROC.is_alive(pid)
 
 
 def _ppid(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return PROC.stat(pid).ppid
+    except ProcessGone:
         return None
 
 
 def _command_of(pid: int, filename: str) -> str:
-    """The command line from /proc (NULs to spaces), else the exec'd filename."""
+    """The command line from /proc (arguments joined by spaces), else the exec'd filename."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
+        return " ".join(PROC.cmdline(pid)) or filename
+    except ProcessGone:
         return filename
-    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
-    return text or filename

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
 from agentcg.controller.doctor_btf import btf_has_struct, read_btf
-from agentcg.errors import HostUnsupported, InvalidInput
+from agentcg.errors import AgentcgError, HostUnsupported, InvalidInput
+from agentcg.procfs import ProcFs
 
 OK, WARNING, MISSING, UNSUPPORTED = "ok", "warning", "missing", "unsupported"
 STATUSES = (OK, WARNING, MISSING, UNSUPPORTED)
@@ -351,7 +352,7 @@ def _v2_sample_cgroup(host: _Host) -> Iterator[tuple[Path | None, str]]:
     and go), else one made for the probe and removed. Yields (path or None, how found)."""
     root = host.layout.v2_mount if host.layout else None
     assert root is not None
-    own = _own_v2_cgroup(host.roots.proc / "self/cgroup")
+    own = _own_v2_cgroup(ProcFs(host.roots.proc))
     if own and (root / own / "cgroup.procs").exists():
         yield root / own, f"in this process's cgroup {root / own}"
         return
@@ -378,12 +379,12 @@ def _v2_sample_cgroup(host: _Host) -> Iterator[tuple[Path | None, str]]:
             pass  # a fixture tree's plain directory holds files; the kernel's never refuses an empty cgroup
 
 
-def _own_v2_cgroup(proc_self_cgroup: Path) -> str:
+def _own_v2_cgroup(procfs: ProcFs) -> str:
     """This process's v2 cgroup relative to the v2 mount ("" for the root or unknown)."""
-    for line in (_read_text(proc_self_cgroup) or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:].strip("/")
-    return ""
+    try:
+        return (procfs.v2_cgroup("self") or "").strip("/")
+    except AgentcgError:
+        return ""
 
 
 def probe_cgroup_v2_freeze_kill(host: _Host) -> Check:

@@ -26,6 +26,7 @@ from agentcg.controller.sandbox import (
     call_path, remove_auto_sandbox_if_unused, sandbox_lock, state_dir, validate_name,
 )
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.procfs import PROC, ZOMBIE_STATES
 
 OWNER_VERSION = 1
 MAX_OWNER_FILE_BYTES = 4096
@@ -63,17 +64,16 @@ def process_start_ticks(pid: int) -> int | None:
     """The start time of `pid` in clock ticks since boot, or None when it does not exist
     or is a zombie (an exited owner is dead whether or not its parent reaped it)."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        stat = PROC.stat(pid)
+    except AgentcgError:
         return None
-    fields = text.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    return None if stat.state in ZOMBIE_STATES else stat.start_ticks
 
 
 def is_alive(owner: CallOwner) -> bool:
-    return process_start_ticks(owner.owner_pid) == owner.owner_start_ticks
+    """The owner runs: same pid, same start time, and not a zombie (a killed `agentcg run`
+    whose parent has not reaped it yet will never end its call)."""
+    return PROC.is_alive(owner.owner_pid, owner.owner_start_ticks)
 
 
 DAEMON_LOCK = "daemon.lock"

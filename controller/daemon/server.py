@@ -21,7 +21,9 @@ from typing import Any
 from agentcg.daemon_protocol import (  # the constants both ends share; encode_* re-exported
     ERROR_CODES, MAX_MESSAGE_BYTES, MAX_OUTPUT_BYTES, PROTOCOL_VERSION, code_for, encode_error, encode_result,
 )
-from agentcg.errors import AccessDenied, InvalidInput, ProtocolError
+from agentcg.errors import AccessDenied, AgentcgError, InvalidInput, ProtocolError
+from agentcg.procfs import PROC
+
 _RECV_BYTES = 65536
 _UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 
@@ -108,22 +110,13 @@ class ProcFacts:
 
     @staticmethod
     def read(pid: int) -> "ProcFacts | None":
+        """Through agentcg.procfs; None when the process is gone or unreadable."""
         try:
-            stat_text = Path(f"/proc/{pid}/stat").read_text()
-            status = Path(f"/proc/{pid}/status").read_text()
-            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
-        except OSError:
+            stat, status = PROC.stat(pid), PROC.status(pid)
+            cgroup = PROC.v2_cgroup(pid)
+        except AgentcgError:
             return None
-        try:
-            fields = stat_text.rsplit(")", 1)[1].split()
-            lines = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            uid = int(lines["Uid"].split()[1])       # the effective uid
-            groups = tuple(int(g) for g in lines.get("Groups", "").split())
-            state, start_ticks = fields[0], int(fields[19])
-        except (IndexError, KeyError, ValueError):
-            return None
-        cgroup = next((line[3:] for line in cgroups.splitlines() if line.startswith("0::")), None)
-        return ProcFacts(start_ticks, state, uid, cgroup, groups)
+        return ProcFacts(stat.start_ticks, stat.state, status.uids[1], cgroup, tuple(sorted(status.groups)))
 
 
 def pidfd_alive(pidfd: int, pid: int, start_ticks: int) -> bool:
@@ -134,8 +127,7 @@ def pidfd_alive(pidfd: int, pid: int, start_ticks: int) -> bool:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         return not poller.poll(0)
-    facts = ProcFacts.read(pid)
-    return facts is not None and facts.start_ticks == start_ticks and facts.state not in ("Z", "X")
+    return PROC.is_alive(pid, start_ticks)
 
 
 @dataclass(frozen=True)
