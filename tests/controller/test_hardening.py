@@ -126,7 +126,7 @@ BEGIN_AND_WAIT = textwrap.dedent("""
         for fd in fds:
             os.write(fd, b"0")
     child = subprocess.Popen(["sleep", "60"], preexec_fn=join)
-    attach = request("toolcall.attach", call_id=begun["call_id"], pid=child.pid) if begun["attach_needed"] else None
+    attach = request("toolcall.attach", call_id=begun["call_id"], pid=child.pid) if begun.get("attach_needed") else None
     print(json.dumps({"begun": begun, "child": child.pid, "attach": attach}), flush=True)
     sys.stdin.read()
     child.kill()
@@ -159,6 +159,11 @@ def test_a_process_of_one_sandbox_cannot_move_into_another_sandboxes_call():
             out = json.loads(owner.stdout.readline())
             begun = out["begun"]
             all_files = procs_files(tree, call_path("B", begun["call_id"]))
+            # a same-uid process of sandbox A tries to move itself into B's call: refused everywhere
+            intruder = tree.spawn("A/agent", ["/usr/bin/python3", "-c", MOVE_SELF, *map(str, all_files)],
+                                  preexec_fn=_demote, stdout=subprocess.PIPE, cwd="/")
+            moved = json.loads(intruder.communicate(timeout=30)[0])
+            assert all(result != "moved" for result in moved.values()), moved
             # the peer is given the v2 file only; the daemon moved its child into the rest
             assert begun["cgroup_procs"] == [str(all_files[0])]
             assert begun["attach_needed"] == (len(all_files) > 1)
@@ -167,11 +172,6 @@ def test_a_process_of_one_sandbox_cannot_move_into_another_sandboxes_call():
             for path in all_files:
                 assert str(out["child"]) in path.read_text().split(), path
                 assert path.stat().st_uid == (NOBODY if path == all_files[0] else 0), path
-            # a same-uid process of sandbox A tries to move itself into B's call: refused everywhere
-            intruder = tree.spawn("A/agent", ["/usr/bin/python3", "-c", MOVE_SELF, *map(str, all_files)],
-                                  preexec_fn=_demote, stdout=subprocess.PIPE, cwd="/")
-            moved = json.loads(intruder.communicate(timeout=30)[0])
-            assert all(result != "moved" for result in moved.values()), moved
         finally:
             owner.stdin.close()
             owner.wait(30)
