@@ -98,6 +98,7 @@ class Daemon:
         self._bpf_stats_fd: int | None = None
         self._stop = False
         self._locks: list[int] = []
+        self._root_lock_path: Path | None = None
         self._slots = ConnectionSlots(config.protocol.max_connections, config.protocol.max_connections_per_uid,
                                       config.protocol.root_connections)
         self._bad_requests = RateLimitedLog(log)
@@ -174,12 +175,7 @@ class Daemon:
             raise InvalidInput(f"another agentcg daemon ({holder}) uses state directory {state_dir}; "
                                "stop it first, or give this one its own [daemon] state_dir") from None
         self.tree = open_tree(root=cfg.daemon.cgroup_root)
-        root_lock = self._lock_cgroup_root()
-        try:
-            fcntl.flock(root_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidInput(f"another agentcg daemon manages cgroup root {self.tree.root!r} (it holds the "
-                               "root's lock); stop it first, or give this one its own [daemon] cgroup_root") from None
+        self._lock_cgroup_root()
         gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
         self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
         # ours now: say so in the lock file (reap_orphans spares this daemon's calls)
@@ -188,15 +184,32 @@ class Daemon:
         os.pwrite(fd, f"{os.getpid()} {ticks}\n".encode(), 0)
         return previous
 
-    def _lock_cgroup_root(self) -> int:
-        """A lock file per cgroup root in ROOT_LOCK_DIR, the same for every state directory:
-        whatever state directory a daemon uses, two cannot manage the same root."""
+    def _lock_cgroup_root(self) -> None:
+        """flock a lock file per cgroup root in ROOT_LOCK_DIR, the same for every state
+        directory: whatever state directory a daemon uses, two cannot manage the same root.
+        The file goes at shutdown; a daemon that locked a file unlinked meanwhile sees that
+        the path names another file now, and takes that one instead."""
         from agentcg.safefile import ensure_private_dir, open_private
 
-        directory = ensure_private_dir(ROOT_LOCK_DIR, 0o755)
-        fd = open_private(directory / f"{self.tree.root.replace('/', '.')}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        self._locks.append(fd)
-        return fd
+        path = ensure_private_dir(ROOT_LOCK_DIR, 0o755) / f"{self.tree.root.replace('/', '.')}.lock"
+        for _ in range(8):
+            fd = open_private(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise InvalidInput(f"another agentcg daemon manages cgroup root {self.tree.root!r} (it holds "
+                                   f"{path}); stop it first, or give this one its own [daemon] cgroup_root") from None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._locks.append(fd)
+                self._root_lock_path = path
+                return
+            os.close(fd)
+        raise InvalidInput(f"{path} keeps being replaced; is another daemon starting and stopping?")
 
     def shutdown(self) -> None:
         """The one clean-up path: close every fd we opened. Sandboxes and running calls
@@ -229,6 +242,9 @@ class Daemon:
             self._epoll.close()
             self._epoll = None
         self._handlers.clear()
+        if self._root_lock_path is not None:   # still held: removed before it is released
+            self._root_lock_path.unlink(missing_ok=True)
+            self._root_lock_path = None
         for fd in self._locks:          # last: the next daemon may start from here on
             os.close(fd)
         self._locks.clear()
