@@ -4,7 +4,8 @@
      ├── InvalidInput             malformed sizes, durations, names, config (exit 2)
      │    └── UnsafePath          a symlink, foreign owner or loose mode where root writes
      ├── HostUnsupported          the host lacks a kernel feature agentcg needs
-     │    └── ControllerMissing   a cgroup controller is not available on this host
+     │    ├── ControllerMissing   a cgroup controller is not available on this host
+     │    └── DaemonUnavailable   the daemon's socket refuses connections, or a connection broke
      ├── CgroupError              a cgroup operation failed
      │    ├── CgroupGone          the cgroup vanished underneath us
      │    ├── CgroupExists        creating a cgroup that is already there
@@ -43,6 +44,15 @@ class HostUnsupported(AgentcgError):
 
 class ControllerMissing(HostUnsupported):
     """A cgroup controller (memory, cpu, pids, freezer) is not available where needed."""
+
+
+class DaemonUnavailable(HostUnsupported):
+    """No daemon answers on the socket (not running, restarting), or the connection broke;
+    `request_sent` says whether the request may have reached it."""
+
+    def __init__(self, message: str, request_sent: bool = False) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class CgroupError(AgentcgError):
