@@ -18,8 +18,7 @@ from agentcg.controller.sandbox import (
     PRIORITY_CPU_WEIGHT, ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name,
 )
 from agentcg.controller.toolcall import ToolCall, tool_name
-from agentcg.errors import AgentcgError, CgroupGone
-from agentcg.procfs import PROC
+from agentcg.errors import CgroupGone
 
 if TYPE_CHECKING:
     from agentcg.controller.daemon.service import Daemon
