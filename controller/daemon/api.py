@@ -10,21 +10,51 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, ProcFacts, Request
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry
-from agentcg.controller.sandbox import (
-    PRIORITY_CPU_WEIGHT, ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name,
-)
+from agentcg.controller.sandbox import ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name
 from agentcg.controller.toolcall import ToolCall, tool_name
-from agentcg.errors import CgroupGone
-
-if TYPE_CHECKING:
-    from agentcg.controller.daemon.service import Daemon
+from agentcg.errors import CgroupGone, InvalidInput
+from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
 
 DEFERRED = object()
 MAX_COMMAND_ITEMS = 4096
+
+
+class ApiHost(Protocol):
+    """What the operations need from the daemon (service.Daemon implements it); the API
+    never imports the service, so the two do not import each other."""
+
+    config: Any
+    tree: Any
+    calls: Any
+    state: Any
+    stats: Any
+    monitor: Any
+    engines: Any
+    adoption: Any
+    metrics_address: str | None
+
+    owners: Any                   # OwnerWatch: call owners by pidfd
+
+    def save(self) -> None: ...
+    def running_in(self, sandbox: str) -> int: ...
+    def add_sandbox(self, entry: SandboxEntry) -> None: ...
+    def apply_sandbox_limits(self, entry: SandboxEntry, fields: set[str]) -> None: ...
+    def apply_call_limits(self, call: ToolCall) -> dict[str, Any]: ...
+    def remove_sandbox(self, name: str) -> None: ...
+    def end_call(self, call: ToolCall, exit_code: int | None, signal_number: int | None,
+                 waiter: tuple[Connection, int | None] | None) -> None: ...
+    def admit_or_wait(self, call: ToolCall, conn: Connection, request_id: int | None,
+                      result: dict[str, Any]) -> bool: ...
+    def events_since(self, seq: int, sandbox: str | None) -> dict[str, Any]: ...
+    def control_summary(self) -> dict[str, Any]: ...
+    def engine_tool_began(self, call: ToolCall) -> None: ...
+    def policy_info(self) -> dict[str, Any]: ...
+    def set_policy(self, name: str, dry_run: bool | None) -> None: ...
+    def attach_engine(self, conn: Connection) -> Any: ...
 
 
 class Args:
@@ -77,7 +107,7 @@ class Args:
 
 
 class Api:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: ApiHost) -> None:
         self.d = daemon
         self.ops: dict[str, Callable[[Connection, Request], Any]] = {
             "ping": self.ping, "state": self.state,
@@ -85,7 +115,7 @@ class Api:
             "sandbox.update": self.sandbox_update, "sandbox.list": self.sandbox_list, "sandbox.get": self.sandbox_get,
             "toolcall.begin": self.toolcall_begin, "toolcall.attach": self.toolcall_attach,
             "toolcall.end": self.toolcall_end, "policy.get": self.policy_get, "policy.set": self.policy_set,
-            "engine.attach": self.engine_attach,
+            "engine.attach": self.engine_attach, "events.since": self.events_since,
         }
 
     # ---- who may call what ---------------------------------------------------------
@@ -130,7 +160,7 @@ class Api:
                 "adoption": d.adoption.summary() if d.adoption else None,
                 "sandboxes": [self.sandbox_object(e) for e in d.state.sandboxes.values()],
                 "running_calls": [self.call_object(c) for c in d.calls.running()],
-                "engines": d.engines.summaries(),
+                "engines": d.engines.summaries(), **d.control_summary(),
                 "counters": {"tool_calls_ended": sum(d.stats.calls.values()),
                              "actions": sum(d.stats.actions.values()),
                              "requests": sum(d.stats.requests.values())}}
@@ -253,12 +283,17 @@ class Api:
         d.save()
         if d.owners is not None and not d.owners.watch(call.call_id, peer.pid, peer.start_ticks, peer.pidfd):
             d.end_call(call, None, None, waiter=None)      # the peer is gone already
-        d.engine_tool_began(call)
-        procs = call.procs_files if peer.is_root else _peer_writable(d, call)
-        return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in procs],
-                "cgroup_id": call.cgroup_id, "limits": limits,
-                # v1 hierarchies the daemon joins for the peer: send toolcall.attach with the child's pid
-                "attach_needed": len(procs) < len(call.procs_files)}
+            return {"call_id": call.call_id, "cgroup_procs": [], "cgroup_id": call.cgroup_id, "limits": limits,
+                    "attach_needed": False}
+        procs = call.procs_files if peer.is_root else _peer_writable(call)
+        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in procs],
+                  "cgroup_id": call.cgroup_id, "limits": limits,
+                  # v1 hierarchies the daemon joins for the peer: send toolcall.attach with the child's pid
+                  "attach_needed": len(procs) < len(call.procs_files)}
+        if pid is not None:          # its process runs already: nothing to hold back
+            d.engine_tool_began(call)
+            return result
+        return result if d.admit_or_wait(call, conn, req.id, result) else DEFERRED
 
     def toolcall_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
         a = Args(req)
@@ -298,6 +333,25 @@ class Api:
         self._root_only(conn.peer, req.op)
         self.d.set_policy(name, dry_run)
         return self.d.policy_info()
+
+    def events_since(self, conn: Connection, req: Request) -> dict[str, Any]:
+        """The daemon's event log from `seq` on (CONTRACTS interface 4); a non-root peer
+        sees only its own sandbox's events."""
+        a = Args(req)
+        seq = a.int("seq", 0, 2**62, required=True)
+        sandbox = a.str("sandbox", required=False)
+        a.done()
+        if sandbox is not None:
+            self._may_act_on(conn.peer, validate_name(sandbox), req.op)
+        elif not conn.peer.is_root:
+            sandbox = conn.peer.sandbox(self.d.tree.root)     # as of accept
+            if sandbox is None:
+                raise ApiError("forbidden", f"{req.op}: a process outside every sandbox (uid {conn.peer.uid}) "
+                                            "may not read the event log; name your sandbox or ask root")
+        try:
+            return self.d.events_since(seq, sandbox)
+        except InvalidInput as exc:
+            raise ApiError("invalid_input", f"{req.op}: {exc}") from None
 
     def engine_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
         """This connection becomes an engine link: after this answer it carries engine
@@ -352,12 +406,12 @@ class Api:
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
 
 
-def _peer_writable(d: "Daemon", call: ToolCall) -> list[Path]:
+def _peer_writable(call: ToolCall) -> list[Path]:
     """The call's cgroup.procs files a non-root peer may write: the v2 one only."""
     return [call.procs_files[0]] if call.procs_files else []
 
 
-def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:
+def _hand_over(d: ApiHost, call: ToolCall, uid: int) -> None:
     """Let a non-root peer's child join the call's v2 cgroup: its cgroup.procs, and the
     sandbox's (v2 checks write access at the common ancestor of the source and destination
     cgroups: <sandbox>, for a peer in <sandbox>/agent, so a process of another sandbox
@@ -365,6 +419,6 @@ def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:
     of that uid, in any sandbox, could move itself in and spend this call's budget
     (issue 12). The daemon moves the pid into v1 itself (toolcall.attach, after checking
     the pid is the peer's and in its sandbox)."""
-    files = _peer_writable(d, call) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
+    files = _peer_writable(call) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
     for path in files:
         os.chown(path, uid, -1)
