@@ -89,9 +89,14 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
     by_sandbox: dict[str, list[CallView]] = {}
     call_bytes: dict[Key, int] = {}
     extra: dict[str, int] = {}
-    raw_sandbox = {sb.name: _read(lambda: tree.memory_current(sb.path), zero) for sb in inputs.sandboxes}
-    raw_host = _read(lambda: tree.memory_current(inputs.host_path), zero) if inputs.host_path is not None else None
-    hot = _hot_sandboxes(inputs, raw_sandbox, raw_host, frozen, throttle, floors) if cache is not None else None
+    hot: set[str] | None = None
+    early: dict[str, int | None] = {}
+    if cache is not None:
+        # which sandboxes' calls to read (Inputs.near_budget); the cold ones keep this reading,
+        # the hot ones are read again after their calls (calls first, as without a cache)
+        early = {sb.name: _read(lambda: tree.memory_current(sb.path), zero) for sb in inputs.sandboxes}
+        early_host = _read(lambda: tree.memory_current(inputs.host_path), zero) if inputs.host_path is not None else None
+        hot = _hot_sandboxes(inputs, early, early_host, frozen, throttle, floors)
     for call in inputs.calls:
         key = (call.sandbox, call.call_id)
         cached = cache.get(key) if cache is not None and hot is not None and call.sandbox not in hot else None
@@ -117,7 +122,10 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         waiting.setdefault(p.sandbox, []).append(PendingCall(p.call_id, p.tool, p.hint_bytes, max(0.0, now - p.since_s)))
     views, sandbox_bytes = [], {}
     for sb in inputs.sandboxes:
-        usage = raw_sandbox[sb.name]
+        if hot is not None and sb.name not in hot:
+            usage = early.get(sb.name)
+        else:
+            usage = _read(lambda: tree.memory_current(sb.path), zero)
         if usage is None:
             continue
         usage += extra.get(sb.name, 0)
@@ -127,9 +135,11 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         views.append(SandboxView(sb.name, sb.priority, usage, sb.budget_bytes,
                                  pressure.some.avg10 if pressure else 0.0, tuple(by_sandbox.get(sb.name, ())),
                                  tuple(waiting.get(sb.name, ()))))
-    host = raw_host
-    if host is not None:
-        host += sum(extra.values())
+    host = None
+    if inputs.host_path is not None:
+        host = _read(lambda: tree.memory_current(inputs.host_path), zero)
+        if host is not None:
+            host += sum(extra.values())
     if host is None:
         host = sum(sandbox_bytes.values())
     snapshot = Snapshot(now if time_s is None else time_s, host, inputs.host_budget_bytes, tuple(views), events)
