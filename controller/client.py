@@ -11,6 +11,9 @@ Two modes behind one API (`Client(mode="auto")` picks):
   daemon comes back in time, or the call was already ended by the daemon, `finish()` still
   returns a record, built here from what the client knows and marked `extra.unconfirmed`;
   the daemon's records file has the measured one (or the next daemon writes it).
+  `toolcall.begin` carries a random `request_key`, so a begin whose answer was lost
+  (daemon killed meanwhile) is resent with the same back-off: the daemon that has the
+  call (the same one, or the next, which adopted it) answers with it, never a second.
   `grace_s` goes to the daemon with `toolcall.begin`; `records_path` gets the daemon's
   record appended, as in local mode.
 - local: no socket and we are root; the client drives a ToolCallManager in this process
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from agentcg.controller.cgroup.spawner import helper_path, spawn_with_fds
 from agentcg.controller.daemon_client import DaemonLink, socket_path
 from agentcg.daemon_protocol import END_TIMEOUT_S, MAX_GRACE_S, MAX_MESSAGE_BYTES, REQUEST_TIMEOUT_S, Method
 from agentcg.errors import (
@@ -224,8 +229,16 @@ class Client:
         if self.grace_s is not None:
             args["grace_s"] = self.grace_s
         start_monotonic_s, start_wall_s = time.monotonic(), time.time()
-        # a begin that reached a daemon is never sent again (it would make a second call)
-        result = self.request(Method.TOOLCALL_BEGIN, args, retry="unsent")
+        # the key makes a resent begin answer with the same call (docs/daemon-protocol.md),
+        # so a begin lost in a daemon restart is sent again to the next daemon
+        args["request_key"] = secrets.token_urlsafe(16)
+        try:
+            result = self.request(Method.TOOLCALL_BEGIN, args, retry="any")
+        except InvalidInput as exc:
+            if "request_key" not in str(exc):
+                raise
+            del args["request_key"]    # a daemon older than the key: a begin that reached it is not resent
+            result = self.request(Method.TOOLCALL_BEGIN, args, retry="unsent")
         try:
             call_id = str(result["call_id"])
             procs = [Path(p) for p in result["cgroup_procs"]]
@@ -288,6 +301,9 @@ def spawn_into(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwargs:
             if user_preexec is not None:
                 user_preexec()
 
+        if user_preexec is None and popen_kwargs.get("executable") is None and helper_path() is not None:
+            popen_kwargs.pop("executable", None)
+            return spawn_with_fds(fds, argv, **popen_kwargs)   # vfork: the caller is not forked
         return subprocess.Popen(list(argv), preexec_fn=join, **popen_kwargs)
     finally:
         for fd in fds:

@@ -160,6 +160,7 @@ class Daemon(ClientConnections, EngineLinks):
         for name in self.state.sandboxes:
             self._triggers.arm(name)
         self.reactor.arm_scopes(self.control.sandbox_budgets())
+        self.exec_watch.restore()     # `sandbox exec` agents watched by an earlier daemon
         self._register(self._listener.fileno(), _IN, self._on_accept)
         if cfg.metrics.address:
             self._listen_metrics(cfg.metrics.address)
