@@ -2,6 +2,7 @@
 
     AgentcgError                  base; `exit_code` says what the CLI returns
      ├── InvalidInput             malformed sizes, durations, names, config (exit 2)
+     │    └── UnsafePath          a symlink, foreign owner or loose mode where root writes
      ├── HostUnsupported          the host lacks a kernel feature agentcg needs
      │    ├── ControllerMissing   a cgroup controller is not available on this host
      │    └── DaemonUnavailable   the daemon's socket refuses connections, or a connection broke
@@ -13,6 +14,7 @@
      ├── BpfError                 compiling, loading or attaching a BPF program failed
      ├── ProcessGone              a process is not there (exited, a zombie, or never was)
      ├── TraceError               a trace is unreadable, of an unknown version, or incomplete
+     │    └── MalformedTrace      ... because a file given as input is wrong (also InvalidInput: exit 2)
      └── ProtocolError            a malformed or refused daemon/engine message
 
 Every message says what went wrong and, where there is one, how to fix it.
@@ -30,6 +32,10 @@ class InvalidInput(AgentcgError, ValueError):
     """Input that cannot be used as given: a malformed size, name, option or file."""
 
     exit_code = 2
+
+
+class UnsafePath(InvalidInput):
+    """A path root would write or trust is a symlink, someone else's, or writable by others."""
 
 
 class HostUnsupported(AgentcgError):
@@ -83,6 +89,10 @@ class ProcessGone(AgentcgError, ProcessLookupError):
 
 class TraceError(AgentcgError):
     """A trace could not be read or written: version, columns or layout are wrong."""
+
+
+class MalformedTrace(TraceError, InvalidInput):
+    """A trace given as input whose manifest or tables have the wrong shape (exit 2)."""
 
 
 class ProtocolError(AgentcgError):

@@ -26,6 +26,7 @@ want() { [ "$only" = all ] || [ "$only" = "$1" ]; }
 want spawn      && run spawn bench/bench_spawn.py
 want toolcall   && run toolcall bench/bench_toolcall.py
 want reaction   && run reaction bench/bench_reaction.py
+want daemon     && run daemon-scale bench/bench_daemon_scale.py
 want overhead   && run bpf-overhead bench/bench_bpf_overhead.py
 want report     && run report bench/bench_report.py
 want gpu        && run gpu-bench-cpu bench/bench_gpu.py

@@ -200,8 +200,13 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
         raise TraceError(f"{output}: already exists; pass a new trace path with -o")
     # a .zip is written at the end from the directory the recorder fills meanwhile
     recording = output.with_name(output.name + ".recording") if output.suffix == ".zip" else output
-    if recording != output and recording.exists():
+    if recording != output and (recording.exists() or recording.is_symlink()):
         raise TraceError(f"{recording}: left by an earlier recording; read it with `agentcg report`, then remove it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(f"-o {output}: cannot create its directory {output.parent} ({exc.strerror}); "
+                           "pick another trace path") from None
     setup_start = time.time()
     tree = open_tree(root=root) if tree is None else tree
     if tree.exists(sandbox):

@@ -95,27 +95,49 @@ def procs_files(tree: CgroupTree, path: str) -> list[Path]:
 
 @contextlib.contextmanager
 def sandbox_lock(tree: CgroupTree, sandbox: str, state: Path | None = None) -> Iterator[None]:
-    """An exclusive flock on <state>/locks/<root>.<sandbox>.lock (bounded wait)."""
+    """An exclusive flock on <state>/locks/<root>.<sandbox>.lock (bounded wait).
+
+    The file is opened without following links and trusted only when it is ours
+    (agentcg.safefile.open_private), and removed on release once the sandbox is gone, so
+    lock files do not pile up per name ever used. A waiter that got the lock on a file
+    unlinked meanwhile sees that the path no longer names its file and opens it again."""
     import time
 
-    directory = state_dir(state) / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
+    from agentcg.safefile import ensure_private_dir, open_private
+
+    directory = ensure_private_dir(state_dir(state) / "locks", 0o700)
     path = directory / f"{tree.root.replace('/', '.')}.{validate_name(sandbox)}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CgroupBusy(f"sandbox {sandbox!r}: lock {path} held for more than {LOCK_TIMEOUT_S} s "
+                                         "by another agentcg process") from None
+                    time.sleep(0.002)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CgroupBusy(f"sandbox {sandbox!r}: lock {path} held for more than {LOCK_TIMEOUT_S} s "
-                                     "by another agentcg process") from None
-                time.sleep(0.002)
+                current = os.stat(path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)                 # the holder removed it with its sandbox: take the new one
+    try:
         yield
     finally:
-        os.close(fd)   # releases the lock; the file stays (unlinking races with waiters)
+        try:
+            if not tree.exists(sandbox):
+                path.unlink(missing_ok=True)      # still holding it: waiters retry (above)
+        finally:
+            os.close(fd)
 
 
 def _auto_marker(tree: CgroupTree, sandbox: str, state: Path | None) -> Path:
@@ -124,9 +146,11 @@ def _auto_marker(tree: CgroupTree, sandbox: str, state: Path | None) -> Path:
 
 def mark_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> None:
     """Remember that a tool call created this sandbox: the last call to end removes it."""
+    from agentcg.safefile import ensure_private_dir, open_private
+
     marker = _auto_marker(tree, sandbox, state)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    ensure_private_dir(marker.parent, 0o700)
+    os.close(open_private(marker, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def clear_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> None:

@@ -92,6 +92,9 @@ class ToolCall:
 class ToolCallManager:
     """Begins and ends tool calls below one CgroupTree; thread-safe."""
 
+    records_mode = 0o600              # the records file's mode ([daemon] records_mode)
+    records_gid: int | None = None    # and group (the socket group, with records_mode 0640)
+
     def __init__(self, tree: CgroupTree, monitor: "BpfMonitor | None" = None, records_path: Path | None = None,
                  grace_s: float = DEFAULT_GRACE_S, state: Path | None = None,
                  control: Any = None) -> None:
@@ -341,10 +344,13 @@ class ToolCallManager:
     def _append(self, record: ToolCallRecord) -> None:
         if self.records_path is None:
             return
+        from agentcg.safefile import open_append
+
         self.records_path.parent.mkdir(parents=True, exist_ok=True)
         line = (record.to_json() + "\n").encode()
-        # one write(2) on O_APPEND: concurrent writers' lines do not interleave
-        fd = os.open(self.records_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # one write(2) on O_APPEND: concurrent writers' lines do not interleave. Mode 0600 by
+        # default: command lines may hold secrets (`--token=...`); never through a link
+        fd = open_append(self.records_path, self.records_mode, self.records_gid)
         try:
             os.write(fd, line)
         finally:

@@ -103,7 +103,8 @@ def bench(ssd_dir: Path | None, block_sizes: str, total: str, repeats: int, devi
     text = format_result(result)
     click.echo(text)
     if output is not None:
-        output.write_text(text + "\n")
+        from agentcg.safefile import atomic_write   # root writes it: never through a planted link
+        atomic_write(output, text + "\n", 0o644)
     if not result.integrity_ok:
         raise AgentcgError("gpu bench: data read back differs from data written (see the notes above)")
 

@@ -189,10 +189,16 @@ def tool_peak_plot(trace: "Trace", out: Path, tools: list[str]) -> Path:
 
 def write_plots(trace: "Trace", directory: str | Path, sessions: list[str] | None = None) -> list[Path]:
     """Write the per-tool chart and one chart per session (all, or those named)."""
+    from agentcg.errors import InvalidInput
+
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tools = _tool_order(trace.toolcalls)
-    paths = [tool_peak_plot(trace, out, tools)]
-    for session_id in sessions if sessions is not None else sorted(trace.sessions["session_id"]):
-        paths.append(session_plot(trace, str(session_id), out, tools))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tools = _tool_order(trace.toolcalls)
+        paths = [tool_peak_plot(trace, out, tools)]
+        for session_id in sessions if sessions is not None else sorted(trace.sessions["session_id"]):
+            paths.append(session_plot(trace, str(session_id), out, tools))
+    except OSError as exc:
+        raise InvalidInput(f"--plots {directory}: cannot write charts there ({exc.strerror or exc}); "
+                           "give a directory this user may create or write") from None
     return paths

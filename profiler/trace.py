@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
-from agentcg.errors import TraceError
+from agentcg.errors import MalformedTrace, TraceError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -174,12 +173,8 @@ def manifest_dict(trace_source: str, created_s: float, complete: bool,
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from agentcg.safefile import atomic_write   # never through a planted `<name>.tmp` link
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True), TRACE_FILE_MODE)
 
 
 def parquet_bytes(table: str, df: "pd.DataFrame") -> bytes:
@@ -196,12 +191,19 @@ def parquet_bytes(table: str, df: "pd.DataFrame") -> bytes:
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from agentcg.safefile import atomic_write
+    atomic_write(path, data, TRACE_FILE_MODE)
+
+
+TRACE_FILE_MODE = 0o644
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot create its directory {path.parent} ({exc.strerror}); "
+                         "pick another output path") from None
 
 
 def write_trace(trace: Trace, path: str | Path) -> Path:
@@ -211,13 +213,13 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
     manifest = manifest_dict(trace.source, trace.created_s, trace.complete, files, trace.notes)
     blobs = {f"{name}.parquet": parquet_bytes(name, trace.table(name)) for name in TABLES}
     if path.suffix == ".zip":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        from agentcg.safefile import atomic_file
+
+        _make_parent(path)
+        with atomic_file(path, TRACE_FILE_MODE) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             for name, blob in blobs.items():
                 zf.writestr(name, blob)
-        os.replace(tmp, path)
         return path
     if path.exists() and not path.is_dir():
         raise TraceError(f"{path}: exists and is not a directory; pick another trace path or add .zip")
@@ -264,6 +266,13 @@ def _read(path: Path, opener: Callable[[str], IO[bytes]]) -> Trace:
             f"{TRACE_VERSION}); convert it with the agentcg that wrote it"
         )
     files = manifest.get("tables") or {}
+    if not isinstance(files, dict) or not all(
+            isinstance(v, list) and all(isinstance(f, str) for f in v) for v in files.values()):
+        raise MalformedTrace(f"{path}/{MANIFEST}: 'tables' must map each table to a list of file names, "
+                         f"got {str(files)[:80]!r}")
+    created_s = manifest.get("created_s") or 0.0
+    if isinstance(created_s, bool) or not isinstance(created_s, (int, float)):
+        raise MalformedTrace(f"{path}/{MANIFEST}: 'created_s' must be a number of seconds, got {str(created_s)[:80]!r}")
     tables: dict[str, pd.DataFrame] = {}
     for name in TABLES:
         if name not in files:
@@ -285,5 +294,5 @@ def _read(path: Path, opener: Callable[[str], IO[bytes]]) -> Trace:
     tables["sessions"] = tables["sessions"].drop_duplicates(
         ["session_id"], keep="last").reset_index(drop=True)
     return Trace(**tables, source=str(manifest.get("source", "unknown")),
-                 created_s=float(manifest.get("created_s") or 0.0),
+                 created_s=float(created_s),
                  complete=bool(manifest.get("complete", False)), notes=manifest.get("notes") or {})

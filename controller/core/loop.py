@@ -61,6 +61,7 @@ class ControlCore:
         self.killed: dict[Key, str | None] = {}      # -> the agent's message
         self.pending: dict[Key, Pending] = {}
         self.peaks: dict[Key, int] = {}
+        self.readings: dict[Key, tuple[int, int | None]] = {}   # last reading per call (Inputs.near_budget)
         self._events: list[Event] = []
         self._floors: dict[Key, int] = {}
         self.set_policy(policy, dry_run=dry_run, config=config)
@@ -100,6 +101,7 @@ class ControlCore:
         self.frozen.discard(key)
         self.throttle.pop(key, None)
         self.peaks.pop(key, None)
+        self.readings.pop(key, None)
         self.pending.pop(key, None)
         if oom_killed:
             self.observe(Event(now, "oom_kill", sandbox, call_id, tool, peak_bytes))
@@ -108,7 +110,7 @@ class ControlCore:
 
     def forget(self, sandbox: str, call_id: str) -> None:
         key = (sandbox, call_id)
-        for table in (self.throttle, self.peaks, self.pending, self.killed):
+        for table in (self.throttle, self.peaks, self.pending, self.killed, self.readings):
             table.pop(key, None)
         self.frozen.discard(key)
 
@@ -131,7 +133,8 @@ class ControlCore:
         floors, self._floors = self._floors, {}
         snapshot, readings = build_snapshot(self.tree, inputs, now, time_s=time_s, frozen=self.frozen,
                                             throttle=self.throttle, pending=pending, events=events, peaks=self.peaks,
-                                            floors=floors)
+                                            floors=floors,
+                                            cache=self.readings if inputs.near_budget is not None else None)
         step = Step(snapshot, readings)
         actions, self.state = self.policy.decide(snapshot, self.state)
         observed = now if observed_s is None else observed_s

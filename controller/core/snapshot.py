@@ -55,6 +55,10 @@ class Inputs:
     host_budget_bytes: int | None = None
     missing_as_zero: bool = False
     read_psi: bool = True
+    # the daemon at scale: a sandbox's calls are read only while it (or the host) is at or
+    # above this share of its budget, or has a frozen, throttled or kernel-reported call;
+    # elsewhere no policy acts and a call's last reading stands (`cache`). None: read all.
+    near_budget: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
                    frozen: frozenset[Key] | set[Key] = frozenset(), throttle: Mapping[Key, int] | None = None,
                    pending: tuple[PendingInput, ...] = (), events: tuple[Event, ...] = (),
                    peaks: dict[Key, int] | None = None, floors: Mapping[Key, int] | None = None,
+                   cache: dict[Key, tuple[int, int | None]] | None = None,
                    ) -> tuple[Snapshot, Readings]:
     """The snapshot at `now` (its time is `time_s`, default `now`). `peaks` is updated with
     each call's usage, so a peak between two memory.peak-less readings is not lost.
@@ -84,15 +89,29 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
     by_sandbox: dict[str, list[CallView]] = {}
     call_bytes: dict[Key, int] = {}
     extra: dict[str, int] = {}
+    hot: set[str] | None = None
+    early: dict[str, int | None] = {}
+    if cache is not None:
+        # which sandboxes' calls to read (Inputs.near_budget); the cold ones keep this reading,
+        # the hot ones are read again after their calls (calls first, as without a cache)
+        early = {sb.name: _read(lambda: tree.memory_current(sb.path), zero) for sb in inputs.sandboxes}
+        early_host = _read(lambda: tree.memory_current(inputs.host_path), zero) if inputs.host_path is not None else None
+        hot = _hot_sandboxes(inputs, early, early_host, frozen, throttle, floors)
     for call in inputs.calls:
-        usage = _read(lambda: tree.memory_current(call.path), zero)
-        if usage is None:
-            continue
         key = (call.sandbox, call.call_id)
+        cached = cache.get(key) if cache is not None and hot is not None and call.sandbox not in hot else None
+        if cached is not None:
+            usage, peak = cached
+        else:
+            usage = _read(lambda: tree.memory_current(call.path), zero)
+            if usage is None:
+                continue
+            peak = _read(lambda: tree.memory_peak(call.path), None) if "memory.peak" in caps else None
+            if cache is not None:
+                cache[key] = (usage, peak)
         if floors.get(key, 0) > usage:
             extra[call.sandbox] = extra.get(call.sandbox, 0) + floors[key] - usage
             usage = floors[key]
-        peak = _read(lambda: tree.memory_peak(call.path), None) if "memory.peak" in caps else None
         peaks[key] = max(peaks.get(key, 0), usage, peak or 0)
         call_bytes[key] = usage
         by_sandbox.setdefault(call.sandbox, []).append(
@@ -103,7 +122,10 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         waiting.setdefault(p.sandbox, []).append(PendingCall(p.call_id, p.tool, p.hint_bytes, max(0.0, now - p.since_s)))
     views, sandbox_bytes = [], {}
     for sb in inputs.sandboxes:
-        usage = _read(lambda: tree.memory_current(sb.path), zero)
+        if hot is not None and sb.name not in hot:
+            usage = early.get(sb.name)
+        else:
+            usage = _read(lambda: tree.memory_current(sb.path), zero)
         if usage is None:
             continue
         usage += extra.get(sb.name, 0)
@@ -122,6 +144,21 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         host = sum(sandbox_bytes.values())
     snapshot = Snapshot(now if time_s is None else time_s, host, inputs.host_budget_bytes, tuple(views), events)
     return snapshot, Readings(host, sandbox_bytes, call_bytes)
+
+
+def _hot_sandboxes(inputs: Inputs, raw_sandbox: Mapping[str, int | None], raw_host: int | None,
+                   frozen: frozenset[Key] | set[Key], throttle: Mapping[Key, int], floors: Mapping[Key, int]) -> set[str]:
+    """The sandboxes whose calls must be read this time (see Inputs.near_budget)."""
+    near = inputs.near_budget
+    if near is None or (inputs.host_budget_bytes is not None and raw_host is not None
+                        and raw_host >= near * inputs.host_budget_bytes):
+        return {sb.name for sb in inputs.sandboxes}
+    hot = {sb.name for sb in inputs.sandboxes if sb.budget_bytes is not None
+           and (raw_sandbox.get(sb.name) or 0) >= near * sb.budget_bytes}
+    hot.update(key[0] for key in frozen)
+    hot.update(key[0] for key, level in throttle.items() if level)
+    hot.update(key[0] for key in floors)
+    return hot
 
 
 def _read(fn: Callable[[], T], missing: T | None) -> T | None:

@@ -1,12 +1,13 @@
 """Start-up adoption: take over what an earlier daemon left (its state file, and the
 cgroup tree for what the file does not know), so a `kill -9` or an upgrade loses no
 running tool call. Calls owned by a live local `agentcg run` are left alone; calls
-whose cgroup vanished while no daemon ran are recorded as lost.
+whose cgroup vanished while no daemon ran are recorded as lost. A corrupt state is moved
+aside and the tree adopted alone: its calls as tool "unknown", recorded once their
+processes are gone (the daemon watches them), never killed for it.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
@@ -14,7 +15,9 @@ from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.daemon.calls import DaemonCalls
 from agentcg.controller.daemon.config import DaemonConfig
 from agentcg.controller.daemon.metrics import DaemonStats
-from agentcg.controller.daemon.state import Adoption, CallEntry, DaemonState, SandboxEntry, load_state, plan_adoption
+from agentcg.controller.daemon.state import (
+    Adoption, CallEntry, DaemonState, SandboxEntry, load_state, move_aside, plan_adoption,
+)
 from agentcg.controller.reaper import reap_orphans
 from agentcg.controller.sandbox import ensure_sandbox, sandbox_lock
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
@@ -24,14 +27,16 @@ log = logging.getLogger("agentcg.daemon")
 
 
 def adopt(cfg: DaemonConfig, tree: CgroupTree, calls: DaemonCalls, state: DaemonState, stats: DaemonStats,
-          apply_sandbox_limits: Callable[[SandboxEntry, set[str]], None]) -> Adoption:
-    """Fill `state` and `calls` from the earlier daemon's state file and the tree."""
+          apply_sandbox_limits: Callable[[SandboxEntry, set[str]], None],
+          spare: tuple[int, int] | None = None) -> Adoption:
+    """Fill `state` and `calls` from the earlier daemon's state file and the tree. `spare`:
+    the (pid, start ticks) of the daemon before us, whose calls are ours to adopt, not to reap."""
     try:
         saved = load_state(cfg.state_path)
     except InvalidInput as exc:
-        aside = cfg.state_path.with_name(cfg.state_path.name + f".corrupt-{int(time.time())}")
-        os.replace(cfg.state_path, aside)
-        log.error("%s; moved it to %s and adopt from the cgroup tree alone", exc, aside)
+        aside = move_aside(cfg.state_path, f".corrupt-{int(time.time())}")
+        log.error("%s; moved it to %s and adopt from the cgroup tree alone (its calls as tool "
+                  "\"unknown\", recorded when their processes are gone)", exc, ", ".join(map(str, aside)))
         saved = DaemonState()
     plan = plan_adoption(tree, saved, time.monotonic(), time.time(), cfg.limits.grace_s)
     foreign = _live_foreign_owners(cfg, saved)
@@ -47,7 +52,7 @@ def adopt(cfg: DaemonConfig, tree: CgroupTree, calls: DaemonCalls, state: Daemon
             log.error("cannot recreate sandbox %s: %s", entry.name, exc)
     for entry in [c for c in plan.calls if c.call_id in saved.calls]:
         _adopt_call(calls, state, stats, entry)
-    reaped = reap_orphans(tree, cfg.daemon.state_dir)   # dead `agentcg run`s, not ours
+    reaped = reap_orphans(tree, cfg.daemon.state_dir, spare=spare)   # dead `agentcg run`s, not ours
     for _ in reaped:
         stats.observe_action("reap", "owner_dead")
     for entry in plan.calls:
@@ -71,13 +76,11 @@ def _live_foreign_owners(cfg: DaemonConfig, saved: DaemonState) -> set[str]:
 
 def _adopt_call(calls: DaemonCalls, state: DaemonState, stats: DaemonStats, entry: CallEntry) -> None:
     try:
-        call = calls.adopt_entry(entry)
+        calls.adopt_entry(entry)
     except CgroupGone:
         record_lost(calls, state, stats, entry)
         return
-    state.calls[entry.call_id] = entry
-    if entry.owner_pid == 0:       # found in the tree only: nobody will end it
-        calls.returned(call)
+    state.calls[entry.call_id] = entry   # owner_pid 0 (tree only): the daemon records it once empty
     stats.observe_action("adopt", "restart")
 
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from agentcg.controller.daemon.begin_keys import BeginKeys
-from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, Request
+from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, ProcFacts, Request
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry
-from agentcg.controller.reaper import process_start_ticks
 from agentcg.controller.sandbox import ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name
 from agentcg.controller.toolcall import ToolCall, tool_name
-from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.errors import CgroupGone, InvalidInput
 from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
-from agentcg.procfs import PROC
 
 DEFERRED = object()
 MAX_COMMAND_ITEMS = 4096
@@ -39,7 +38,10 @@ class ApiHost(Protocol):
     adoption: Any
     metrics_address: str | None
 
+    owners: Any                   # OwnerWatch: call owners by pidfd
+
     def save(self) -> None: ...
+    def running_in(self, sandbox: str) -> int: ...
     def add_sandbox(self, entry: SandboxEntry) -> None: ...
     def apply_sandbox_limits(self, entry: SandboxEntry, fields: set[str]) -> None: ...
     def apply_call_limits(self, call: ToolCall) -> dict[str, Any]: ...
@@ -105,18 +107,6 @@ class Args:
                                             f"it takes {', '.join(sorted(self.read)) or 'none'}")
 
 
-def peer_sandbox(peer_pid: int, root: str) -> str | None:
-    """The sandbox the peer's process lives in (from its v2 cgroup path), or None."""
-    try:
-        path = PROC.v2_cgroup(peer_pid)
-    except AgentcgError:   # gone, or a file we may not read: in no sandbox we know of
-        return None
-    prefix = f"/{root}/"
-    if path and path.startswith(prefix):
-        return path[len(prefix):].split("/", 1)[0] or None
-    return None
-
-
 class Api:
     def __init__(self, daemon: ApiHost) -> None:
         self.d = daemon
@@ -139,7 +129,7 @@ class Api:
     def _may_act_on(self, peer: PeerCred, sandbox: str, what: str) -> None:
         if peer.is_root:
             return
-        own = peer_sandbox(peer.pid, self.d.tree.root)
+        own = peer.sandbox(self.d.tree.root)     # fixed at accept, not re-read by pid
         if own != sandbox:
             where = f"sandbox {own!r}" if own else "no sandbox"
             raise ApiError("forbidden", f"{what}: a process in {where} (uid {peer.uid}) may act only on its own "
@@ -229,7 +219,7 @@ class Api:
 
     def sandbox_list(self, conn: Connection, req: Request) -> dict[str, Any]:
         Args(req).done()
-        own = None if conn.peer.is_root else peer_sandbox(conn.peer.pid, self.d.tree.root)
+        own = None if conn.peer.is_root else conn.peer.sandbox(self.d.tree.root)
         return {"sandboxes": [self.sandbox_object(e) for n, e in sorted(self.d.state.sandboxes.items())
                               if conn.peer.is_root or n == own]}
 
@@ -270,7 +260,12 @@ class Api:
         if sandbox not in d.state.sandboxes and not peer.is_root:
             raise ApiError("not_found", f"no sandbox {sandbox!r}; root creates it with sandbox.create")
         if len(d.calls.running()) >= d.config.limits.max_running_calls:
-            raise ApiError("busy", f"{d.config.limits.max_running_calls} tool calls are running (max_running_calls)")
+            raise ApiError("busy", f"{d.config.limits.max_running_calls} tool calls are running "
+                                   "([limits] max_running_calls)")
+        per_sandbox = d.config.limits.max_running_calls_per_sandbox
+        if d.running_in(sandbox) >= per_sandbox:
+            raise ApiError("busy", f"sandbox {sandbox!r} has {per_sandbox} tool calls running "
+                                   "([limits] max_running_calls_per_sandbox); end some first")
         if pid is not None:
             self._check_pid(peer, pid, sandbox)
         call = d.calls.begin(sandbox, tool, command, mem_hint_bytes=mem_hint, priority=priority, grace_s=grace_s,
@@ -290,11 +285,18 @@ class Api:
             call_id=call.call_id, sandbox=sandbox, tool=call.tool, command=call.command,
             start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, priority=priority,
             mem_hint_bytes=mem_hint, grace_s=call.grace_s, created_sandbox=call.created_sandbox,
-            owner_pid=peer.pid, owner_start_ticks=process_start_ticks(peer.pid) or 0, owner_uid=peer.uid)
+            owner_pid=peer.pid, owner_start_ticks=peer.start_ticks, owner_uid=peer.uid)
         self.keys.remember(call.call_id, key)
         d.save()
-        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
-                  "cgroup_id": call.cgroup_id, "limits": limits}
+        if d.owners is not None and not d.owners.watch(call.call_id, peer.pid, peer.start_ticks, peer.pidfd):
+            d.end_call(call, None, None, waiter=None)      # the peer is gone already
+            return {"call_id": call.call_id, "cgroup_procs": [], "cgroup_id": call.cgroup_id, "limits": limits,
+                    "attach_needed": False}
+        procs = call.procs_files if peer.is_root else _peer_writable(call)
+        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in procs],
+                  "cgroup_id": call.cgroup_id, "limits": limits,
+                  # v1 hierarchies the daemon joins for the peer: send toolcall.attach with the child's pid
+                  "attach_needed": len(procs) < len(call.procs_files)}
         if pid is not None:          # its process runs already: nothing to hold back
             d.engine_tool_began(call)
             return result
@@ -349,7 +351,7 @@ class Api:
         if sandbox is not None:
             self._may_act_on(conn.peer, validate_name(sandbox), req.op)
         elif not conn.peer.is_root:
-            sandbox = peer_sandbox(conn.peer.pid, self.d.tree.root)
+            sandbox = conn.peer.sandbox(self.d.tree.root)     # as of accept
             if sandbox is None:
                 raise ApiError("forbidden", f"{req.op}: a process outside every sandbox (uid {conn.peer.uid}) "
                                             "may not read the event log; name your sandbox or ask root")
@@ -375,21 +377,21 @@ class Api:
         if cfg.group is not None:
             from agentcg.controller.daemon.config import resolve_group
             gid = resolve_group(cfg.group)
-            if peer.gid == gid or gid in _supplementary_groups(peer.pid):
+            if peer.gid == gid or gid in peer.groups:
                 return
         raise ApiError("forbidden", f"engine.attach: uid {peer.uid} may not attach an engine; run the engine as root, "
                                     "or list its uid ([engine] uids) or group ([engine] group) in the daemon's config")
 
     # ---- helpers ------------------------------------------------------------------
     def _check_pid(self, peer: PeerCred, pid: int, sandbox: str) -> None:
-        """A non-root peer may move only its own processes that live in its sandbox."""
+        """A non-root peer may move only its own processes that live in its sandbox (read
+        through a pidfd: a pid recycled while we look is caught by `check_pid_moved`)."""
         if peer.is_root:
             return
-        try:
-            uid = PROC.status(pid).uids[0]
-        except AgentcgError:
-            raise ApiError("not_found", f"process {pid} does not exist") from None
-        if uid != peer.uid or peer_sandbox(pid, self.d.tree.root) != sandbox:
+        facts = ProcFacts.read(pid)
+        if facts is None:
+            raise ApiError("not_found", f"process {pid} does not exist")
+        if facts.uid != peer.uid or PeerCred(pid, facts.uid, 0, cgroup=facts.cgroup).sandbox(self.d.tree.root) != sandbox:
             raise ApiError("forbidden", f"process {pid} is not yours or not in sandbox {sandbox!r}")
 
     def sandbox_object(self, entry: SandboxEntry) -> dict[str, Any]:
@@ -411,17 +413,19 @@ class Api:
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
 
 
-def _supplementary_groups(pid: int) -> frozenset[int]:
-    try:
-        return PROC.status(pid).groups
-    except AgentcgError:
-        return frozenset()
+def _peer_writable(call: ToolCall) -> list[Path]:
+    """The call's cgroup.procs files a non-root peer may write: the v2 one only."""
+    return [call.procs_files[0]] if call.procs_files else []
 
 
 def _hand_over(d: ApiHost, call: ToolCall, uid: int) -> None:
-    """Let a non-root peer's child join the call: its cgroup.procs files, and on the v2
-    tree the sandbox's too (v2 checks write access at the common ancestor of the source
-    and destination cgroups: <sandbox>, for a peer in <sandbox>/agent)."""
-    files = list(call.procs_files) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
+    """Let a non-root peer's child join the call's v2 cgroup: its cgroup.procs, and the
+    sandbox's (v2 checks write access at the common ancestor of the source and destination
+    cgroups: <sandbox>, for a peer in <sandbox>/agent, so a process of another sandbox
+    still cannot move in). Never a v1 file: v1 checks only the file's owner, so any process
+    of that uid, in any sandbox, could move itself in and spend this call's budget
+    (issue 12). The daemon moves the pid into v1 itself (toolcall.attach, after checking
+    the pid is the peer's and in its sandbox)."""
+    files = _peer_writable(call) + [d.tree.cgroup_dir(call.sandbox, "v2") / "cgroup.procs"]
     for path in files:
         os.chown(path, uid, -1)

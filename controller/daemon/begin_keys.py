@@ -78,8 +78,10 @@ class BeginKeys:
         if call.has_returned:
             raise ApiError("exists", f"{req.op}: request_key {key!r} was call {call_id}, which has returned; "
                                      "a new call needs a new key")
-        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
-                  "cgroup_id": call.cgroup_id, "limits": d.apply_call_limits(call), "repeated": True}
+        procs = call.procs_files if conn.peer.is_root else call.procs_files[:1]   # v2 only (hardening, api.py)
+        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in procs],
+                  "cgroup_id": call.cgroup_id, "limits": d.apply_call_limits(call), "repeated": True,
+                  "attach_needed": len(procs) < len(call.procs_files)}
         admission = getattr(d, "_admission", {})
         if call_id in admission:               # still waiting: the answer goes to this request
             _, _, first_result, _ = admission[call_id]

@@ -30,12 +30,15 @@ class ClientConnections:
                 return
             sock, peer = accepted
             conn = Connection(sock, peer, time.monotonic())
-            if len(self._conns) >= self.config.protocol.max_connections:
-                conn.send(encode_error(None, "busy", f"{self.config.protocol.max_connections} connections are "
-                                                     "open (max_connections); retry later"))
+            refused = self._slots.refuse(peer.uid)       # per uid, with slots kept for root
+            if refused is not None:
+                conn.send(encode_error(None, "busy", refused))
                 conn.close()
                 self.stats.observe_request("connect", "busy")
+                self._bad_requests.log(logging.WARNING, ("busy", peer.uid), "connection of uid %d refused: %s",
+                                       peer.uid, refused, now=time.monotonic())
                 continue
+            self._slots.take(peer.uid)
             self._conns[conn.fileno()] = conn
             self._register(conn.fileno(), _IN, self._on_client)
 
@@ -99,10 +102,12 @@ class ClientConnections:
             request_id = getattr(exc, "request_id", request_id)
             self.stats.observe_request(op_label, code)
             return encode_error(request_id, code, str(exc))
-        except Exception as exc:  # a bug must not take the daemon down: answer and log it
-            log.exception("internal error serving %s", op_label)
+        except Exception as exc:  # a bug must not take the daemon down: answer and log it (rate-limited)
+            self._bad_requests.log(logging.ERROR, ("internal", conn.peer.uid), "internal error serving %s",
+                                   op_label, exc_info=True, now=time.monotonic())
             self.stats.observe_request(op_label, "internal")
-            return encode_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
+            return encode_error(request_id, "internal", f"internal error serving {op_label} "
+                                                        f"({type(exc).__name__}); see the daemon's log")
 
     def _answer(self, conn: Connection, data: bytes) -> None:
         if conn.fileno() < 0 or self._conns.get(conn.fileno()) is not conn:
@@ -126,6 +131,7 @@ class ClientConnections:
         fd = conn.fileno()
         if fd >= 0 and self._conns.get(fd) is conn:
             del self._conns[fd]
+            self._slots.release(conn.peer.uid)
             self._unregister(fd)
             link = self.engines.detach(fd)
             if link is not None:

@@ -2,9 +2,11 @@
 anything runs. Every field has a default, so `agentcg daemon` works with no file.
 
     [daemon]    socket_path, socket_mode, socket_group, cgroup_root, state_dir,
-                records_path, oom_score_adj
-    [limits]    max_sandboxes, max_running_calls, call_pids_max, grace_s
-    [protocol]  line_timeout_s, idle_timeout_s, max_connections
+                records_path, records_mode, oom_score_adj
+    [limits]    max_sandboxes, max_running_calls, max_running_calls_per_sandbox,
+                call_pids_max, grace_s
+    [protocol]  line_timeout_s, idle_timeout_s, max_connections, max_connections_per_uid,
+                root_connections
     [metrics]   address ("host:port", "" disables), max_tool_labels
     [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
     [psi]       enabled, stall_s, window_s
@@ -49,12 +51,14 @@ class DaemonSection:
     records_path: Path = Path(DEFAULT_RECORDS)
     oom_score_adj: int = -1000            # the OOM killer never picks the daemon
     realtime_priority: int = 0            # 1..99: run as SCHED_FIFO at that priority (0: as is)
+    records_mode: int = 0o600             # 0640 lets socket_group read the records (commands!)
 
 
 @dataclass(frozen=True)
 class LimitsSection:
     max_sandboxes: int = 256
     max_running_calls: int = 4096
+    max_running_calls_per_sandbox: int = 1024   # one sandbox cannot take every call slot
     call_pids_max: int = 4096            # pids.max of each tool call: a fork bomb stops here
     grace_s: float = 5.0                 # how long toolcall.end waits for leftovers before killing
 
@@ -64,6 +68,8 @@ class ProtocolSection:
     line_timeout_s: float = 10.0         # a started line must complete within this
     idle_timeout_s: float = 300.0        # a connection with nothing pending is closed after this
     max_connections: int = 256
+    max_connections_per_uid: int = 64    # one non-root uid cannot hold every slot
+    root_connections: int = 16           # of max_connections, only root may use these
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,7 @@ class DaemonConfig:
                          for f in dataclasses.fields(getattr(self, s.name))}
                 for s in dataclasses.fields(self)}
         data["daemon"]["socket_mode"] = f"0{self.daemon.socket_mode:o}"
+        data["daemon"]["records_mode"] = f"0{self.daemon.records_mode:o}"
         return data
 
 
@@ -153,9 +160,12 @@ def load_config(path: str | os.PathLike | None = None) -> DaemonConfig:
         raise HostUnsupported("reading a TOML config needs Python 3.11+ (tomllib); "
                               "run without --config, or upgrade Python") from None
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
         raise InvalidInput(f"config {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"config {path}: not a TOML text file (byte {exc.start} is not UTF-8); "
+                           "give the daemon's agentcg.toml") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -246,15 +256,29 @@ def _daemon(f: _Fields) -> DaemonSection:
         records_path=Path(records),
         oom_score_adj=f.integer("oom_score_adj", -1000, -1000, 1000),
         realtime_priority=f.integer("realtime_priority", 0, 0, 99),
+        records_mode=_records_mode(f),
     )
     f.done()
     return section
+
+
+def _records_mode(f: _Fields) -> int:
+    text = f.get("records_mode", str, "0600")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if mode not in (0o600, 0o640, 0o644):
+        raise InvalidInput(f"{f.where}: records_mode must be \"0600\", \"0640\" (socket_group reads) or "
+                           f"\"0644\", got {text!r}")
+    return mode
 
 
 def _limits(f: _Fields) -> LimitsSection:
     section = LimitsSection(
         max_sandboxes=f.integer("max_sandboxes", 256, 1, 4096),
         max_running_calls=f.integer("max_running_calls", 4096, 1, 65536),
+        max_running_calls_per_sandbox=f.integer("max_running_calls_per_sandbox", 1024, 1, 65536),
         call_pids_max=f.integer("call_pids_max", 4096, 1, 4_194_304),
         grace_s=f.number("grace_s", 5.0, 0.0, 3600.0),
     )
@@ -267,6 +291,8 @@ def _protocol(f: _Fields) -> ProtocolSection:
         line_timeout_s=f.number("line_timeout_s", 10.0, 0.1, 3600.0),
         idle_timeout_s=f.number("idle_timeout_s", 300.0, 0.1, 86400.0),
         max_connections=f.integer("max_connections", 256, 1, 4096),
+        max_connections_per_uid=f.integer("max_connections_per_uid", 64, 1, 4096),
+        root_connections=f.integer("root_connections", 16, 0, 4096),
     )
     f.done()
     return section

@@ -24,6 +24,8 @@ from agentcg.controller.toolcall import ToolCall
 from agentcg.policies.sandbox import KILL
 from agentcg.records import ToolCallRecord
 
+NEAR_BUDGET = 0.5      # a sandbox's calls are read each step from this share of its budget on
+
 log = logging.getLogger("agentcg.daemon")
 
 
@@ -52,7 +54,7 @@ class DaemonControl:
         calls = tuple(CallInput(c.sandbox, c.call_id, c.tool, c.path, c.start_monotonic_s, c.mem_hint_bytes)
                       for c in self.calls.running() if (c.sandbox, c.call_id) not in pending)
         return Inputs(sandboxes, calls, host_path="" if self.tree.exists("") else None,
-                      host_budget_bytes=self.host_budget_bytes, read_psi=read_psi)
+                      host_budget_bytes=self.host_budget_bytes, read_psi=read_psi, near_budget=NEAR_BUDGET)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self, observed_s: float | None = None, *, urgent: bool = False) -> Step | None:

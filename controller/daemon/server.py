@@ -10,17 +10,20 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agentcg.daemon_protocol import (  # the constants both ends share; encode_* re-exported
     ERROR_CODES, MAX_MESSAGE_BYTES, MAX_OUTPUT_BYTES, PROTOCOL_VERSION, code_for, encode_error, encode_result,
 )
-from agentcg.errors import AccessDenied, InvalidInput, ProtocolError
+from agentcg.errors import AccessDenied, AgentcgError, InvalidInput, ProtocolError
+from agentcg.procfs import PROC
+
 _RECV_BYTES = 65536
 _UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 
@@ -41,19 +44,90 @@ def error_code(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PeerCred:
+    """Who is on the other end, fixed when the connection was accepted and never re-read
+    from a bare pid: the pid may be recycled, the pidfd cannot (docs/daemon.md, "Who may
+    call what"). `cgroup` is the peer's v2 cgroup path as of accept, None when the peer
+    was gone before it could be read; `pidfd` is -1 where the kernel has no pidfds."""
+
     pid: int
     uid: int
     gid: int
+    start_ticks: int = 0
+    cgroup: str | None = None
+    pidfd: int = field(default=-1, compare=False)
+    groups: tuple[int, ...] = ()
 
     @property
     def is_root(self) -> bool:
         return self.uid == 0
 
+    def sandbox(self, root: str) -> str | None:
+        """The sandbox the peer lived in when it connected (from its v2 cgroup), or None."""
+        prefix = f"/{root}/"
+        if self.cgroup is None or not self.cgroup.startswith(prefix):
+            return None
+        return self.cgroup[len(prefix):].split("/", 1)[0] or None
+
+    def alive(self) -> bool:
+        """Whether the process that connected still runs (a zombie is dead)."""
+        return pidfd_alive(self.pidfd, self.pid, self.start_ticks)
+
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
-    """SO_PEERCRED: who connected (as of connect(); the kernel fills it, clients cannot lie)."""
+    """SO_PEERCRED (as of connect(); the kernel fills it, clients cannot lie) plus a pidfd
+    of that very process (SO_PEERPIDFD, Linux 6.5+; else pidfd_open of the pid, checked
+    below), and what /proc says about it, read once and then confirmed through the pidfd:
+    a pid reused while we read belongs to a new process, and the pidfd then says the old
+    one is dead, so the peer gets no cgroup (no sandbox's rights)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return PeerCred(pid, uid, gid)
+    pidfd = -1
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+    info = ProcFacts.read(pid)
+    if info is None or pidfd < 0 or not pidfd_alive(pidfd, pid, info.start_ticks):
+        # gone already (or no pidfds): identity is the uid alone, no sandbox
+        return PeerCred(pid, uid, gid, 0, None, pidfd)
+    return PeerCred(pid, uid, gid, info.start_ticks, info.cgroup, pidfd, info.groups)
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)   # include/uapi/asm-generic/socket.h, Linux 6.5
+
+
+@dataclass(frozen=True)
+class ProcFacts:
+    """What the daemon needs from /proc/<pid> about a peer or a process to move."""
+
+    start_ticks: int
+    state: str
+    uid: int
+    cgroup: str | None            # the v2 ("0::") path
+    groups: tuple[int, ...]
+
+    @staticmethod
+    def read(pid: int) -> "ProcFacts | None":
+        """Through agentcg.procfs; None when the process is gone or unreadable."""
+        try:
+            stat, status = PROC.stat(pid), PROC.status(pid)
+            cgroup = PROC.v2_cgroup(pid)
+        except AgentcgError:
+            return None
+        return ProcFacts(stat.start_ticks, stat.state, status.uids[1], cgroup, tuple(sorted(status.groups)))
+
+
+def pidfd_alive(pidfd: int, pid: int, start_ticks: int) -> bool:
+    """True while the process behind `pidfd` runs; a zombie counts as dead (a pidfd polls
+    readable once its process exited, reaped or not). Without a pidfd, the pid's start
+    time must still match and the process must not be a zombie (the best /proc can say)."""
+    if pidfd >= 0:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return not poller.poll(0)
+    return PROC.is_alive(pid, start_ticks)
 
 
 @dataclass(frozen=True)
@@ -67,8 +141,11 @@ def parse_request(line: bytes) -> Request:
     """One JSON line -> Request, or ApiError('invalid_input') naming what is wrong."""
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError("invalid_input", f"request is not valid JSON ({exc}); send one JSON object per line") from None
+    except RecursionError:
+        raise ApiError("invalid_input", "request is nested too deeply; send a flat JSON object") from None
+    except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
+        raise ApiError("invalid_input", f"request is not valid JSON ({str(exc)[:200]}); "
+                                        "send one JSON object per line") from None
     if not isinstance(data, dict):
         raise ApiError("invalid_input", f"request must be a JSON object, got {type(data).__name__}")
     request_id = data.get("id")
@@ -172,6 +249,76 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+        if self.peer.pidfd >= 0:
+            try:
+                os.close(self.peer.pidfd)
+            except OSError:
+                pass
+            object.__setattr__(self.peer, "pidfd", -1)
+
+
+class ConnectionSlots:
+    """Who may hold how many of the daemon's connections. Slots are counted per uid as
+    soon as a connection is accepted (its credentials are known then): a non-root uid holds
+    at most `per_uid`, all non-root uids together at most `total - root_reserved`, so the
+    last `root_reserved` slots are always there for root (`agentcg run`, the operator)."""
+
+    def __init__(self, total: int, per_uid: int, root_reserved: int) -> None:
+        self.total, self.per_uid, self.root_reserved = total, per_uid, min(root_reserved, total)
+        self.by_uid: dict[int, int] = {}
+        self.used = 0
+
+    def refuse(self, uid: int) -> str | None:
+        """Why a new connection of `uid` is refused (the `busy` message), or None: take it."""
+        if self.used >= self.total:
+            return f"all {self.total} connections are in use ([protocol] max_connections); retry later"
+        if uid == 0:
+            return None
+        if self.by_uid.get(uid, 0) >= self.per_uid:
+            return (f"uid {uid} holds {self.per_uid} connections already ([protocol] "
+                    "max_connections_per_uid); close some")
+        if self.used - self.by_uid.get(0, 0) >= self.total - self.root_reserved:
+            return (f"the {self.total - self.root_reserved} connections open to non-root users are in use "
+                    f"({self.root_reserved} stay reserved for root: [protocol] root_connections); retry later")
+        return None
+
+    def take(self, uid: int) -> None:
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+        self.used += 1
+
+    def release(self, uid: int) -> None:
+        left = self.by_uid.get(uid, 0) - 1
+        if left > 0:
+            self.by_uid[uid] = left
+        else:
+            self.by_uid.pop(uid, None)
+        self.used = max(0, self.used - 1)
+
+
+class RateLimitedLog:
+    """At most `burst` lines per `per_s` seconds per key (a peer's uid, say); what is held
+    back is counted and said in the next line that gets through. A peer sending garbage
+    cannot fill the log."""
+
+    def __init__(self, logger: Any, burst: int = 10, per_s: float = 60.0, max_keys: int = 1024) -> None:
+        self.logger, self.burst, self.per_s, self.max_keys = logger, burst, per_s, max_keys
+        self._windows: dict[Any, list[float]] = {}     # key -> [window start, lines, suppressed]
+
+    def log(self, level: int, key: Any, msg: str, *args: Any, now: float, exc_info: bool = False) -> bool:
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.per_s:
+            if window is None and len(self._windows) >= self.max_keys:
+                self._windows.clear()
+            suppressed = int(window[2]) if window else 0
+            window = self._windows[key] = [now, 0, 0]
+            if suppressed:
+                msg += f" ({suppressed} similar lines suppressed)"
+        if window[1] >= self.burst:
+            window[2] += 1
+            return False
+        window[1] += 1
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
 
 
 class UnixListener:

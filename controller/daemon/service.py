@@ -6,15 +6,22 @@ is over, owners that died, stalled clients) and the policy tick. Every decision 
 through the control core (controller/core, wrapped by control.py): the tick, a PSI
 trigger, a kernel threshold crossing and a `toolcall.begin` waiting for admission.
 
-Start-up adopts what an earlier daemon left (state.py), so `kill -9` loses nothing.
+Start-up adopts what an earlier daemon left (state.py), so `kill -9` loses nothing. It
+changes nothing (no state, owner or cgroup file) until this daemon holds the state
+directory's lock, the cgroup root's lock and the socket (`_claim`): a second daemon on
+the same state directory, root or socket refuses before touching anything.
 Shutdown (SIGTERM/SIGINT) goes through `shutdown()` only, and leaves sandboxes and
-running calls in place for the next daemon to adopt.
+running calls in place for the next daemon to adopt. SIGHUP, SIGUSR1/2, SIGALRM and the
+other signals whose default would end the daemon are ignored (docs/daemon.md, "Restart
+safety"): a stray `kill -HUP` must not take every sandbox's API down.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
+import resource
 import select
 import signal
 import time
@@ -35,21 +42,30 @@ from agentcg.controller.daemon.exec_watch import ExecWatch
 from agentcg.controller.daemon.engine_links import EngineLinks
 from agentcg.controller.daemon.http import MetricsEndpoint
 from agentcg.controller.daemon.metrics import DaemonStats, make_registry
+from agentcg.controller.daemon.owners import OwnerWatch
 from agentcg.controller.daemon.psi_triggers import PsiTriggers
 from agentcg.controller.daemon.reaction import Crossing, Reactor
-from agentcg.controller.daemon.server import Connection, UnixListener, encode_error, encode_result
+from agentcg.controller.daemon.server import (
+    ConnectionSlots, Connection, RateLimitedLog, UnixListener, encode_error, encode_result,
+)
 from agentcg.controller.daemon.state import Adoption, DaemonState, SandboxEntry, save_state
-from agentcg.controller.reaper import process_start_ticks
+from agentcg.controller.reaper import DAEMON_LOCK, daemon_owner, process_start_ticks
 from agentcg.controller.sandbox import remove_sandbox, sandbox_lock
 from agentcg.controller.toolcall import ToolCall
-from agentcg.errors import AgentcgError, BpfError, CgroupGone
+from agentcg.errors import AgentcgError, BpfError, CgroupGone, InvalidInput
 from agentcg.policies.kv import POLICY_NAMES as KV_POLICY_NAMES
 from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
 from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon")
 
-OWNER_CHECK_S = 0.25          # how often owners of running calls are checked for life
+ROOT_LOCK_DIR = Path("/run/agentcg-roots")   # one lock per cgroup root, whatever the state dir
+UNKNOWN_CHECK_S = 1.0         # how often adopted calls with no owner are checked for emptiness
+# default action "terminate" but nothing a daemon should die of (signal(7)); SIGTERM and
+# SIGINT stop it cleanly, SIGKILL and the core-dumping faults stay as they are
+IGNORED_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGPIPE",
+    "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGXFSZ", "SIGSTKFLT") if hasattr(signal, name))
 FINISH_POLL_S = 0.02          # loop timeout while a call waits to be finished
 IDLE_POLL_S = 0.5
 
@@ -85,8 +101,16 @@ class Daemon(ClientConnections, EngineLinks):
         self._old_signals: dict[int, Any] = {}
         self._bpf_stats_fd: int | None = None
         self._stop = False
+        self._locks: list[int] = []
+        self._root_lock_path: Path | None = None
+        self._slots = ConnectionSlots(config.protocol.max_connections, config.protocol.max_connections_per_uid,
+                                      config.protocol.root_connections)
+        self._bad_requests = RateLimitedLog(log)
+        self._ignored: list[int] = []
+        self.owners: OwnerWatch | None = None
+        self._unknown: set[str] = set()        # adopted calls nobody owns: recorded once empty
+        self._next_unknown_check = 0.0
         self._next_tick = 0.0
-        self._next_owner_check = 0.0
         self._observed_at: float | None = None
         e = config.engine
         self.engines = EngineHub(e.kv_policy, e.max_links, e.max_requests, e.host_reserve_bytes, e.kv_floor_bytes,
@@ -95,6 +119,7 @@ class Daemon(ClientConnections, EngineLinks):
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
         try:
+            self._install_signals()      # first: a SIGHUP during start-up must not kill it either
             self.start()
             self.loop()
         finally:
@@ -106,20 +131,26 @@ class Daemon(ClientConnections, EngineLinks):
 
     def start(self) -> None:
         cfg = self.config
+        previous = self._claim()
         self._protect_self()
         from agentcg.controller.container_daemon import ContainerSandboxes   # adopted containers (docs/containers.md)
-        self.tree = ContainerSandboxes.wrap(open_tree(root=cfg.daemon.cgroup_root))
-        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        self.tree = ContainerSandboxes.wrap(self.tree)      # opened by _claim (the root's lock)
         self.monitor = ContainerSandboxes.tap(self._load_bpf(), lambda: self.containers)
         self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
-        self._epoll = select.epoll()
+        self.calls.records_mode = cfg.daemon.records_mode
+        self.calls.records_gid = (resolve_group(cfg.daemon.socket_group)
+                                  if cfg.daemon.socket_group is not None and cfg.daemon.records_mode & 0o040 else None)
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        self.owners = OwnerWatch()
+        self._register(self.owners.fileno(), select.EPOLLIN, self._on_owner_exit)
         self.containers = ContainerSandboxes(self, Args)
         self.containers.restore()
         self.api.ops.update(self.containers.ops())
         self.control = DaemonControl(self.tree, self.calls, self.state, self.stats, cfg.policy, self.events)
         self._triggers = PsiTriggers(self.tree, cfg.psi, self._register, self._unregister, self._on_pressure)
-        self._adopt()
+        self._adopt(previous)
         if cfg.engine.kv_policy not in KV_POLICY_NAMES:
             make_kv_policy(cfg.engine.kv_policy)     # a custom policy that cannot load fails the start
         self.reactor = Reactor(self.tree, self.monitor, self.control.thresholds, self.stats, self._register,
@@ -131,17 +162,68 @@ class Daemon(ClientConnections, EngineLinks):
             self._triggers.arm(name)
         self.reactor.arm_scopes(self.control.sandbox_budgets())
         self.exec_watch.restore()     # `sandbox exec` agents watched by an earlier daemon
-        gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
-        self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
         self._register(self._listener.fileno(), _IN, self._on_accept)
         if cfg.metrics.address:
             self._listen_metrics(cfg.metrics.address)
-        self._install_signals()
         self._next_tick = time.monotonic() + cfg.policy.tick_s
         log.info("agentcg daemon %d: socket %s, cgroup root %s (%s), eBPF %s, reaction %s, metrics %s, adopted %s",
                  os.getpid(), cfg.daemon.socket_path, self.tree.root, self.tree.kind,
                  "on" if self.monitor else "off", self.reactor.mode, self.metrics_address or "off",
                  self.adoption.summary() if self.adoption else {})
+
+    def _claim(self) -> tuple[int, int] | None:
+        """Take the state directory, the cgroup root and the socket, in that order, before
+        anything is changed; refuse (InvalidInput, exit 2) when another daemon holds one.
+        Returns the (pid, start ticks) of the daemon that held the state directory before."""
+        from agentcg.safefile import ensure_private_dir, open_private
+
+        cfg = self.config
+        state_dir = ensure_private_dir(cfg.daemon.state_dir, 0o755)
+        previous = daemon_owner(state_dir)
+        fd = open_private(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        self._locks.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f"pid {previous[0]}" if previous else "another process"
+            raise InvalidInput(f"another agentcg daemon ({holder}) uses state directory {state_dir}; "
+                               "stop it first, or give this one its own [daemon] state_dir") from None
+        self.tree = open_tree(root=cfg.daemon.cgroup_root)
+        self._lock_cgroup_root()
+        gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
+        self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
+        # ours now: say so in the lock file (reap_orphans spares this daemon's calls)
+        ticks = process_start_ticks(os.getpid()) or 0
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {ticks}\n".encode(), 0)
+        return previous
+
+    def _lock_cgroup_root(self) -> None:
+        """flock a lock file per cgroup root in ROOT_LOCK_DIR, the same for every state
+        directory: whatever state directory a daemon uses, two cannot manage the same root.
+        The file goes at shutdown; a daemon that locked a file unlinked meanwhile sees that
+        the path names another file now, and takes that one instead."""
+        from agentcg.safefile import ensure_private_dir, open_private
+
+        path = ensure_private_dir(ROOT_LOCK_DIR, 0o755) / f"{self.tree.root.replace('/', '.')}.lock"
+        for _ in range(8):
+            fd = open_private(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise InvalidInput(f"another agentcg daemon manages cgroup root {self.tree.root!r} (it holds "
+                                   f"{path}); stop it first, or give this one its own [daemon] cgroup_root") from None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._locks.append(fd)
+                self._root_lock_path = path
+                return
+            os.close(fd)
+        raise InvalidInput(f"{path} keeps being replaced; is another daemon starting and stopping?")
 
     def shutdown(self) -> None:
         """The one clean-up path: close every fd we opened. Sandboxes and running calls
@@ -165,11 +247,23 @@ class Daemon(ClientConnections, EngineLinks):
             self.monitor = None
         bpfstats.disable_bpf_stats(self._bpf_stats_fd)
         self._bpf_stats_fd = None
+        if self.owners is not None:
+            self.owners.close()
+            self.owners = None
+        if self.state.journal is not None:
+            self.state.journal.close()
+            self.state.journal = None
         self._restore_signals()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
         self._handlers.clear()
+        if self._root_lock_path is not None:   # still held: removed before it is released
+            self._root_lock_path.unlink(missing_ok=True)
+            self._root_lock_path = None
+        for fd in self._locks:          # last: the next daemon may start from here on
+            os.close(fd)
+        self._locks.clear()
 
     def _protect_self(self) -> None:
         try:
@@ -202,8 +296,16 @@ class Daemon(ClientConnections, EngineLinks):
         return monitor
 
     # ---- adoption (adopt.py) ------------------------------------------------------
-    def _adopt(self) -> None:
-        self.adoption = adopt(self.config, self.tree, self.calls, self.state, self.stats, self.apply_sandbox_limits)
+    def _adopt(self, previous: tuple[int, int] | None = None) -> None:
+        self.adoption = adopt(self.config, self.tree, self.calls, self.state, self.stats, self.apply_sandbox_limits,
+                              spare=previous)
+        assert self.owners is not None
+        for entry in list(self.state.calls.values()):
+            if entry.owner_pid == 0:       # found in the tree only: recorded once its processes are gone
+                self._unknown.add(entry.call_id)
+            elif entry.returned_monotonic_s is None and not self.owners.watch(
+                    entry.call_id, entry.owner_pid, entry.owner_start_ticks):
+                self._owner_died(entry.call_id)
         self.save()
 
     def save(self) -> None:
@@ -265,7 +367,11 @@ class Daemon(ClientConnections, EngineLinks):
         if entry is not None and entry.returned_monotonic_s is None:
             entry.returned_monotonic_s, entry.returned_wall_s = call.returned_monotonic_s, call.returned_wall_s
             entry.exit_code, entry.signal = call.exit_code, call.signal
+            self.state.calls[call.call_id] = entry      # assigned again: the journal writes it
             self.save()
+        if self.owners is not None:
+            self.owners.forget(call.call_id)
+        self._unknown.discard(call.call_id)
         if waiter is not None:
             waiter[0].busy = True
             self._waiters.setdefault(call.call_id, []).append(waiter)
@@ -288,6 +394,9 @@ class Daemon(ClientConnections, EngineLinks):
 
     def _call_finished(self, record: ToolCallRecord) -> None:
         entry = self.state.calls.pop(record.call_id, None)
+        if self.owners is not None:
+            self.owners.forget(record.call_id)
+        self._unknown.discard(record.call_id)
         self.stats.observe_call(record)
         self._engine_call_ended(record.call_id)
         self._guarded(self.engines.learn, record)
@@ -377,7 +486,14 @@ class Daemon(ClientConnections, EngineLinks):
     # ---- admission ------------------------------------------------------------------
     def admit_or_wait(self, call: ToolCall, conn: Connection, request_id: int | None, result: dict[str, Any]) -> bool:
         """`toolcall.begin`: True when the call may start now; else the answer comes once the
-        policy admits it (bounded by [policy] max_wait_s), and the call shows as pending."""
+        policy admits it (bounded by [policy] max_wait_s), and the call shows as pending.
+        With no budget to fit in (neither the sandbox's nor [policy] host_budget) there is
+        nothing to admit against: it starts at once, without a step, so `toolcall.begin`
+        costs the same with 10 or 1,600 calls running (bench/bench_daemon_scale.py)."""
+        entry = self.state.sandboxes.get(call.sandbox)
+        if self.config.policy.host_budget_bytes is None and (entry is None or entry.memory_budget_bytes is None):
+            self.engine_tool_began(call)
+            return True
         self.control.wait_for_admission(call)
         self._admission[call.call_id] = (conn, request_id, result, call)
         self._step(time.monotonic())
@@ -442,9 +558,9 @@ class Daemon(ClientConnections, EngineLinks):
             self._expire_admissions(now)
         if self.exec_watch.watches:
             self.exec_watch.on_housekeeping()
-        if now >= self._next_owner_check:
-            self._next_owner_check = now + OWNER_CHECK_S
-            self._check_owners()
+        if self._unknown and now >= self._next_unknown_check:
+            self._next_unknown_check = now + UNKNOWN_CHECK_S
+            self._check_unknown()
         if any(c.has_returned for c in self.calls.running()):
             self.finish_due()
         self.containers.housekeeping(now)
@@ -466,17 +582,43 @@ class Daemon(ClientConnections, EngineLinks):
             self._next_tick = now + self.config.policy.tick_s
             self._tick(now)
 
-    def _check_owners(self) -> None:
-        for call in self.calls.running():
-            entry = self.state.calls.get(call.call_id)
-            if call.has_returned or entry is None or entry.owner_pid == 0:
+    def _on_owner_exit(self, fd: int, mask: int) -> None:
+        """An owner's pidfd turned readable: that process exited (or is a zombie)."""
+        assert self.owners is not None
+        for call_id in self.owners.dead():
+            self._owner_died(call_id)
+
+    def _owner_died(self, call_id: str) -> None:
+        try:
+            call = self.calls.get(call_id)
+        except CgroupGone:
+            return
+        if call.has_returned:
+            return
+        entry = self.state.calls.get(call_id)
+        log.info("owner %s of tool call %s died; the call ends after its grace period",
+                 entry.owner_pid if entry else "?", call_id)
+        self._cancel_admission(call)
+        self.end_call(call, None, None, waiter=None)
+        self.stats.observe_action("end", "owner_dead")
+
+    def _check_unknown(self) -> None:
+        """Adopted calls nobody owns end when their cgroup is empty (then they are recorded)."""
+        for call_id in list(self._unknown):
+            try:
+                call = self.calls.get(call_id)
+            except CgroupGone:
+                self._unknown.discard(call_id)
                 continue
-            if process_start_ticks(entry.owner_pid) != entry.owner_start_ticks:
-                log.info("owner %d of tool call %s died; the call ends after its grace period",
-                         entry.owner_pid, call.call_id)
-                self._cancel_admission(call)
-                self.end_call(call, None, None, waiter=None)
-                self.stats.observe_action("end", "owner_dead")
+            if call.has_returned:
+                self._unknown.discard(call_id)
+            elif not self.calls._populated(call):
+                self._unknown.discard(call_id)
+                self.calls.returned(call)
+                call.grace_s = 0.0
+
+    def running_in(self, sandbox: str) -> int:
+        return sum(1 for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned)
 
     # ---- epoll plumbing -----------------------------------------------------------
     def _register(self, fd: int, events: int, handler: Callable[[int, int], None]) -> None:
@@ -493,12 +635,33 @@ class Daemon(ClientConnections, EngineLinks):
                 pass
 
     def _install_signals(self) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+        self._raise_fd_limit()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_pipe = (r, w)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._old_signals[signum] = signal.signal(signum, self.request_stop)
+        for signum in IGNORED_SIGNALS:
+            # a handler, not SIG_IGN: exec() resets it, so no child inherits an ignored signal
+            self._old_signals[signum] = signal.signal(signum, self._note_ignored)
         self._register(r, select.EPOLLIN, self._on_signal)
+
+    def _note_ignored(self, signum: int, frame: Any) -> None:
+        if len(self._ignored) < 64:
+            self._ignored.append(signum)
+
+    @staticmethod
+    def _raise_fd_limit() -> None:
+        """Each running call's owner is watched through a pidfd: up to the hard limit."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                            else max(soft, 1 << 20), hard))
+            except (ValueError, OSError):
+                pass
 
     def _restore_signals(self) -> None:
         for signum, handler in self._old_signals.items():
@@ -516,10 +679,18 @@ class Daemon(ClientConnections, EngineLinks):
             os.read(fd, 512)
         except BlockingIOError:
             pass
+        ignored, self._ignored = self._ignored, []
+        for signum in sorted(set(ignored)):
+            self._bad_requests.log(logging.INFO, ("signal", signum),
+                                   "%s ignored (docs/daemon.md, \"Restart safety\"); SIGTERM stops the daemon, "
+                                   "and a restart keeps every running call", signal.Signals(signum).name,
+                                   now=time.monotonic())
 
     def _discard_pending(self, call: ToolCall) -> None:
         """A call whose client left while it waited for admission: it never ran, no record."""
         self.state.calls.pop(call.call_id, None)
+        if self.owners is not None:
+            self.owners.forget(call.call_id)
         try:
             self.calls.discard(call)
         except AgentcgError as exc:

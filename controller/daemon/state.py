@@ -1,17 +1,28 @@
-"""The daemon's state file, and the plan for adopting what an earlier daemon left.
+"""The daemon's state (a snapshot plus an append-only journal), and the plan for adopting
+what an earlier daemon left.
 
-The cgroup tree is the truth about what exists; the state file (JSON, rewritten whole
-with rename after each change, so a `kill -9` leaves the old or the new file, never
-half of one) adds what the tree cannot hold: sandbox settings, and per running call its
-tool, command, start times, hint and owner. No fsync: the file must survive a crash of
-the daemon, not of the host (the cgroups do not survive a reboot either).
+The cgroup tree is the truth about what exists; the state adds what the tree cannot hold:
+sandbox settings, and per running call its tool, command, start times, hint and owner.
+It lives in two files in the state directory:
+- `state.json`, a snapshot, replaced whole with rename (agentcg.safefile.atomic_write,
+  mode 0600), so a `kill -9` leaves the old or the new file, never half of one;
+- `state.journal`, one JSON line per change since that snapshot (a sandbox or call set to
+  a value, or removed), appended with one write(2) each. Only what changed is written, so
+  a change costs the same with 10 or 10,000 running calls; when the journal is longer
+  than `COMPACT_MIN_LINES` and twice the number of live entries, a new snapshot replaces
+  both (amortised O(1) per change). Replaying a journal onto a snapshot that already holds
+  its changes gives the same state (every line is a whole value or a removal), so a crash
+  between writing the snapshot and truncating the journal loses nothing; a last line
+  without its newline (a crash mid-write) is ignored.
+No fsync: the state must survive a crash of the daemon, not of the host (the cgroups do
+not survive a reboot either).
 
-On start `plan_adoption` compares the two:
+On start `plan_adoption` compares the state with the tree:
 - a sandbox in both, or only in the tree (kept with default settings), is adopted;
-- a sandbox only in the file is recreated (a restart loses no sandbox);
+- a sandbox only in the state is recreated (a restart loses no sandbox);
 - a call in both is adopted and keeps being tracked; a call cgroup with no entry is
-  adopted as tool "unknown" with no owner, so it is ended once its processes are gone;
-- a call in the file whose cgroup vanished is "lost": it gets a record saying so.
+  adopted as tool "unknown" with no owner: it is recorded once its processes are gone;
+- a call in the state whose cgroup vanished is "lost": it gets a record saying so.
 """
 from __future__ import annotations
 
@@ -25,9 +36,12 @@ from typing import Any
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.sandbox import TOOLS, tools_path, validate_name
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.safefile import atomic_write, ensure_private_dir, open_private, read_private
 
 STATE_VERSION = 1
 MAX_STATE_BYTES = 32 * 1024 * 1024
+MAX_JOURNAL_BYTES = 256 * 1024 * 1024
+COMPACT_MIN_LINES = 4096
 
 
 @dataclass
@@ -68,10 +82,63 @@ class CallEntry:
     adopted: int = 0              # how many daemon restarts this call lived through
 
 
+class TrackedDict(dict):
+    """A dict that remembers which keys were set or removed since `take_dirty()`."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.dirty: set[str] = set(self)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.dirty.add(key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.dirty.add(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self.dirty.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        self.dirty |= set(self)
+        super().clear()
+
+    def popitem(self) -> tuple[str, Any]:
+        key, value = super().popitem()
+        self.dirty.add(key)
+        return key, value
+
+    def take_dirty(self) -> set[str]:
+        dirty, self.dirty = self.dirty, set()
+        return dirty
+
+
 @dataclass
 class DaemonState:
-    sandboxes: dict[str, SandboxEntry] = field(default_factory=dict)
-    calls: dict[str, CallEntry] = field(default_factory=dict)
+    """Change `sandboxes` / `calls` by assigning or removing keys (an entry changed in place
+    must be assigned again to be saved): `save_state` writes only those keys."""
+
+    sandboxes: dict[str, SandboxEntry] = field(default_factory=TrackedDict)
+    calls: dict[str, CallEntry] = field(default_factory=TrackedDict)
+    journal: "StateJournal | None" = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sandboxes, TrackedDict):
+            self.sandboxes = TrackedDict(self.sandboxes)
+        if not isinstance(self.calls, TrackedDict):
+            self.calls = TrackedDict(self.calls)
 
     def to_json(self) -> str:
         return json.dumps({"version": STATE_VERSION,
@@ -79,42 +146,128 @@ class DaemonState:
                            "calls": [dataclasses.asdict(c) for c in self.calls.values()]}, sort_keys=True)
 
 
+def journal_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".journal")
+
+
 def load_state(path: Path) -> DaemonState:
-    """The saved state; empty when there is no file. InvalidInput when it is unreadable."""
+    """The saved state (snapshot + journal); empty when there is none. InvalidInput when
+    either is unreadable or not ours (the daemon then moves both aside)."""
+    raw = _read_bounded(path, MAX_STATE_BYTES)
+    journal = _read_bounded(journal_path(path), MAX_JOURNAL_BYTES) or b""
+    state = DaemonState()
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_STATE_BYTES + 1)
+        if raw is not None:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                version = data.get("version") if isinstance(data, dict) else None
+                raise ValueError(f"version {version!r}, this daemon reads {STATE_VERSION}")
+            for item in data["sandboxes"]:
+                _set(state, "sandbox", item)
+            for item in data["calls"]:
+                _set(state, "call", item)
+        for number, line in enumerate(journal.split(b"\n")[:-1], 1):   # no newline at the end: ignored
+            op = json.loads(line)
+            kind, value = op["op"], op["value"]
+            if kind in ("sandbox", "call"):
+                _set(state, kind, value)
+            elif kind == "-sandbox":
+                state.sandboxes.pop(validate_name(value), None)
+            elif kind == "-call":
+                state.calls.pop(validate_name(value, "call id"), None)
+            else:
+                raise ValueError(f"journal line {number}: unknown op {kind!r}")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, AgentcgError) as exc:
+        raise InvalidInput(f"state file {path} is not a valid agentcg daemon state ({str(exc)[:300]})") from None
+    state.sandboxes.take_dirty()
+    state.calls.take_dirty()
+    return state
+
+
+def _set(state: DaemonState, kind: str, item: Any) -> None:
+    if not isinstance(item, dict):
+        raise ValueError(f"a {kind} entry must be an object, got {type(item).__name__}")
+    if kind == "sandbox":
+        entry = SandboxEntry(**item)
+        state.sandboxes[validate_name(entry.name)] = entry
+    else:
+        call = CallEntry(**item)
+        state.calls[validate_name(call.call_id, "call id")] = call
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    try:
+        return read_private(path, limit)
     except FileNotFoundError:
-        return DaemonState()
+        return None
     except OSError as exc:
         raise InvalidInput(f"state file {path}: cannot read it ({exc.strerror})") from None
-    if len(raw) > MAX_STATE_BYTES:
-        raise InvalidInput(f"state file {path} is larger than {MAX_STATE_BYTES} bytes; move it away")
-    try:
-        data = json.loads(raw)
-        if data.get("version") != STATE_VERSION:
-            raise ValueError(f"version {data.get('version')!r}, this daemon reads {STATE_VERSION}")
-        state = DaemonState()
-        for item in data["sandboxes"]:
-            entry = SandboxEntry(**item)
-            state.sandboxes[validate_name(entry.name)] = entry
-        for item in data["calls"]:
-            entry = CallEntry(**item)
-            state.calls[validate_name(entry.call_id, "call id")] = entry
-        return state
-    except (ValueError, TypeError, KeyError, AttributeError, AgentcgError) as exc:
-        raise InvalidInput(f"state file {path} is not a valid agentcg daemon state ({exc})") from None
+
+
+class StateJournal:
+    """The open journal of one state file (see the module's docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.journal = path, journal_path(path)
+        self.lines = 0
+        self.fd = -1
+
+    def compact(self, state: DaemonState) -> None:
+        state.sandboxes.take_dirty()
+        state.calls.take_dirty()
+        atomic_write(self.path, state.to_json(), 0o600, fsync=False)
+        if self.fd < 0:
+            self.fd = open_private(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, 0)
+        self.lines = 0
+
+    def append(self, state: DaemonState) -> None:
+        lines = []
+        for name in sorted(state.sandboxes.take_dirty()):
+            entry = state.sandboxes.get(name)
+            lines.append({"op": "sandbox", "value": dict(vars(entry))} if entry is not None
+                         else {"op": "-sandbox", "value": name})
+        for call_id in sorted(state.calls.take_dirty()):
+            call = state.calls.get(call_id)
+            lines.append({"op": "call", "value": dict(vars(call))} if call is not None
+                         else {"op": "-call", "value": call_id})
+        if lines:
+            data = "".join(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n" for line in lines)
+            view = memoryview(data.encode())
+            while view:          # O_APPEND: each write lands at the end
+                view = view[os.write(self.fd, view):]
+            self.lines += len(lines)
+        if self.lines > max(COMPACT_MIN_LINES, 2 * (len(state.calls) + len(state.sandboxes))):
+            self.compact(state)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def save_state(path: Path, state: DaemonState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, state.to_json().encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Persist what changed in `state` since the last call: the first call on a state
+    writes a fresh snapshot (and empties the journal), later ones append to the journal."""
+    if state.journal is None or state.journal.path != path:
+        ensure_private_dir(path.parent, 0o755)
+        state.journal = StateJournal(path)
+        state.journal.compact(state)
+    else:
+        state.journal.append(state)
+
+
+def move_aside(path: Path, suffix: str) -> list[Path]:
+    """Rename the snapshot and the journal to `<name><suffix>` (kept for a post-mortem)."""
+    moved = []
+    for source in (path, journal_path(path)):
+        target = source.with_name(source.name + suffix)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            continue
+        moved.append(target)
+    return moved
 
 
 @dataclass

@@ -100,9 +100,11 @@ class DaemonProcess:
         finally:
             try:
                 from agentcg.controller.cgroup import open_tree
+                from agentcg.controller.daemon.service import ROOT_LOCK_DIR
                 tree = open_tree(root=self.root)
                 if tree.exists(""):
                     tree.remove("", timeout_s=10.0)
+                (ROOT_LOCK_DIR / f"{self.root}.lock").unlink(missing_ok=True)   # left by a kill -9
             finally:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
