@@ -38,8 +38,9 @@ from agentcg.errors import InvalidInput
 from agentcg.policies.kv import make_policy
 from agentcg.policies.kv.agentcg import HostMemoryBudget
 from agentcg.policies.kv.infercept import InferceptParams
-from agentcg.policies.kv.types import Decision, KvPolicy, KvSnapshot, RequestView, State, Trigger
-from agentcg.policies.kv.vllm_v1 import VllmV1Policy, prefix_hit_tokens
+from agentcg.policies.kv.harness import KvDecider, build_snapshot, is_decoding
+from agentcg.policies.kv.types import KvPolicy, KvSnapshot, RequestView, State, Trigger
+from agentcg.policies.kv.vllm_v1 import prefix_hit_tokens
 from agentcg.profiler.kvsim_cost import EngineModel
 from agentcg.profiler.kvsim_sessions import SimSession
 
@@ -160,7 +161,7 @@ class Simulator:
         if self.cap < 1024:
             raise InvalidInput(f"GPU KV capacity {config.gpu_kv_bytes} bytes holds under 1024 tokens; raise --gpu-kv")
         self.policy = make_policy(policy, **policy_params) if isinstance(policy, str) else policy
-        self.fallback = VllmV1Policy()
+        self.decider = KvDecider(self.policy)
         self.result = PolicyResult(self.policy.name, len(sessions), [])
         self.now = 0.0
         self.sess = [_Sess(s, i, i * config.arrival_interval_s) for i, s in enumerate(sessions)]
@@ -208,7 +209,7 @@ class Simulator:
         if kind == "arrive":
             self._arrive(s)
         elif kind == "wake":
-            if self.wake_at is not None and self.wake_at <= self.now:
+            if self.decider.take_wake(self.now):
                 self.wake_at = None
                 self._ask(Trigger.TICK, None)
         elif kind == "ttl":
@@ -345,7 +346,7 @@ class Simulator:
         tool = s.spec.turns[s.turn - 1].tool if kind is EventKind.PAUSED else None
         event = RequestEvent(s.rid, s.rid, kind, self.now, s.ctx if kind is not EventKind.ADMITTED else s.prompt,
                              sandbox=s.spec.sandbox, tool=tool, cached_tokens=cached)
-        self.policy.observe(event)
+        self.decider.observe(event)
 
     def _finish_call(self, s: _Sess) -> None:
         self.running.remove(s)
@@ -406,36 +407,25 @@ class Simulator:
             s.pinned and not s.evictable, host is not None and s.host_ready > now,
             s.arrival_s, s.start_s, s.admitted_s, s.paused_s, s.preempted_s, tool,
             last == len(turns) - 1, remaining, 0,
+            s.state == RUNNING and is_decoding(s.prefilled, s.prompt),
         )
 
     def _snapshot(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> KvSnapshot:
         live = [s for s in self.sess if s.state in (RUNNING, WAITING, PAUSED)]
-        return KvSnapshot(
+        return build_snapshot(
             now_s=self.now, trigger=trigger, subject=subject.rid if subject else None,
-            bytes_per_token=self.bpt, gpu_capacity_tokens=self.cap, gpu_free_tokens=self._free(),
-            gpu_evictable_tokens=self.evictable_tokens,
+            views=[self._view(s) for s in live], bytes_per_token=self.bpt, gpu_capacity_tokens=self.cap,
+            gpu_free_tokens=self._free(), gpu_evictable_tokens=self.evictable_tokens,
             host_capacity_bytes=self._host_capacity_tokens() * self.bpt, host_used_bytes=self.host_used * self.bpt,
             ssd_capacity_bytes=self.cfg.ssd_bytes, ssd_used_bytes=self.ssd_used * self.bpt,
-            bandwidths=self.bandwidths, cost=self.cost,
-            running_batch_tokens=sum(1 for s in self.running if s.prefilled >= s.prompt),
-            running_kv_tokens=sum(s.g for s in self.running),
-            requests=tuple(self._view(s) for s in live), need_tokens=need_tokens, need_bytes=need_bytes,
-        )
+            bandwidths=self.bandwidths, cost=self.cost, need_tokens=need_tokens, need_bytes=need_bytes)
 
     def _ask(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> int:
-        snap = self._snapshot(trigger, subject, need_tokens, need_bytes)
-        try:
-            decision = self.policy.decide(snap)
-            if not isinstance(decision, Decision):
-                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision")
-        except Exception:   # a broken policy must not stop the engine: fall back and count
-            self.result.policy_errors += 1
-            decision = self.fallback.decide(snap)
-        if decision.wake_at_s is not None and math.isfinite(decision.wake_at_s):
-            at = max(self.now, decision.wake_at_s)
-            if self.wake_at is None or at < self.wake_at or self.wake_at <= self.now:
-                self.wake_at = at
-                self._push(at, "wake", None)
+        decision = self.decider.decide(self._snapshot(trigger, subject, need_tokens, need_bytes))
+        wake = self.decider.wake_at_s
+        if decision.wake_at_s is not None and wake is not None and wake != self.wake_at:
+            self.wake_at = wake
+            self._push(wake, "wake", None)
         return sum(self._apply(d) for d in decision.directives)
 
     def _refuse(self) -> int:
@@ -607,7 +597,7 @@ class Simulator:
     # -- scheduling -----------------------------------------------------------------
     def _order_waiting(self) -> None:
         if self.waiting_dirty:
-            keys = {s.rid: self.policy.waiting_key(self._view(s)) for s in self.waiting}
+            keys = {s.rid: self.decider.waiting_key(self._view(s)) for s in self.waiting}
             self.waiting.sort(key=lambda s: keys[s.rid])
             self.waiting_dirty = False
 
@@ -699,7 +689,7 @@ class Simulator:
             if self._pending_release() > 0:
                 return None
             self.result.fallbacks += 1
-            victim = self.fallback.decide(self._snapshot(Trigger.PRESSURE, requester, growth - avail))
+            victim = self.decider.fallback.decide(self._snapshot(Trigger.PRESSURE, requester, growth - avail))
             for d in victim.directives:
                 self._apply(d)
             if not victim.directives:
@@ -777,6 +767,7 @@ class Simulator:
         r.makespan_s = self.now
         r.gpu_kv_waste_gbs = r.idle_held_gbs + r.recompute_gbs
         r.bytes_moved = {name: link.moved for name, link in self.links.items()}
+        r.policy_errors = self.decider.errors
         r.wall_s = time.perf_counter() - started
         return r
 

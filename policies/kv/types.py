@@ -52,6 +52,7 @@ class RequestView(NamedTuple):
     is_last_step: bool = False         # ORACLE: the current/last call is the session's last
     tool_remaining_s: float | None = None  # ORACLE: time left in the tool call (InferCept)
     priority: int = 0                  # vLLM priority scheduling: lower is more important
+    decoding: bool = False             # RUNNING and past prefill (harness.is_decoding)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class KvSnapshot:
     ssd_used_bytes: int
     bandwidths: tuple[Bandwidth, ...]
     cost: ComputeCost
-    running_batch_tokens: int      # decode tokens of the current iteration
+    running_batch_tokens: int      # RUNNING requests past prefill (harness.running_batch_tokens)
     running_kv_tokens: int         # GPU KV of the running requests
     requests: tuple[RequestView, ...]
     need_tokens: int = 0           # PRESSURE
