@@ -34,9 +34,9 @@ from agentcg.engine_protocol import (
 from agentcg.errors import InvalidInput, ProtocolError
 from agentcg.policies.kv import POLICY_NAMES
 from agentcg.policies.kv.agentcg import HostMemoryBudget
+from agentcg.policies.kv.harness import KvDecider
 from agentcg.policies.kv.predictor import ToolSignal, tool_key
-from agentcg.policies.kv.types import Decision, State, Trigger
-from agentcg.policies.kv.vllm_v1 import VllmV1Policy
+from agentcg.policies.kv.types import State, Trigger
 from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon.engine")
@@ -123,8 +123,7 @@ class EngineLink:
         self._unknown_sandboxes: dict[str, None] = {}
         self.policy_name = policy_name
         self.policy_label = policy_name if policy_name in POLICY_NAMES else CUSTOM
-        self.policy = make_kv_policy(policy_name)
-        self.fallback = VllmV1Policy()
+        self.decider = KvDecider(make_kv_policy(policy_name), min_wake_s=MIN_WAKE_S)   # the one harness
         self.counters = counters
         self.max_requests = max_requests
         self.registration: Register | None = None
@@ -137,8 +136,16 @@ class EngineLink:
         self.failures = 0
 
     @property
+    def policy(self) -> Any:
+        return self.decider.policy
+
+    @policy.setter
+    def policy(self, policy: Any) -> None:
+        self.decider.policy = policy
+
+    @property
     def shares_host_memory(self) -> bool:
-        return bool(getattr(self.policy, "shares_host_memory", False))
+        return self.decider.shares_host_memory
 
     # ---- engine messages ------------------------------------------------------------
     def on_message(self, message: Message, now_s: float) -> list[Directive]:
@@ -371,18 +378,16 @@ class EngineLink:
         snap = es.build_snapshot(self.registration, self.requests.values(), now_s, trigger, subject,
                                  need_tokens, need_bytes, self.host_share_bytes)
         self.counters.bump(self.counters.decisions, trigger.value)
-        try:
-            decision = self.policy.decide(snap)
-            if not isinstance(decision, Decision) or not all(isinstance(d, Directive) for d in decision.directives):
-                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision of Directives")
-        except Exception:
-            log.exception("KV policy %s failed on %s; vllm-v1 decides instead", self.policy_name, trigger.value)
+        errors, fallbacks = self.decider.errors, self.decider.fallbacks
+        decision = self.decider.decide(snap)        # never raises; vllm-v1 decides for a failing policy
+        if self.decider.errors > errors:
+            log.error("KV policy %s failed on %s (%s); vllm-v1 decides instead", self.policy_name, trigger.value,
+                      self.decider.last_error)
             self._failed()
+        if self.decider.fallbacks > fallbacks:
             self.counters.bump(self.counters.fallbacks, self.policy_label)
-            decision = self.fallback.decide(snap)
-        wake = decision.wake_at_s
-        if wake is not None and math.isfinite(wake):
-            wake = max(wake, now_s + MIN_WAKE_S)
+        wake = decision.wake_at_s                   # clamped by the harness
+        if wake is not None:
             self.wake_at_s = wake if self.wake_at_s is None else min(self.wake_at_s, wake)
         directives = list(decision.directives[:MAX_DIRECTIVES_PER_DECISION])
         for d in directives:
@@ -398,10 +403,11 @@ class EngineLink:
         return self._decide(Trigger.PRESSURE, now_s, subject=r.request_id, need_tokens=need)
 
     def _observe(self, event: RequestEvent) -> None:
-        try:
-            self.policy.observe(event)
-        except Exception:
-            log.exception("KV policy %s failed to observe %s", self.policy_name, event.kind.value)
+        errors = self.decider.errors
+        self.decider.observe(event)
+        if self.decider.errors > errors:
+            log.error("KV policy %s failed to observe %s (%s)", self.policy_name, event.kind.value,
+                      self.decider.last_error)
             self._failed()
 
     def _signal(self, r: es.EngineRequest, signal: ToolSignal) -> None:

@@ -80,6 +80,7 @@ class Daemon:
     def __init__(self, socket_path: Path, policy: str) -> None:
         os.environ["PYTHONPATH"] = str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")
         self.d = DaemonProcess({"daemon": {"socket_path": str(socket_path)}, "engine": {"kv_policy": policy}})
+        self.d.socket_path = socket_path          # the servers' socket, not the default one
         self.d.start()
 
     def engine(self) -> dict:
