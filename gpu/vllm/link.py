@@ -17,7 +17,7 @@ import threading
 from typing import Callable
 
 from agentcg.engine_link import EngineLink
-from agentcg.engine_protocol import Directive, Message, Register
+from agentcg.engine_protocol import Directive, Message, Register, encode
 from agentcg.errors import ProtocolError
 
 log = logging.getLogger("agentcg.vllm.link")
@@ -37,6 +37,7 @@ class DaemonLink:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warned = False
+        self._bad_warned = False
         self.attaches = 0
         self.dropped = 0
         self.kv_policy: str | None = None
@@ -51,6 +52,15 @@ class DaemonLink:
         link = self._link
         if link is None:
             self.dropped += 1
+            return False
+        try:
+            encode(message)              # a message the codec refuses is our bug: drop it, keep the link
+        except ProtocolError as exc:
+            self.dropped += 1
+            if not self._bad_warned:
+                log.error("agentcg connector: dropping a %s the engine protocol refuses: %s",
+                          type(message).__name__, exc)
+                self._bad_warned = True
             return False
         try:
             link.send(message)

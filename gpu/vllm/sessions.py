@@ -253,8 +253,7 @@ class SchedulerSide:
                              loaded_tokens=live.loaded_tokens if loaded is None else int(loaded),
                              preemptions=int(getattr(request, "num_preemptions", 0) or 0), sandbox=live.sandbox,
                              arrival_s=live.arrival_s, first_token_s=live.first_token_s, end_s=now,
-                             finish_reason=str(reason.value if hasattr(reason, "value") else reason)
-                             if reason is not None else None))
+                             finish_reason=str(reason)[:64] if reason is not None else None))
         if not live.session:
             self._event(live.key, live.key, EventKind.FINISHED, len(prompt) + outputs, None)
             return

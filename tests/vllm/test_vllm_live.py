@@ -5,7 +5,7 @@ started once for the module (about a minute each, side by side). The daemon is r
 between tests with a different KV policy on the same socket (the connector reconnects:
 that is part of what is tested). Agent sessions: turns of token-id prompts, each turn's
 prompt the previous context plus new tokens, a real tool call (`agentcg run` in the
-session's sandbox) between turns, and KV pressure from two large unrelated "flood"
+session's sandbox) between turns, and KV pressure from three large unrelated "flood"
 requests between turns that evict whatever vLLM's prefix cache does not hold on to.
 """
 from __future__ import annotations
@@ -71,6 +71,11 @@ def servers():
     finally:
         with_cg.stop()
         plain.stop()
+        keep = Path(tempfile.gettempdir()) / "agentcg-vllm-test-logs"     # the last run's vLLM logs
+        subprocess.run(["rm", "-rf", str(keep)], check=False)
+        keep.mkdir()
+        for log in workdir.glob("*.log"):
+            log.rename(keep / log.name)
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
@@ -126,8 +131,10 @@ def daemon_factory(servers):
 
 
 def flood(server: VllmServer, seed: int) -> None:
-    """Two unrelated requests that, one after the other, need every block nobody holds."""
-    for i in range(2):
+    """Three unrelated requests of 40 blocks each, one after the other: together they pass
+    through vLLM's whole free-block queue, so every block nobody holds is evicted, whenever
+    it was freed (a session's blocks released while the first one runs are queued after it)."""
+    for i in range(3):
         server.complete(_rng_tokens(10_000 + seed * 10 + i, (NUM_BLOCKS - 24) * BLOCK), 1)
 
 
@@ -176,20 +183,20 @@ def test_kept_kv_resumes_from_the_cache_and_the_daemon_sees_every_request(server
     before = parse_prometheus_url(servers["agentcg"])
     answers = run_sessions(servers["agentcg"], names, 3, d)
     assert outputs(answers) == reference(servers, names)                      # greedy outputs as plain vLLM gives them
-    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
+    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests_total", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
     for name in names:
-        assert d.metric("agentcg_engine_llm_requests", sandbox=name) == 3
-        assert d.metric("agentcg_engine_llm_tokens", sandbox=name, kind="prompt") == \
+        assert d.metric("agentcg_engine_llm_requests_total", sandbox=name) == 3
+        assert d.metric("agentcg_engine_llm_tokens_total", sandbox=name, kind="prompt") == \
             sum(a["prompt_tokens"] for a in answers[name])
     # vLLM's own counters: the resumed turns' previous context came from its prefix cache
     # (kept through the floods), not recomputed.
-    cached = d.metric("agentcg_engine_llm_tokens", sandbox=names[0], kind="cached")
+    cached = d.metric("agentcg_engine_llm_tokens_total", sandbox=names[0], kind="cached")
     expected = sum((answers[names[0]][t - 1]["prompt_tokens"] + OUT_TOKENS - 1) // BLOCK * BLOCK for t in (1, 2))
     assert cached == expected
     after = parse_prometheus_url(servers["agentcg"])
     hits = after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
     assert hits >= 2 * expected                               # both sessions, both resumed turns
-    assert d.metric("agentcg_engine_directives", action="keep") >= 4
+    assert d.metric("agentcg_engine_directives_total", action="keep") >= 4
     assert d.metric("agentcg_engine_kv_cache_usage_ratio") > 0 or d.engine()["engine_stats"] is not None
 
 
@@ -198,9 +205,9 @@ def test_without_keep_the_floods_evict_and_the_turns_recompute(servers, daemon_f
     d = daemon_factory("kv_test_policies:DiscardAll")
     answers = run_sessions(servers["agentcg"], names, 3, d)
     assert outputs(answers) == reference(servers, names)
-    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
-    assert d.metric("agentcg_engine_llm_tokens", sandbox=names[0], kind="cached") == 0
-    assert d.metric("agentcg_engine_llm_tokens", sandbox=names[0], kind="loaded") == 0
+    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests_total", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
+    assert d.metric("agentcg_engine_llm_tokens_total", sandbox=names[0], kind="cached") == 0
+    assert d.metric("agentcg_engine_llm_tokens_total", sandbox=names[0], kind="loaded") == 0
 
 
 def test_offloaded_kv_is_loaded_back_instead_of_recomputed(servers, daemon_factory):
@@ -208,15 +215,15 @@ def test_offloaded_kv_is_loaded_back_instead_of_recomputed(servers, daemon_facto
     d = daemon_factory("kv_test_policies:OffloadAll")
     answers = run_sessions(servers["agentcg"], names, 3, d)
     assert outputs(answers) == reference(servers, names)                      # loaded KV gives the same tokens
-    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
-    loaded = d.metric("agentcg_engine_llm_tokens", sandbox=names[0], kind="loaded")
-    cached = d.metric("agentcg_engine_llm_tokens", sandbox=names[0], kind="cached")
+    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests_total", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
+    loaded = d.metric("agentcg_engine_llm_tokens_total", sandbox=names[0], kind="loaded")
+    cached = d.metric("agentcg_engine_llm_tokens_total", sandbox=names[0], kind="cached")
     expected = sum((answers[names[0]][t - 1]["prompt_tokens"] + OUT_TOKENS - 1) // BLOCK * BLOCK for t in (1, 2))
     assert loaded + cached == expected and loaded >= expected // 2   # vLLM's own per-request counts
-    assert d.metric("agentcg_engine_kv_moved_bytes", op="swap_out", src="gpu", dst="host") > 0
-    assert d.metric("agentcg_engine_kv_moved_bytes", op="load", src="host", dst="gpu") > 0
-    assert d.metric("agentcg_engine_kv_move_seconds", op="load") > 0
-    assert d.metric("agentcg_engine_directive_results", action="swap_to_host", result="ok") >= 4
+    assert d.metric("agentcg_engine_kv_moved_bytes_total", op="swap_out", src="gpu", dst="host") > 0
+    assert d.metric("agentcg_engine_kv_moved_bytes_total", op="load", src="host", dst="gpu") > 0
+    assert d.metric("agentcg_engine_kv_move_seconds_total", op="load") > 0
+    assert d.metric("agentcg_engine_directive_results_total", action="swap_to_host", result="ok") >= 4
 
 
 def test_a_load_that_fails_half_way_is_recomputed(servers, daemon_factory):
@@ -228,7 +235,7 @@ def test_a_load_that_fails_half_way_is_recomputed(servers, daemon_factory):
     finally:
         servers["fault"].unlink()
     assert outputs(answers) == reference(servers, names)                      # never wrong KV: vLLM recomputed
-    assert wait_until(lambda: d.metric("agentcg_engine_kv_moves", op="load", result="failed") >= 4, timeout_s=20, poll_s=0.2), "the failed loads being reported"
+    assert wait_until(lambda: d.metric("agentcg_engine_kv_moves_total", op="load", result="failed") >= 1, timeout_s=20, poll_s=0.2), "the failed loads being reported"
 
 
 def test_killing_the_daemon_mid_session_leaves_vllm_serving(servers, daemon_factory):
@@ -249,7 +256,7 @@ def test_killing_the_daemon_mid_session_leaves_vllm_serving(servers, daemon_fact
     assert outputs(answers) == reference(servers, names)
     assert servers["agentcg"].alive()
     d2 = holder["d"]
-    assert wait_until(lambda: d2.metric("agentcg_engine_llm_requests", sandbox=names[0]) >= 1, timeout_s=20, poll_s=0.2), "the restarted daemon seeing the third turn"
+    assert wait_until(lambda: d2.metric("agentcg_engine_llm_requests_total", sandbox=names[0]) >= 1, timeout_s=20, poll_s=0.2), "the restarted daemon seeing the third turn"
 
 
 def test_a_session_naming_no_sandbox_is_served_and_counted(servers, daemon_factory):
@@ -257,8 +264,8 @@ def test_a_session_naming_no_sandbox_is_served_and_counted(servers, daemon_facto
     answer = servers["agentcg"].complete(_rng_tokens(5, 100), 4, session="nosuch-sandbox")
     one_off = servers["agentcg"].complete(_rng_tokens(6, 100), 4)            # no session at all
     assert len(answer["tokens"]) == 4 and len(one_off["tokens"]) == 4
-    assert wait_until(lambda: d.metric("agentcg_engine_unknown_sandboxes") >= 1, timeout_s=20, poll_s=0.2), "the unknown sandbox being counted"
-    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests", sandbox="") >= 1, timeout_s=20, poll_s=0.2), "the one-off request being reported"
+    assert wait_until(lambda: d.metric("agentcg_engine_unknown_sandboxes_total") >= 1, timeout_s=20, poll_s=0.2), "the unknown sandbox being counted"
+    assert wait_until(lambda: d.metric("agentcg_engine_llm_requests_total", sandbox="") >= 1, timeout_s=20, poll_s=0.2), "the one-off request being reported"
 
 
 def parse_prometheus_url(server: VllmServer) -> dict[str, float]:
