@@ -56,7 +56,7 @@ def _setup_logging() -> None:
 
 DEFAULTS = {"socket": os.environ.get("AGENTCG_SOCKET", "/run/agentcg/agentcg.sock"), "host_bytes": 1 << 30,
             "ssd_dir": None, "ssd_bytes": 0, "hold_s": 30.0, "retry_s": 2.0, "metrics_url": None,
-            "stats_interval_s": 2.0, "engine_id": None, "fault_file": None}
+            "stats_interval_s": 2.0, "engine_id": None, "fault_file": None, "session_idle_s": 600.0}
 METRICS = {"vllm:kv_cache_usage_perc": "kv_usage_frac", "vllm:num_requests_running": "running",
            "vllm:num_requests_waiting": "waiting", "vllm:num_preemptions_total": "preemptions_total",
            "vllm:num_preemptions": "preemptions_total", "vllm:prefix_cache_queries_total": "prefix_cache_queries",
@@ -147,7 +147,7 @@ class AgentcgConnector(KVConnectorBase_V1):
                         "\"recompute\" so a failed load is recomputed instead of failing the request", policy)
         self.sched = SchedulerSide(self.block_size, self._send, lambda: self.link is not None and self.link.up,
                                    hold_s=float(x["hold_s"]), has_ssd=bool(x["ssd_dir"]) and int(x["ssd_bytes"]) > 0,
-                                   has_host=int(x["host_bytes"]) > 0)
+                                   has_host=int(x["host_bytes"]) > 0, idle_s=float(x["session_idle_s"]))
         if x["socket"]:
             self.link = DaemonLink(x["socket"], self._register, retry_s=float(x["retry_s"]), on_up=self._resync.set)
             self.sched.take = self.link.take            # type: ignore[method-assign]

@@ -45,7 +45,7 @@ from agentcg.gpu.vllm.datapath import HOST, SSD, JobResult, LoadJob, MoveJob, Sa
 
 log = logging.getLogger("agentcg.vllm.scheduler")
 
-MAX_SESSIONS = 4096
+MAX_SESSIONS = 4000           # below the daemon's default [engine] max_requests (4096)
 KEY_PREFIX = "vllm:"
 
 
@@ -89,6 +89,7 @@ class Session:
     tokens: tuple[int, ...] = ()     # token ids whose KV the last call left (full blocks)
     pinned: list[int] = field(default_factory=list)   # vLLM block ids we hold a reference on
     pinned_s: float | None = None
+    paused_s: float | None = None
     keep_until_s: float | None = None                  # None: until resumed (with pins)
     decided: bool = False                              # the daemon answered since the pause
     stored_tier: str | None = None                     # host / ssd: a store copy of `stored_tokens`
@@ -101,9 +102,10 @@ class Session:
 
 class SchedulerSide:
     def __init__(self, block_size: int, send: Callable[[Message], bool], link_up: Callable[[], bool], *,
-                 hold_s: float = 30.0, has_ssd: bool = False, has_host: bool = True,
+                 hold_s: float = 30.0, has_ssd: bool = False, has_host: bool = True, idle_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bs = block_size
+        self.idle_s = idle_s     # a paused session this long without a new call is finished
         self.send, self.link_up, self.clock = send, link_up, clock
         self.hold_s = hold_s
         self.has_ssd, self.has_host = has_ssd, has_host
@@ -265,7 +267,7 @@ class SchedulerSide:
         all_tokens = list(getattr(request, "all_token_ids", None) or prompt)
         self._release(s, "superseded")
         s.tokens = tuple(all_tokens[: n_full * self.bs])
-        s.paused, s.decided = True, False
+        s.paused, s.decided, s.paused_s = True, False, now
         if self.link_up() and self.pool is not None and n_full:
             blocks = [self.pool.blocks[b] for b in block_ids[:n_full]]
             held = []
@@ -308,6 +310,9 @@ class SchedulerSide:
             if s.pinned and s.keep_until_s is not None and now >= s.keep_until_s:
                 self._release(s, "keep ran out")
                 self._usage(s)
+            if s.paused and s.live is None and not s.pending and s.paused_s is not None \
+                    and now - s.paused_s >= self.idle_s:
+                self._forget(s)      # FINISHED: the agent did not come back
         if starved:
             self.release_for_pressure()
         self.step += 1
@@ -352,9 +357,7 @@ class SchedulerSide:
             elif r.op in ("swap_out", "offload") and s is not None:
                 if r.ok:
                     self.counts["saved"] += 1
-                    s.stored_tier = HOST if r.op == "swap_out" and not _is_ssd_save(r) else SSD
-                    if r.op == "offload":
-                        s.stored_tier = SSD
+                    s.stored_tier = HOST if r.op == "swap_out" else SSD
                     s.stored_tokens = s.tokens[: r.blocks * self.bs] if s.tokens else s.stored_tokens
                     if s.drop_pins_after_save:
                         self._release(s, "saved")
@@ -455,6 +458,3 @@ class SchedulerSide:
 def _tier(name: str) -> Tier:
     return {"device": Tier.GPU, "gpu": Tier.GPU, "host": Tier.HOST, "ssd": Tier.SSD}.get(name, Tier.NONE)
 
-
-def _is_ssd_save(r: JobResult) -> bool:
-    return any(dst == "ssd" for _, dst, _, _ in r.legs)

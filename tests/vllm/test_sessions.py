@@ -241,3 +241,17 @@ def test_after_a_reattach_the_kept_sessions_are_reported_again():
     side.sent.clear()
     side.s.resync()
     assert [type(m) for m in side.sent] == [RequestEvent, KvUsage] and side.sent[0].kind is EventKind.PAUSED
+
+
+def test_a_session_idle_past_session_idle_s_is_finished_and_forgotten():
+    now = [100.0]
+    side = Side()
+    side.s.clock = lambda: now[0]
+    side.s.idle_s = 60.0
+    side.turn("r1", list(range(10)), [5, 6, 7, 8])
+    side.s.build(None)
+    assert "vllm:s1" in side.s.sessions
+    now[0] += 61.0
+    side.s.build(None)
+    assert "vllm:s1" not in side.s.sessions and all(b.ref_cnt == 0 for b in side.pool.blocks)
+    assert side.of(RequestEvent)[-1].kind is EventKind.FINISHED
