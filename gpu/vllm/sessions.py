@@ -321,15 +321,26 @@ class SchedulerSide:
         return out
 
     def release_for_pressure(self) -> bool:
-        """vLLM is short of blocks: release the oldest kept session's blocks (not one with a
-        save in flight). True when something was released."""
+        """vLLM is short of blocks. The oldest kept session's blocks go: swapped to the host
+        tier first when it has no copy there and the host tier exists (vLLM waits a step
+        for them instead of preempting), else released at once. True when blocks will be
+        freed (now or when a save lands)."""
+        if any(s.pending and s.pinned and s.drop_pins_after_save for s in self.sessions.values()):
+            return True          # a save in flight frees its blocks when it lands
         held = sorted((s for s in self.sessions.values() if s.pinned and not s.pending),
                       key=lambda s: s.pinned_s or 0.0)
         if not held:
             return False
         s = held[0]
-        self._release(s, "vLLM short of blocks")
         self.counts["pressure_releases"] += 1
+        if self.has_host and self.link_up() and s.stored_tier is None:
+            job_id = self._job_id()
+            self.save_jobs.append(SaveJob(job_id, s.key, tuple(s.pinned), HOST))
+            s.pending[job_id] = None
+            s.drop_pins_after_save, s.keep_until_s = True, None
+            self.jobs_in_flight[job_id] = s.key
+            return True
+        self._release(s, "vLLM short of blocks")
         self._usage(s)
         return True
 
@@ -363,6 +374,8 @@ class SchedulerSide:
                         self._release(s, "saved")
                 else:
                     s.stored_tier, s.stored_tokens = None, ()
+                    if directive is None:          # a save for vLLM's block shortage: free them anyway
+                        self._release(s, "save for pressure failed")
             elif r.op == "discard" and s is not None and r.ok:
                 s.stored_tier, s.stored_tokens = None, ()
             if directive is not None:

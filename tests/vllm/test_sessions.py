@@ -45,11 +45,11 @@ def request(rid, prompt, *, session=None, sandbox=None, computed=None, outputs=(
 
 
 class Side:
-    def __init__(self, up=True, blocks=32):
+    def __init__(self, up=True, blocks=32, has_host=True):
         self.sent = []
         self.up = up
         self.pool = Pool(blocks)
-        self.s = SchedulerSide(BS, self._send, lambda: self.up, hold_s=30.0, has_ssd=False)
+        self.s = SchedulerSide(BS, self._send, lambda: self.up, hold_s=30.0, has_ssd=False, has_host=has_host)
         self.s.pool = self.pool
         self.queue: list[Directive] = []
         self.s.take = lambda: [self.queue.pop(0) for _ in range(len(self.queue))]
@@ -197,7 +197,7 @@ def test_a_failed_load_forgets_the_copy_so_the_next_turn_recomputes():
 
 
 def test_pressure_and_a_lost_link_release_kept_blocks():
-    side = Side()
+    side = Side(has_host=False)
     side.turn("r1", list(range(10)), [5, 6, 7, 8], session="a")
     side.turn("r2", list(range(10)), [9, 10, 11, 12], session="b")
     assert side.s.release_for_pressure()                     # the oldest keep goes first
@@ -210,8 +210,26 @@ def test_pressure_and_a_lost_link_release_kept_blocks():
     assert not side.s.release_for_pressure()
 
 
-def test_a_waiting_request_that_is_not_admitted_releases_a_keep():
+def test_under_pressure_kept_blocks_are_swapped_to_host_before_they_go():
     side = Side()
+    side.turn("r1", list(range(10)), [5, 6, 7, 8], session="a")
+    assert side.s.release_for_pressure()                     # vLLM waits a step: a save is queued
+    assert side.s.release_for_pressure()                     # and again while it is in flight
+    saves, _, _ = side.s.build(None)
+    assert [(j.key, j.block_ids) for j in saves] == [("vllm:a", (5, 6, 7))]
+    side.s.results([JobResult(saves[0].job_id, "vllm:a", "swap_out", True, 3)])
+    assert all(b.ref_cnt == 0 for b in side.pool.blocks)
+    assert side.s.sessions["vllm:a"].stored_tier == "host"
+    assert not side.s.release_for_pressure()
+    side.turn("r2", list(range(10)), [9, 10, 11, 12], session="b")
+    assert side.s.release_for_pressure()
+    saves, _, _ = side.s.build(None)
+    side.s.results([JobResult(saves[0].job_id, "vllm:b", "swap_out", False, 3, reason="host tier full")])
+    assert all(b.ref_cnt == 0 for b in side.pool.blocks)    # a failed save frees them all the same
+
+
+def test_a_waiting_request_that_is_not_admitted_releases_a_keep():
+    side = Side(has_host=False)
     side.turn("r1", list(range(10)), [5, 6, 7, 8], session="a")
     big = request("big", list(range(100)))
     side.s.new_request(big)
