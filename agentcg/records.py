@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,17 @@ def shell_exit_code(returncode: int) -> int:
 def truncate_command(argv: list[str] | str, limit: int = COMMAND_MAX_CHARS) -> str:
     text = argv if isinstance(argv, str) else " ".join(argv)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def append_record(path: str | os.PathLike, record: "ToolCallRecord") -> None:
+    """Append `record` as one JSON line to `path` (created 0644 with its directory).
+    One write(2) on O_APPEND, so concurrent writers' lines do not interleave."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, (record.to_json() + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from agentcg.bpf.monitor import load_bcc
-from agentcg.errors import BpfError, HostUnsupported, InvalidInput
+from agentcg.errors import AgentcgError, BpfError, HostUnsupported, InvalidInput
+from agentcg.procfs import PROC
 
 PROGRAM = Path(__file__).with_name("cudacopy.bpf.c")
 UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe")
@@ -76,8 +77,8 @@ class CudaCopyCounters:
 
 def _mapped(pid: int, stem: str) -> str | None:
     try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
+        maps = PROC.maps(pid)
+    except AgentcgError:
         return None
     for line in maps.splitlines():
         path = line.split(None, 5)[-1] if line.count(" ") >= 5 else ""
@@ -112,7 +113,7 @@ class CudaCopyTracer:
     def __init__(self, pid: int, *, libcudart: str | None = None, libcuda: str | None = None) -> None:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise InvalidInput(f"CUDA copy tracer: pid must be a positive integer, got {pid!r}")
-        if not Path(f"/proc/{pid}").exists():
+        if not PROC.is_alive(pid):
             raise InvalidInput(f"CUDA copy tracer: no process {pid}")
         if not UPROBE_PMU.exists():
             raise HostUnsupported(f"uprobes are not available ({UPROBE_PMU} missing); the kernel needs CONFIG_UPROBE_EVENTS")

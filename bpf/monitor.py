@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.bpf import events as ev
-from agentcg.errors import BpfError, InvalidInput
+from agentcg.errors import AgentcgError, BpfError, InvalidInput, ProcessGone
+from agentcg.procfs import PROC
 
 CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
 OPTIONAL_CONCERNS = ("exit_codes",)                          # opt-in: costs every syscall
@@ -256,11 +257,10 @@ class BpfMonitor:
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidInput(f"pid must be a positive integer, got {pid!r}")
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except (FileNotFoundError, ProcessLookupError):
+            ppid = PROC.stat(pid).ppid
+            tids = PROC.tids(pid)
+        except ProcessGone:
             raise InvalidInput(f"process {pid} does not exist (it may have exited already)") from None
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tasks = b[b"tasks"]
         for tid in tids:
             tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid)
@@ -445,10 +445,9 @@ def _threshold(value: Any) -> int:
 def _fdinfo(fd: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
-        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-            name, _, value = line.partition(":")
+        for name, value in PROC.fdinfo(fd).items():
             if name in ("run_time_ns", "run_cnt"):
-                out[name] = int(value.strip())
-    except (OSError, ValueError):
+                out[name] = int(value)
+    except (AgentcgError, ValueError):
         pass
     return out

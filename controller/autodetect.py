@@ -23,12 +23,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from agentcg.controller.sandbox import agent_path
 from agentcg.controller.toolcall import ToolCall, ToolCallManager
-from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.errors import AgentcgError, CgroupGone, InvalidInput, ProcessGone
+from agentcg.procfs import PROC
 from agentcg.records import ToolCallRecord, truncate_command
 
 if TYPE_CHECKING:
@@ -94,14 +94,23 @@ class _Tracked:
 
 class ExecDetector:
     """Turns exec events in one sandbox's agent cgroup into tool calls. Single-threaded:
-    call `step()` from one loop (it polls the monitor, which it must be the only reader of)."""
+    call `step()` from one loop (it polls the monitor, which it must be the only reader of),
+    or, where another loop reads the monitor (the daemon, controller/daemon/exec_watch.py),
+    pass each batch to `handle()` and call `housekeeping()` now and then.
+
+    `agent_pid` 0 with a `parent_pid`: the agent is the first process to exec in the agent
+    cgroup whose parent is `parent_pid` (the client that spawned it, when the daemon
+    detects for a client that cannot tell the pid before the agent runs)."""
 
     def __init__(self, mgr: ToolCallManager, monitor: "BpfMonitor", sandbox: str, agent_pid: int,
-                 matcher: ToolMatcher = ToolMatcher(), on_record: Callable[[ToolCallRecord], None] | None = None):
+                 matcher: ToolMatcher = ToolMatcher(), on_record: Callable[[ToolCallRecord], None] | None = None,
+                 parent_pid: int | None = None, grace_s: float | None = None):
         self.mgr = mgr
         self.monitor = monitor
         self.sandbox = sandbox
         self.agent_pid = agent_pid
+        self.parent_pid = parent_pid
+        self.grace_s = grace_s        # for the calls it begins (None: the manager's)
         self.matcher = matcher
         self.on_record = on_record
         self.agent_cgroup_id = mgr.tree.cgroup_id(agent_path(sandbox))
@@ -118,20 +127,30 @@ class ExecDetector:
 
     def _refill(self) -> None:
         while len(self._spares) < SPARE_CALLS:
-            self._spares.append(self.mgr.begin(self.sandbox, "pending", "", create_sandbox=False))
+            self._spares.append(self.mgr.begin(self.sandbox, "pending", "", create_sandbox=False, grace_s=self.grace_s))
 
     def step(self, timeout_s: float = POLL_S) -> list[ToolCallRecord]:
         """Handle the events that arrive within `timeout_s`; return the records finished."""
+        self.handle(self.monitor.poll(timeout_s))
+        return self.housekeeping()
+
+    def handle(self, events: Sequence[object], *, resume: bool = True) -> None:
+        """Exec and exit events (from whoever reads the monitor). `resume`: SIGCONT the
+        processes stopped at exec once handled (off when several detectors see a batch)."""
         from agentcg.bpf.events import ExecEvent, ExitEvent
 
-        for event in self.monitor.poll(timeout_s):
+        for event in events:
             if isinstance(event, ExecEvent):
                 try:
                     self._on_exec(event)
                 finally:
-                    _continue(event)
+                    if resume:
+                        _continue(event)
             elif isinstance(event, ExitEvent):
                 self._on_exit(event)
+
+    def housekeeping(self) -> list[ToolCallRecord]:
+        """Refill spares, give up on commands whose exit was lost, collect finished calls."""
         self._refill()   # after the batch: making a cgroup must not delay the next move
         now = time.monotonic()
         for tracked in self._by_pid.values():
@@ -180,6 +199,12 @@ class ExecDetector:
     def _on_exec(self, event) -> None:
         if event.cgroup_id != self.agent_cgroup_id:
             return
+        if self.agent_pid == 0 and self.parent_pid:
+            # the spawner forked outside any watched cgroup, so the event's ppid is 0: ask
+            # /proc (the process is stopped at its exec, so it is there)
+            if _ppid(event.pid) != self.parent_pid:
+                return       # nothing counts before the agent is known
+            self.agent_pid = event.pid   # the spawner's child: the agent starting
         if event.pid == self.agent_pid:
             self.agent_execs += 1
             if self.agent_execs == 1:
@@ -208,9 +233,11 @@ class ExecDetector:
             call.attach(pid)
         except (CgroupGone, AgentcgError):
             return False   # exited (or is exiting) already
+        # the monitor that watches the call's cgroup (the manager's) tracks its tasks
+        counters = getattr(self.mgr, "monitor", None) or self.monitor
         try:
-            self.monitor.watch_pid(pid, call.cgroup_id)
-        except InvalidInput:
+            counters.watch_pid(pid, call.cgroup_id)
+        except (InvalidInput, AgentcgError):
             pass
         self._move_descendants(call, pid)
         return True
@@ -243,8 +270,14 @@ class ExecDetector:
             self.mgr.returned(tracked.call, event.exit_code, event.signal, at_monotonic_s=event.monotonic_s)
 
     def _finish_due(self) -> list[ToolCallRecord]:
+        return self._collect(self.mgr.finish_due())
+
+    def tracked_calls(self) -> list[ToolCall]:
+        return [t.call for t in self._by_pid.values()]
+
+    def _collect(self, records: Sequence[ToolCallRecord]) -> list[ToolCallRecord]:
         done = []
-        finished = {r.call_id: r for r in self.mgr.finish_due()}
+        finished = {r.call_id: r for r in records}
         for pid, tracked in list(self._by_pid.items()):
             record = finished.pop(tracked.call.call_id, None)
             if record is not None:
@@ -266,25 +299,19 @@ def _continue(event) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
+    return PROC.is_alive(pid)
 
 
 def _ppid(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return PROC.stat(pid).ppid
+    except ProcessGone:
         return None
 
 
 def _command_of(pid: int, filename: str) -> str:
-    """The command line from /proc (NULs to spaces), else the exec'd filename."""
+    """The command line from /proc (arguments joined by spaces), else the exec'd filename."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
+        return " ".join(PROC.cmdline(pid)) or filename
+    except ProcessGone:
         return filename
-    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
-    return text or filename

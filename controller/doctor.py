@@ -22,82 +22,17 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Callable
 
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
 from agentcg.controller.doctor_btf import btf_has_struct, read_btf
-from agentcg.errors import HostUnsupported, InvalidInput
-
-OK, WARNING, MISSING, UNSUPPORTED = "ok", "warning", "missing", "unsupported"
-STATUSES = (OK, WARNING, MISSING, UNSUPPORTED)
-
-CHECK_NAMES = (
-    "kernel", "bpf_syscall", "bpf_jit", "btf", "tracefs", "bcc", "bcc_load", "kernel_headers",
-    "kprobes", "uprobes", "sched_ext", "memcg_bpf_struct_ops", "cgroup_layout",
-    "cgroup_v2_freeze_kill", "psi", "psi_cgroup", "swap", "zswap", "nvml",
+from agentcg.controller.doctor_check import (  # noqa: F401  re-exported: the doctor's public names
+    CHECK_NAMES, CORE_CHECKS, MIN_KERNEL, MISSING, OK, SETUP_FIX, STATUSES, UNSUPPORTED, WARNING, Check, HostReport,
 )
-# Without these agentcg cannot run at all; `agentcg doctor` exits 1 when one is not usable.
-CORE_CHECKS = ("bpf_syscall", "btf", "tracefs", "bcc_load", "cgroup_layout", "cgroup_v2_freeze_kill")
-
-# cgroup.freeze came in Linux 5.2, cgroup.kill in 5.14; the ring buffer (bcc's
-# BPF_RINGBUF_OUTPUT) in 5.8. Older kernels work partly, so they are a warning.
-MIN_KERNEL = (5, 14)
-SETUP_FIX = "bash scripts/host.sh setup"
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
-    data: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise InvalidInput(f"check {self.name}: status {self.status!r} is not one of {', '.join(STATUSES)}")
-        object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
-
-    @property
-    def usable(self) -> bool:
-        return self.status in (OK, WARNING)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail,
-                "fix": self.fix, "data": dict(self.data)}
-
-
-@dataclass(frozen=True)
-class HostReport:
-    checks: tuple[Check, ...]
-    elapsed_s: float
-
-    def check(self, name: str) -> Check:
-        for check in self.checks:
-            if check.name == name:
-                return check
-        known = ", ".join(c.name for c in self.checks)
-        raise InvalidInput(f"no check named {name!r} in this report (it has: {known})")
-
-    def ok(self, name: str) -> bool:
-        """True when the feature is usable: status ok, or warning (usable with a caveat)."""
-        return self.check(name).usable
-
-    @property
-    def core_failures(self) -> tuple[str, ...]:
-        present = {c.name: c for c in self.checks}
-        return tuple(n for n in CORE_CHECKS if n not in present or not present[n].usable)
-
-    @property
-    def core_ok(self) -> bool:
-        return not self.core_failures
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"core_ok": self.core_ok, "core_failures": list(self.core_failures),
-                "elapsed_s": round(self.elapsed_s, 3), "checks": [c.to_dict() for c in self.checks]}
+from agentcg.errors import AgentcgError, HostUnsupported, InvalidInput
+from agentcg.procfs import ProcFs
 
 
 @dataclass(frozen=True)
@@ -351,7 +286,7 @@ def _v2_sample_cgroup(host: _Host) -> Iterator[tuple[Path | None, str]]:
     and go), else one made for the probe and removed. Yields (path or None, how found)."""
     root = host.layout.v2_mount if host.layout else None
     assert root is not None
-    own = _own_v2_cgroup(host.roots.proc / "self/cgroup")
+    own = _own_v2_cgroup(ProcFs(host.roots.proc))
     if own and (root / own / "cgroup.procs").exists():
         yield root / own, f"in this process's cgroup {root / own}"
         return
@@ -378,12 +313,12 @@ def _v2_sample_cgroup(host: _Host) -> Iterator[tuple[Path | None, str]]:
             pass  # a fixture tree's plain directory holds files; the kernel's never refuses an empty cgroup
 
 
-def _own_v2_cgroup(proc_self_cgroup: Path) -> str:
+def _own_v2_cgroup(procfs: ProcFs) -> str:
     """This process's v2 cgroup relative to the v2 mount ("" for the root or unknown)."""
-    for line in (_read_text(proc_self_cgroup) or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:].strip("/")
-    return ""
+    try:
+        return (procfs.v2_cgroup("self") or "").strip("/")
+    except AgentcgError:
+        return ""
 
 
 def probe_cgroup_v2_freeze_kill(host: _Host) -> Check:
@@ -532,10 +467,3 @@ _PROBES: dict[str, Callable[[_Host], Check]] = {
     "psi": probe_psi, "psi_cgroup": probe_psi_cgroup, "swap": probe_swap, "zswap": probe_zswap,
     "nvml": lambda host: probe_nvml(),
 }
-
-
-def require(*names: str) -> None:
-    """For tests: pytest.skip unless every named check is usable on this host (probed once).
-    Lives in `doctor_pytest`, imported here only when called, so doctor never imports pytest."""
-    from agentcg.controller.doctor_pytest import require as require_in_pytest
-    require_in_pytest(*names)

@@ -13,7 +13,7 @@ import struct
 import tempfile
 import time
 
-from agentcg.controller.doctor import MISSING, OK, SETUP_FIX, UNSUPPORTED, WARNING, Check
+from agentcg.controller.doctor_check import MISSING, OK, SETUP_FIX, UNSUPPORTED, WARNING, Check
 from agentcg.errors import BpfError
 
 # Counts execs seen by sched:sched_process_exec into one array slot. Tracepoint args and

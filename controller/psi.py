@@ -23,7 +23,8 @@ import select
 from pathlib import Path
 from typing import NamedTuple
 
-from agentcg.errors import AccessDenied, CgroupError, CgroupGone, HostUnsupported, InvalidInput
+from agentcg.errors import AccessDenied, AgentcgError, CgroupError, CgroupGone, HostUnsupported, InvalidInput
+from agentcg.procfs import PROC, ProcFs
 
 RESOURCES = ("memory", "cpu", "io", "irq")
 KINDS = ("some", "full")
@@ -162,15 +163,12 @@ class PressureTrigger:
         return f"PressureTrigger({str(self.path)!r}, {self.kind!r}, stall_s={self.stall_s}, window_s={self.window_s})"
 
 
-def has_cap_sys_resource(status: str | os.PathLike = "/proc/self/status") -> bool:
+def has_cap_sys_resource(procfs: ProcFs = PROC) -> bool:
     """Whether this process may arm PSI triggers with any window (else multiples of 2 s)."""
     try:
-        for line in Path(status).read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+        return bool(procfs.status("self").cap_effective >> _CAP_SYS_RESOURCE & 1)
+    except AgentcgError:
+        return False
 
 
 def _translate(exc: OSError, path: str | os.PathLike) -> Exception:

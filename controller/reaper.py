@@ -20,6 +20,7 @@ from agentcg.controller.sandbox import (
     call_path, remove_auto_sandbox_if_unused, sandbox_lock, state_dir, validate_name,
 )
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.procfs import PROC
 
 OWNER_VERSION = 1
 MAX_OWNER_FILE_BYTES = 4096
@@ -55,15 +56,13 @@ def calls_dir(state: Path | None = None) -> Path:
 
 def process_start_ticks(pid: int) -> int | None:
     """The start time of `pid` in clock ticks since boot, or None when it does not exist."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+    return PROC.start_ticks(pid)
 
 
 def is_alive(owner: CallOwner) -> bool:
-    return process_start_ticks(owner.owner_pid) == owner.owner_start_ticks
+    """The owner runs: same pid, same start time, and not a zombie (a killed `agentcg run`
+    whose parent has not reaped it yet will never end its call)."""
+    return PROC.is_alive(owner.owner_pid, owner.owner_start_ticks)
 
 
 def write_owner(owner: CallOwner, state: Path | None = None) -> Path:

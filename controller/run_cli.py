@@ -24,8 +24,9 @@ def common_options(f: Any) -> Any:
                      help="cgroup root below each hierarchy (env AGENTCG_ROOT).")(f)
     f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="AGENTCG_STATE_DIR",
                      help="Owner files and locks (default /run/agentcg; env AGENTCG_STATE_DIR).")(f)
-    f = click.option("--grace", default="5s", show_default=True,
-                     help="How long background processes may outlive the call before they are killed.")(f)
+    f = click.option("--grace", default=None,
+                     help="How long background processes may outlive the call before they are killed "
+                          "(default 5s; through the daemon, its [limits] grace_s).")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Write records to stderr as JSON lines.")(f)
     f = click.option("--no-ebpf", is_flag=True, help="Do not load the eBPF programs (eBPF fields stay null).")(f)
     return f
@@ -39,22 +40,24 @@ def common_options(f: Any) -> Any:
 @common_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(sandbox: str, tool: str | None, mem_hint: str | None, priority: str, records: Path | None, root: str,
-        state_dir: Path | None, grace: str, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
+        state_dir: Path | None, grace: str | None, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as one tool call in <root>/<sandbox>/tools/<call-id>.
 
     stdin, stdout, stderr and the exit code pass through (a signal death exits 128+N;
     a program that does not exist exits 127); the record goes to stderr. With the daemon
-    running the call goes through it; otherwise (root) the cgroups are made here and the
+    running the call goes through it (a daemon restart while COMMAND runs is waited for,
+    $AGENTCG_RECONNECT_S, default 120 s); otherwise (root) the cgroups are made here and the
     eBPF programs are loaded for this one call, which adds about 0.3-1 s: use --no-ebpf
     to skip that, or run the daemon.
     """
-    from agentcg.client import Client
+    from agentcg.controller.client import Client
+    from agentcg.errors import AgentcgError
     from agentcg.controller.sandbox import parse_priority, validate_name
     from agentcg.units import parse_duration, parse_size
 
     validate_name(sandbox)
     parse_priority(priority)
-    grace_s = parse_duration(grace, what="--grace")
+    grace_s = parse_duration(grace, what="--grace") if grace is not None else None
     mem_hint_bytes = parse_size(mem_hint, what="--mem-hint") if mem_hint is not None else None
     if mem_hint_bytes == 0:
         mem_hint_bytes = None
@@ -73,8 +76,13 @@ def run(sandbox: str, tool: str | None, mem_hint: str | None, priority: str, rec
             else:
                 returncode = _wait_forwarding(proc)
         finally:
-            record = call.finish(*status_of(returncode))
-        emit_record(record, as_json)
+            try:
+                record = call.finish(*status_of(returncode))
+            except AgentcgError as exc:   # the command ran: its status wins over a lost record
+                click.echo(f"agentcg: the tool call's record is lost: {exc}", err=True)
+                record = None
+        if record is not None:
+            emit_record(record, as_json)
     sys.exit(shell_exit_code(returncode))
 
 

@@ -1,4 +1,5 @@
-"""`agentcg sandbox create|exec|list|rm` and `agentcg reap` (local: root, no daemon needed)."""
+"""`agentcg sandbox create|exec|list|rm` and `agentcg reap` (local: root, no daemon needed;
+`sandbox exec` goes through the daemon when one runs, see sandbox_exec_daemon.py)."""
 from __future__ import annotations
 
 import json
@@ -95,18 +96,26 @@ def rm(name: str, root: str) -> None:
 @common_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(name: str, tools: str | None, exclude: str, no_detect: bool, records: Path | None, root: str,
-          state_dir: Path | None, grace: str, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
+          state_dir: Path | None, grace: str | None, as_json: bool, no_ebpf: bool, command: tuple[str, ...]) -> None:
     """Run CMD (an agent or a shell) in sandbox NAME's agent cgroup; each command it starts
     as a direct child becomes a tool call with its own cgroup and record (needs eBPF).
-    Exits with CMD's exit status."""
+    Exits with CMD's exit status. With the daemon running, the daemon detects the commands
+    (they are its tool calls: policy, metrics, records); otherwise this process does."""
     from agentcg.controller.autodetect import DEFAULT_TOOL_GLOBS, ToolMatcher, parse_globs
     from agentcg.controller.sandbox import validate_name
     from agentcg.units import parse_duration
 
+    from agentcg.controller.client import socket_path
+    from agentcg.controller.sandbox_exec_daemon import exec_via_daemon
+
     validate_name(name)
-    grace_s = parse_duration(grace, what="--grace")
     matcher = ToolMatcher(parse_globs(tools) if tools is not None else DEFAULT_TOOL_GLOBS, parse_globs(exclude))
     detect = not (no_detect or no_ebpf)
+    if socket_path().exists():
+        returncode = exec_via_daemon(name, list(command), matcher=matcher if detect else None, records=records,
+                                     grace_s=parse_duration(grace, what="--grace") if grace is not None else None)
+        sys.exit(shell_exit_code(returncode))
+    grace_s = parse_duration(grace if grace is not None else "5s", what="--grace")
     returncode = exec_in_sandbox(name, list(command), root=root, state=state_dir, records_path=records,
                                  grace_s=grace_s, matcher=matcher if detect else None,
                                  on_record=lambda r: emit_record(r, as_json))

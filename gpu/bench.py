@@ -31,6 +31,7 @@ from agentcg.gpu.hostmem import HostRegion
 from agentcg.gpu.kvgeometry import KVGeometry
 from agentcg.gpu.kvstore import TieredKVStore
 from agentcg.gpu.ssd_tier import MAX_IO_BYTES
+from agentcg.procfs import PROC
 from agentcg.units import format_bytes
 
 DEFAULT_BLOCK_SIZES = (16 * 2**10, 64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
@@ -114,13 +115,12 @@ class _SsdCeiling:
 
 
 def machine_description(ssd_dir: Path) -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in PROC.text("cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:"))
+    mem_kib = PROC.meminfo()["MemTotal"] // 1024
     disk = "unknown"
     best = ""
-    for line in Path("/proc/mounts").read_text().splitlines():
+    for line in PROC.text("mounts").splitlines():
         dev, mount, fstype = line.split()[:3]
         if str(ssd_dir.resolve()).startswith(mount) and len(mount) >= len(best):
             best, disk = mount, f"{dev} ({fstype}) mounted at {mount}"

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from agentcg.errors import AgentcgError
+from agentcg.procfs import ProcFs
+
 
 class ProcCgroups(NamedTuple):
     v2: str | None
@@ -18,21 +21,11 @@ class ProcCgroups(NamedTuple):
 
 def read_proc_cgroups(pid: int, proc_root: str | Path = "/proc") -> ProcCgroups | None:
     """None when the process has gone (or /proc is not readable for it)."""
+    procfs = ProcFs(proc_root)
     try:
-        text = (Path(proc_root) / str(pid) / "cgroup").read_text()
-    except OSError:
+        return ProcCgroups(procfs.v2_cgroup(pid), procfs.v1_cgroup(pid, "memory"))
+    except AgentcgError:
         return None
-    v2 = memory = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        if hierarchy == "0" and controllers == "":
-            v2 = path
-        elif "memory" in controllers.split(","):
-            memory = path
-    return ProcCgroups(v2, memory)
 
 
 @dataclass(frozen=True)

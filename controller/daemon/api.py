@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, Request
@@ -19,7 +18,8 @@ from agentcg.controller.sandbox import (
     PRIORITY_CPU_WEIGHT, ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name,
 )
 from agentcg.controller.toolcall import ToolCall, tool_name
-from agentcg.errors import CgroupGone
+from agentcg.errors import AgentcgError, CgroupGone
+from agentcg.procfs import PROC
 
 if TYPE_CHECKING:
     from agentcg.controller.daemon.service import Daemon
@@ -80,15 +80,12 @@ class Args:
 def peer_sandbox(peer_pid: int, root: str) -> str | None:
     """The sandbox the peer's process lives in (from its v2 cgroup path), or None."""
     try:
-        text = Path(f"/proc/{peer_pid}/cgroup").read_text()
-    except OSError:
+        path = PROC.v2_cgroup(peer_pid)
+    except AgentcgError:   # gone, or a file we may not read: in no sandbox we know of
         return None
     prefix = f"/{root}/"
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            path = line[3:]
-            if path.startswith(prefix):
-                return path[len(prefix):].split("/", 1)[0] or None
+    if path and path.startswith(prefix):
+        return path[len(prefix):].split("/", 1)[0] or None
     return None
 
 
@@ -333,9 +330,8 @@ class Api:
         if peer.is_root:
             return
         try:
-            uid = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                           if line.startswith("Uid:")))
-        except (OSError, StopIteration, ValueError, IndexError):
+            uid = PROC.status(pid).uids[0]
+        except AgentcgError:
             raise ApiError("not_found", f"process {pid} does not exist") from None
         if uid != peer.uid or peer_sandbox(pid, self.d.tree.root) != sandbox:
             raise ApiError("forbidden", f"process {pid} is not yours or not in sandbox {sandbox!r}")
@@ -359,14 +355,11 @@ class Api:
                 "owner_pid": entry.owner_pid if entry else None, "adopted": entry.adopted if entry else 0}
 
 
-def _supplementary_groups(pid: int) -> set[int]:
+def _supplementary_groups(pid: int) -> frozenset[int]:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
+        return PROC.status(pid).groups
+    except AgentcgError:
+        return frozenset()
 
 
 def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
+from agentcg.daemon_protocol import MAX_MESSAGE_BYTES  # noqa: F401  one request line, shared with clients
 from agentcg.errors import HostUnsupported, InvalidInput
 from agentcg.units import parse_duration, parse_size
 
-MAX_MESSAGE_BYTES = 64 * 1024       # one request line; docs/daemon-protocol.md
 DEFAULT_SOCKET = "/run/agentcg/agentcg.sock"
 DEFAULT_STATE_DIR = "/run/agentcg"          # shared with `agentcg run` (owner files, locks)
 DEFAULT_RECORDS = "/var/lib/agentcg/toolcalls.jsonl"

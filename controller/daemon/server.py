@@ -17,15 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentcg.controller.daemon.config import MAX_MESSAGE_BYTES
-from agentcg.errors import (
-    AccessDenied, CgroupExists, CgroupGone, HostUnsupported, InvalidInput, ProtocolError,
+from agentcg.daemon_protocol import (  # the constants both ends share; encode_* re-exported
+    ERROR_CODES, MAX_MESSAGE_BYTES, MAX_OUTPUT_BYTES, PROTOCOL_VERSION, code_for, encode_error, encode_result,
 )
-
-PROTOCOL_VERSION = 1
-ERROR_CODES = ("invalid_input", "not_found", "forbidden", "exists", "too_large", "busy", "timeout",
-               "unsupported", "internal")
-MAX_OUTPUT_BYTES = 4 * 1024 * 1024    # a client that does not read its answers is dropped here
+from agentcg.errors import AccessDenied, InvalidInput, ProtocolError
 _RECV_BYTES = 65536
 _UCRED = struct.Struct("3i")          # struct ucred: pid, uid, gid
 
@@ -41,19 +36,7 @@ class ApiError(ProtocolError):
 
 def error_code(exc: BaseException) -> str:
     """The protocol's error code for an exception raised while serving a request."""
-    if isinstance(exc, ApiError):
-        return exc.code
-    if isinstance(exc, AccessDenied):
-        return "forbidden"
-    if isinstance(exc, CgroupExists):
-        return "exists"
-    if isinstance(exc, CgroupGone):
-        return "not_found"
-    if isinstance(exc, HostUnsupported):
-        return "unsupported"
-    if isinstance(exc, (InvalidInput, ProtocolError)):
-        return "invalid_input"
-    return "internal"
+    return code_for(exc)
 
 
 @dataclass(frozen=True)
@@ -106,18 +89,6 @@ def parse_request(line: bytes) -> Request:
         error.request_id = request_id  # type: ignore[attr-defined]
         raise error
     return Request(request_id, data["op"], data.get("args", {}))
-
-
-def encode_result(request_id: int | None, result: dict[str, Any]) -> bytes:
-    return _line({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result})
-
-
-def encode_error(request_id: int | None, code: str, message: str) -> bytes:
-    return _line({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}})
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 class Connection:

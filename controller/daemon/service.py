@@ -24,6 +24,7 @@ from agentcg.controller.daemon import bpfstats
 from agentcg.controller.daemon.api import DEFERRED, Api
 from agentcg.controller.daemon.calls import DaemonCalls
 from agentcg.controller.daemon.config import DaemonConfig, parse_address, resolve_group
+from agentcg.controller.daemon.exec_watch import ExecWatch
 from agentcg.controller.daemon.engine import EngineHub, EngineLink, make_kv_policy, read_records_tail
 from agentcg.controller.daemon.metrics import (
     HTTP_TIMEOUT_S, DaemonStats, HttpConnection, http_response, make_registry,
@@ -66,6 +67,8 @@ class Daemon:
         self.adoption: Adoption | None = None
         self.metrics_address: str | None = None
         self.api = Api(self)
+        self.exec_watch = ExecWatch(self)            # `sandbox exec` through the daemon (exec_watch.py)
+        self.api.ops.update(self.exec_watch.ops())
         self._policy_name = config.policy.name
         self._dry_run = config.policy.dry_run
         self._epoll: select.epoll | None = None
@@ -145,6 +148,7 @@ class Daemon:
         if self._metrics_sock is not None:
             self._metrics_sock.close()
             self._metrics_sock = None
+        self.exec_watch.close()
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -428,6 +432,8 @@ class Daemon:
         return timeout
 
     def _housekeeping(self, now: float) -> None:
+        if self.exec_watch.watches:
+            self.exec_watch.on_housekeeping()
         if self.monitor is not None:
             self._drain_bpf()
         if now >= self._next_owner_check:

@@ -7,11 +7,12 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import pytest
 
 from agentcg.client import Client, spawn_into
-from agentcg.errors import CgroupGone, HostUnsupported, InvalidInput, ProtocolError
+from agentcg.errors import CgroupGone, DaemonUnavailable, HostUnsupported, InvalidInput, ProtocolError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root")
 
@@ -86,13 +87,15 @@ def test_protocol_errors_from_a_bad_server(tmp_path):
     client = Client(mode="daemon", socket=path)
     with pytest.raises(ProtocolError, match="invalid JSON"):
         client.request("ping")
-    with pytest.raises(ProtocolError, match="closed"):
+    with pytest.raises(DaemonUnavailable, match="closed") as info:   # a transport failure, not a refusal
         client.request("ping")
+    assert info.value.request_sent
     client.close()
     thread.join(5)
     server.close()
-    with pytest.raises(HostUnsupported, match="cannot connect"):
+    with pytest.raises(DaemonUnavailable, match="cannot connect") as info:
         Client(mode="daemon", socket=tmp_path / "absent.sock").request("ping")
+    assert isinstance(info.value, HostUnsupported) and not info.value.request_sent
 
 
 def test_daemon_mode_against_the_real_daemon():
@@ -126,3 +129,55 @@ def test_a_call_longer_than_the_daemons_idle_timeout_still_ends():
                 call.spawn(["sleep", "2"]).wait()    # the connection idles past 1 s meanwhile
             assert call.record.exit_code == 0 and call.record.duration_s >= 2.0
             assert client.request("ping")["version"] == 1
+
+
+def test_daemon_link_waits_for_a_daemon_that_comes_up_and_says_so_once(tmp_path):
+    """retry="unsent": no socket yet -> bounded back-off until a server listens; one line
+    on stderr. retry="none" fails at once. A real Unix socket server in a thread."""
+    import io
+    import json as _json
+
+    from agentcg.controller.daemon_client import DaemonLink
+
+    path = tmp_path / "late.sock"
+    with pytest.raises(DaemonUnavailable):
+        DaemonLink(path, reconnect_s=5).request("ping", {})
+    started = threading.Event()
+
+    def serve_later() -> None:
+        time.sleep(0.3)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+        started.set()
+        conn, _ = server.accept()
+        request = _json.loads(conn.recv(65536))
+        conn.sendall(_json.dumps({"v": 1, "id": request["id"], "ok": True, "result": {"pong": 1}}).encode() + b"\n")
+        conn.close()
+        server.close()
+
+    thread = threading.Thread(target=serve_later, daemon=True)
+    thread.start()
+    stderr = io.StringIO()
+    link = DaemonLink(path, reconnect_s=30, stderr=stderr)
+    assert link.request("ping", {}, retry="unsent") == {"pong": 1}
+    assert started.is_set()
+    assert stderr.getvalue().count("retrying for up to 30 s") == 1, stderr.getvalue()
+    link.close()
+    thread.join(5)
+    with pytest.raises(DaemonUnavailable, match="gave up after 0.2 s"):
+        DaemonLink(tmp_path / "never.sock", reconnect_s=0.2, stderr=io.StringIO()).request("ping", {}, retry="any")
+
+
+def test_reconnect_bound_from_the_environment(monkeypatch):
+    from agentcg.controller.daemon_client import DEFAULT_RECONNECT_S, reconnect_seconds
+
+    monkeypatch.delenv("AGENTCG_RECONNECT_S", raising=False)
+    assert reconnect_seconds() == DEFAULT_RECONNECT_S
+    monkeypatch.setenv("AGENTCG_RECONNECT_S", "7.5")
+    assert reconnect_seconds() == 7.5 and reconnect_seconds(3) == 3.0
+    monkeypatch.setenv("AGENTCG_RECONNECT_S", "soon")
+    with pytest.raises(InvalidInput, match="AGENTCG_RECONNECT_S"):
+        reconnect_seconds()
+    with pytest.raises(InvalidInput):
+        reconnect_seconds(-1)

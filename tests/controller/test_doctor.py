@@ -144,11 +144,3 @@ def test_require_skips_with_the_fix(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match=r"host lacks kprobes \(unsupported\): no kprobes "
                                                      r"here; fix: use another kernel"):
         doctor_pytest.require("kernel_headers", "kprobes")
-
-
-def test_require_through_the_doctor_module(monkeypatch):
-    from agentcg.controller import doctor
-    fake = HostReport(checks=(Check("sched_ext", "unsupported", "absent", "another kernel"),), elapsed_s=0.0)
-    monkeypatch.setattr(doctor_pytest, "host_report", lambda: fake)
-    with pytest.raises(pytest.skip.Exception, match="host lacks sched_ext"):
-        doctor.require("sched_ext")
