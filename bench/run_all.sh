@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark once, one after another, and saves each one's output with a header
 # naming the machine under bench/results/<name>-<date>.txt. Needs root and the venv
-# (`bash scripts/host.sh setup`). The replay benchmark alone takes about 10 minutes.
+# (`bash scripts/host.sh setup`). The replay benchmark alone takes about 4 minutes.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py="$repo/.venv/bin/python"
@@ -26,7 +26,6 @@ want() { [ "$only" = all ] || [ "$only" = "$1" ]; }
 want spawn      && run spawn bench/bench_spawn.py
 want toolcall   && run toolcall bench/bench_toolcall.py
 want reaction   && run reaction bench/bench_reaction.py
-want reaction   && run reaction-fifo bench/bench_reaction.py --fifo
 want overhead   && run bpf-overhead bench/bench_bpf_overhead.py
 want report     && run report bench/bench_report.py
 want gpu        && run gpu-bench-cpu bench/bench_gpu.py
@@ -34,4 +33,5 @@ want kv         && run kv-simulate bench/bench_kv_simulate.py
 want engine     && run engine-cpu bench/bench_engine.py --threads 1
 want replay     && run replay bench/bench_replay.py
 want vllm       && run vllm-cpu bench/bench_vllm.py
+want containers && run container-exec bench/bench_container_exec.py
 exit 0

@@ -386,6 +386,21 @@ class BpfMonitor:
                 self._purge(event.cgroup_id)
         return out
 
+    def fileno(self) -> int:
+        """An fd readable when ring-buffer records wait (libbpf ring_buffer__epoll_fd, an
+        epoll fd itself): put it in an event loop, then poll(0) when it is ready."""
+        b = self._require_open()
+        manager = getattr(b, "_ringbuf_manager", None)
+        if not manager:
+            raise BpfError("the ring buffer is not open")
+        lib = load_bcc().libbcc.lib
+        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+        lib.ring_buffer__epoll_fd.restype = ct.c_int
+        fd = lib.ring_buffer__epoll_fd(ct.c_void_p(manager))
+        if fd < 0:
+            raise BpfError(f"ring_buffer__epoll_fd failed ({fd})")
+        return fd
+
     def live_entries(self) -> dict[str, int]:
         """Map name -> number of entries, for every hash map loaded."""
         b = self._require_open()

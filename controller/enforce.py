@@ -10,6 +10,9 @@ Where the host lacks a knob the enforcer degrades and says so in `Applied.detail
 - admit's initial memory.high without memory.high: not applied (degraded).
 - protect's memory.low on v1: the soft limit (a reclaim ranking, not a protection; see
   agentcg.controller.cgroup.v1).
+- freeze: cgroup.freeze is written first and that write's return is timed
+  (`Applied.write_returned_s`: the reaction's end), then the tree confirms every task
+  frozen (`latency_s` includes that wait, which needs the frozen tasks to be scheduled).
 A call that exited before its action landed reads `CgroupGone`: recorded (ok=False),
 never raised. Other cgroup errors are recorded the same way; the loop goes on.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agentcg.controller.cgroup import UNLIMITED, CgroupTree
+from agentcg.controller.cgroup._fs import write as write_cgroup_file
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
 from agentcg.policies.sandbox.types import (
     ADMIT, DEFER, FREEZE, KILL, LIMIT, PROTECT, RELAX, THAW, THROTTLE, Action,
@@ -61,6 +65,7 @@ class Applied:
     degraded: bool = False   # done with a weaker knob than the action asked for
     dry_run: bool = False
     time_s: float = 0.0      # time.monotonic() when it was applied
+    write_returned_s: float | None = None   # when its first cgroup write returned (freeze), else None
 
 
 class Enforcer:
@@ -84,16 +89,19 @@ class Enforcer:
         started = time.monotonic()
         if self.dry_run:
             return Applied(action, True, 0.0, f"dry run: would {plan.detail}", plan.degraded, True, started)
+        first: float | None = None
         try:
             for step in plan.steps:
                 step()
+                if first is None and plan.timed_first:
+                    first = time.monotonic()
         except CgroupGone:
             return Applied(action, False, time.monotonic() - started, f"{path} is gone (the call ended first)",
-                           plan.degraded, False, started)
+                           plan.degraded, False, started, first)
         except AgentcgError as exc:
             return Applied(action, False, time.monotonic() - started, f"{type(exc).__name__}: {exc}",
-                           plan.degraded, False, started)
-        return Applied(action, True, time.monotonic() - started, plan.detail, plan.degraded, False, started)
+                           plan.degraded, False, started, first)
+        return Applied(action, True, time.monotonic() - started, plan.detail, plan.degraded, False, started, first)
 
     def _plan(self, action: Action, path: str) -> "_Plan":
         tree, kind, value = self.tree, action.kind, action.value_bytes
@@ -119,6 +127,10 @@ class Enforcer:
                 parts.append("cpu.max=max")
             return _Plan(f"set {path} {' '.join(parts) or '(nothing to relax on this host)'}", steps)
         if kind == FREEZE:
+            if "freeze" in tree.capabilities:
+                control = tree.cgroup_dir(path, "v2") / "cgroup.freeze"
+                return _Plan(f"freeze {path}", [lambda: write_cgroup_file(control, "1"), lambda: tree.freeze(path)],
+                             timed_first=True)
             return _Plan(f"freeze {path}", [lambda: tree.freeze(path)])
         if kind == THAW:
             return _Plan(f"thaw {path}", [lambda: tree.thaw(path)])
@@ -157,3 +169,4 @@ class _Plan:
     detail: str
     steps: list[Callable[[], None]]
     degraded: bool = False
+    timed_first: bool = False     # the first step is the write the reaction is timed to

@@ -58,12 +58,29 @@ class ProfileSummary:
     tool_calls: int
     samples: int
     peak_memory_bytes: int | None  # the sandbox's highest sampled memory
+    events: int = 0                # rows of the events table
+    llm_requests: int = 0
+    warnings: tuple[str, ...] = ()  # sources that failed or lines left out (also in the session's metadata)
 
     def line(self) -> str:
         peak = "-" if self.peak_memory_bytes is None else format_bytes(self.peak_memory_bytes)
         how = f"stopped by signal {self.stopped_by}" if self.stopped_by else f"exit {self.returncode}"
+        warn = "".join(f"\nagentcg profile: {w}" for w in self.warnings)
         return (f"agentcg profile: {how}, {self.wall_s:.1f} s, {self.tool_calls} tool call(s), "
-                f"{self.samples} samples, sandbox peak {peak}; wrote {self.trace}")
+                f"{self.samples} samples, {self.events} event(s), {self.llm_requests} LLM request(s), "
+                f"sandbox peak {peak}; wrote {self.trace}{warn}")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What `agentcg profile` records besides calls and cgroup samples (controller/profile_sources.py)."""
+
+    memory_max_bytes: int | None = None   # memory.max of the sandbox (None: no limit)
+    memory_budget_bytes: int | None = None  # the budget registered with the daemon (its policy acts on it)
+    llm_record: Path | None = None        # the agent's LLM record file (None: a private temporary one)
+    daemon_socket: Path | None | bool = None   # None: the daemon's socket if it exists; False: never
+    nvml: Any = None                      # a pynvml-like module (tests); None: pynvml if installed
+    proc_root: str = "/proc"
 
 
 def default_sandbox_name(argv: Sequence[str], pid: int | None = None) -> str:
@@ -163,8 +180,8 @@ def _columns() -> int:
 
 def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = None, interval_s: float = 0.1,
                     root: str = "agentcg", state: Path | None = None, status: TextIO | None = None,
-                    tree: "CgroupTree | None" = None, monitor_factory: Callable[[], Any] | None = None
-                    ) -> ProfileSummary:
+                    tree: "CgroupTree | None" = None, monitor_factory: Callable[[], Any] | None = None,
+                    sources: SourceOptions = SourceOptions()) -> ProfileSummary:
     """Run `argv` as a sandbox session with automatic tool-call detection and record it
     into the new trace `output`. Returns when the command (and its calls) ended, or after a
     SIGINT/SIGTERM stopped it; the trace is complete either way."""
@@ -190,21 +207,36 @@ def profile_command(argv: Sequence[str], output: Path, *, sandbox: str | None = 
     if tree.exists(sandbox):
         raise CgroupExists(f"sandbox {sandbox!r} already exists below {tree.root}; pick another --sandbox, "
                            f"or remove it with `agentcg sandbox rm {sandbox}`")
+    from agentcg.controller.profile_daemon import open_daemon
+
+    daemon = open_daemon(sources.daemon_socket)
+    if daemon is None and sources.memory_budget_bytes is not None:
+        raise InvalidInput("--memory-budget: no agentcg daemon socket to register the sandbox with; "
+                           "start `agentcg daemon` or pass --daemon-socket")
     monitor = _open_monitor() if monitor_factory is None else monitor_factory()
     status_line = StatusLine(sys.stderr if status is None else status)
     try:
         mgr = ToolCallManager(tree, monitor=monitor, state=state)
         recorder = TraceRecorder(recording, source="agentcg")
         try:
-            mgr.ensure_sandbox(sandbox)
+            if daemon is not None:       # before our own set-up: the daemon creates it as it does any sandbox
+                daemon.register(sandbox, sources.memory_budget_bytes)
             try:
-                summary = _Session(argv, sandbox, interval_s, mgr, recorder, status_line, setup_start).run()
+                mgr.ensure_sandbox(sandbox)
+                if sources.memory_max_bytes is not None:
+                    tree.set_memory(sandbox, max=sources.memory_max_bytes)
+                summary = _Session(argv, sandbox, interval_s, mgr, recorder, status_line, setup_start,
+                                   sources, root, daemon).run()
             finally:
                 mgr.close(kill=True)
+                if daemon is not None:
+                    daemon.unregister()
                 _remove_sandbox(tree, sandbox)
         finally:
             recorder.close()
     finally:
+        if daemon is not None:
+            daemon.close()
         monitor.close()
     if recording != output:
         _pack(recording, output)
@@ -250,7 +282,8 @@ def _remove_sandbox(tree: "CgroupTree", sandbox: str) -> None:
 
 class _Session:
     def __init__(self, argv: list[str], sandbox: str, interval_s: float, mgr: Any, recorder: Any,
-                 status: StatusLine, setup_start_s: float) -> None:
+                 status: StatusLine, setup_start_s: float, options: SourceOptions = SourceOptions(),
+                 root: str = "agentcg", daemon_link: Any = None) -> None:
         self.argv = argv
         self.sandbox = sandbox
         self.interval_s = interval_s
@@ -263,12 +296,21 @@ class _Session:
         self.sampler = SandboxSampler(self.tree, sandbox)
         self.announced: set[str] = set()
         self.progress = _Progress(time.monotonic())
+        self.options = options
+        self.root = root
+        self.daemon_link = daemon_link
+        self.events = 0
+        self.llm_requests = 0
 
     def run(self) -> ProfileSummary:
         from agentcg.controller.autodetect import ExecDetector
         from agentcg.controller.sandbox import agent_path
 
-        detector = ExecDetector(self.mgr, self.mgr.monitor, self.sandbox, agent_pid=0, on_record=self._ended)
+        from agentcg.controller.profile_sources import SessionSources
+
+        self.sources = SessionSources.open(self, self.options)
+        tee = self.sources.tee(self.mgr.monitor, lambda cgroup_id: self._call_of_cgroup(detector, cgroup_id))
+        detector = ExecDetector(self.mgr, tee, self.sandbox, agent_pid=0, on_record=self._ended)
         detector.prepare()
         start_s = time.time()
         self.recorder.add_session(self.session_id, self.sandbox, start_s, **self._session_columns(start_s))
@@ -278,7 +320,7 @@ class _Session:
         try:
             with _StopFlag() as stop:
                 try:
-                    proc = self.tree.spawn(agent_path(self.sandbox), self.argv)
+                    proc = self.tree.spawn(agent_path(self.sandbox), self.argv, env=self.sources.agent_env())
                 except FileNotFoundError:
                     self.status.finish(f"agentcg: {self.argv[0]}: command not found")
                 except PermissionError as exc:
@@ -295,11 +337,33 @@ class _Session:
                 proc.kill()
                 proc.wait()
             end_s = time.time()
+            warnings = self.sources.close()
+            self.recorder.add_session(self.session_id, self.sandbox, start_s,
+                                      **self._session_columns(start_s, self.sources.metadata()))
             self.recorder.end_session(self.session_id, end_s)
         return ProfileSummary(
             trace=self.recorder.path, session_id=self.session_id, sandbox=self.sandbox, returncode=returncode,
             stopped_by=stopped_by, wall_s=end_s - start_s, tool_calls=self.progress.ended_calls,
-            samples=self.progress.samples, peak_memory_bytes=self.progress.peak_memory_bytes)
+            samples=self.progress.samples, peak_memory_bytes=self.progress.peak_memory_bytes,
+            events=self.events, llm_requests=self.llm_requests, warnings=tuple(warnings))
+
+    def _call_of_cgroup(self, detector: "ExecDetector", cgroup_id: int) -> str | None | bool:
+        """The call whose cgroup this is; None for the agent's own cgroup; False: not ours."""
+        if cgroup_id == detector.agent_cgroup_id:
+            return None
+        for tracked in list(detector._by_pid.values()):
+            if tracked.call.cgroup_id == cgroup_id:
+                return tracked.call.call_id
+        return False
+
+    def add_event(self, time_s: float, kind: str, **columns: Any) -> None:
+        self.events += 1
+        self.recorder.add_event(self.session_id, time_s, kind, **columns)
+
+    def add_llm(self, row: dict[str, Any]) -> None:
+        self.llm_requests += 1
+        row = dict(row)
+        self.recorder.add_llm_request(self.session_id, row.pop("time_s"), **row)
 
     def _loop(self, proc: Any, detector: "ExecDetector", stop: _StopFlag) -> int:
         next_sample = time.monotonic()
@@ -311,6 +375,7 @@ class _Session:
                 next_sample = max(next_sample + self.interval_s, now)
                 self.status.update(self.progress.line(now), now)
             detector.step(min(POLL_MAX_S, max(0.0, next_sample - time.monotonic())))
+            self.sources.step()
             rc = proc.poll()
             if rc is not None:
                 detector.agent_exited(rc)
@@ -331,8 +396,10 @@ class _Session:
             if call.call_id not in self.announced:
                 self.announced.add(call.call_id)
                 self.recorder.add_toolcall(self.session_id, _started_record(call))
+        whole, per_call = self.sources.gpu_columns()
         for sample in self.sampler.sample(calls):
-            self.recorder.add_sample(self.session_id, self.sandbox, sample.time_s, **sample.trace_columns())
+            gpu = whole if sample.scope == SCOPE_SANDBOX else per_call.get(sample.call_id or "", {})
+            self.recorder.add_sample(self.session_id, self.sandbox, sample.time_s, **sample.trace_columns(), **gpu)
             self.progress.note(sample)
 
     def _ended(self, record: ToolCallRecord) -> None:
@@ -340,11 +407,12 @@ class _Session:
         self.progress.ended_calls += 1
         self.recorder.add_toolcall(self.session_id, record)
 
-    def _session_columns(self, start_s: float) -> dict[str, Any]:
+    def _session_columns(self, start_s: float, sources: dict[str, Any] | None = None) -> dict[str, Any]:
         metadata = {"command": truncate_command(self.argv), "host": socket.gethostname(),
                     "kernel": platform.release(), "cgroup_layout": self.tree.kind, "interval_s": self.interval_s,
-                    "bpf_concerns": list(getattr(self.mgr.monitor, "concerns", ()))}
-        return {"source": "agentcg", "agent": os.path.basename(self.argv[0]),
+                    "bpf_concerns": list(getattr(self.mgr.monitor, "concerns", ())), **(sources or {})}
+        limit = self.options.memory_max_bytes
+        return {"memory_limit_bytes": limit, "source": "agentcg", "agent": os.path.basename(self.argv[0]),
                 "setup_s": max(0.0, start_s - self.setup_start_s), "untraced_s": 0.0,
                 "metadata": json.dumps(metadata, sort_keys=True)}
 

@@ -11,7 +11,8 @@ and only after the calls that had ended before it began (the agent waited for th
 When a call ends late (frozen, throttled, starved), the delay grows by its lateness, so a
 stalled call delays the rest of its session, as it would delay the agent. Call processes
 are started ahead of time and told "go", so start-up does not count. Exits are seen at
-once through pidfds; the policy runs every `tick_s`.
+once through pidfds; the policy runs every `tick_s`, through the same control core
+(controller/core) as the daemon: one snapshot builder, one policy loop.
 
 Outcomes. A call killed by the policy (a kill action that landed) is `policy_killed`; one
 that died of SIGKILL otherwise was killed by the kernel's OOM killer (`oom_killed`: nothing
@@ -29,18 +30,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agentcg.controller.cgroup import CgroupTree
-from agentcg.controller.enforce import Applied, Enforcer, Layout
+from agentcg.controller.core import CallInput, ControlCore, Inputs, SandboxInput
+from agentcg.controller.enforce import Applied, Layout
+from agentcg.controller.replay_result import CallResult, ReplayResult, SessionResult
 from agentcg.controller.replay_session import CallPlan, SessionPlan
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
-from agentcg.policies.sandbox import (
-    ADMIT, DEFER, FREEZE, KILL, THAW, THROTTLE, RELAX, CallView, Event, GraduatedConfig, PendingCall,
-    SandboxView, Snapshot, make_policy,
-)
+from agentcg.policies.sandbox import GraduatedConfig
 
 WORKLOAD = Path(__file__).with_name("replay_workload.py")
 MAX_APPLIED_KEPT = 5000
@@ -68,72 +67,6 @@ class ReplayConfig:
             raise InvalidInput(f"grace must be positive, got {self.grace_s} s")
 
 
-@dataclass(frozen=True)
-class CallResult:
-    session_id: str
-    call: str
-    record_id: str
-    tool: str
-    outcome: str               # ok | oom_killed | policy_killed | failed | not_run
-    duration_s: float | None
-    recorded_duration_s: float  # compressed
-    peak_bytes: int | None
-    message: str | None = None
-
-
-@dataclass(frozen=True)
-class SessionResult:
-    session_id: str
-    priority: str
-    survived: bool
-    completion_s: float | None
-    nominal_s: float            # recorded duration / speed
-    calls: int
-    calls_ok: int
-    oom_killed: int
-    policy_killed: int
-    not_run: int
-    peak_bytes: int
-
-
-@dataclass
-class ReplayResult:
-    policy: str
-    budget_bytes: int | None
-    speed: float
-    layout: str
-    sessions: list[SessionResult]
-    calls: list[CallResult]
-    host_peak_bytes: int
-    host_mean_bytes: float
-    actions: dict[str, int]
-    applied: list[Applied]
-    degraded: list[str]
-    wall_s: float
-    timed_out: bool = False
-
-    @property
-    def oom_kills(self) -> int:
-        return sum(s.oom_killed for s in self.sessions)
-
-    @property
-    def calls_killed(self) -> int:
-        return sum(s.oom_killed + s.policy_killed for s in self.sessions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy, "budget_bytes": self.budget_bytes, "speed": self.speed, "layout": self.layout,
-            "sessions": [asdict(s) for s in self.sessions],
-            "killed_calls": [asdict(c) for c in self.calls if c.outcome in ("oom_killed", "policy_killed")],
-            "host_peak_bytes": self.host_peak_bytes, "host_mean_bytes": self.host_mean_bytes,
-            "oom_kills": self.oom_kills, "calls_killed": self.calls_killed, "actions": self.actions,
-            "action_log": [{"t_s": round(a.time_s, 4), "kind": a.action.kind, "sandbox": a.action.sandbox,
-                            "call": a.action.call_id, "ok": a.ok, "reason": a.action.reason, "detail": a.detail,
-                            "latency_s": a.latency_s} for a in self.applied],
-            "degraded": self.degraded, "wall_s": self.wall_s, "timed_out": self.timed_out,
-        }
-
-
 @dataclass
 class _Call:
     plan: CallPlan
@@ -142,10 +75,6 @@ class _Call:
     path: str
     go_s: float | None = None
     nominal_end_s: float = 0.0   # when it would end if it ran at recorded speed
-    killed_by_policy: bool = False
-    message: str | None = None
-    frozen: bool = False
-    throttle_level: int = 0
     peak_bytes: int = 0
 
 
@@ -179,20 +108,17 @@ class Replay:
         self.tree, self.config, self.layout = tree, config, Layout(base)
         self.base = base
         self.speed = plans[0].speed
-        policy_config = GraduatedConfig(grace_s=config.grace_s)
-        self.policy = make_policy(config.policy, policy_config)
-        self.state = self.policy.initial_state()
-        self.enforcer = Enforcer(tree, dry_run=config.dry_run, locate=self.layout.locate)
+        self.core = ControlCore(tree, config.policy, config=GraduatedConfig(grace_s=config.grace_s),
+                                dry_run=config.dry_run, locate=self.layout.locate)
         self.sessions = [_Session(plan) for plan in plans]
         self.applied: list[Applied] = []
         self.action_counts: Counter[str] = Counter()
-        self.events: list[Event] = []
         self.degraded: set[str] = set()
         self.samples: list[tuple[float, int]] = []
         longest = max(p.duration_s for p in plans) / self.speed
         self.timeout_s = config.timeout_s if config.timeout_s is not None else 3 * longest + 30
         self.t0 = 0.0
-        self._admitted: set[tuple[str, str, str]] = set()
+        self._admitted: set[tuple[str, str]] = set()
 
     # ---- the run ----------------------------------------------------------------------
     def run(self) -> ReplayResult:
@@ -262,7 +188,7 @@ class Replay:
         path = self.layout.call(plan.sandbox, call.name)
         self.tree.create(path)
         proc = self.tree.spawn(path, [sys.executable, "-S", str(WORKLOAD), "call"], stdin=subprocess.PIPE,
-                               preexec_fn=self._oom_adj(plan.priority))
+                               stdout=subprocess.PIPE, preexec_fn=self._oom_adj(plan.priority))
         spec = '{"steps": [%s]}\n' % ", ".join(f"[{w!r}, {b}, {c!r}]" for w, b, c in call.steps)
         proc.stdin.write(spec.encode())
         proc.stdin.flush()
@@ -287,6 +213,8 @@ class Replay:
                 break
             session.pending[session.next_index] = now
             self._prepare(session, session.next_index)   # its cgroup exists before admission writes to it
+            if self.config.hints:
+                self.core.add_pending(plan.sandbox, call.name, call.tool, self._hint(call), now)
             session.next_index += 1
         if not self.config.hints:
             self._start_admitted_session(session, now, list(session.pending))
@@ -336,21 +264,27 @@ class Replay:
             pass
         os.close(call.pidfd)
         self._remove(call.path)
-        if call.killed_by_policy:
+        key = (session.plan.sandbox, call.plan.name)
+        call.peak_bytes = max(call.peak_bytes, self.core.peaks.get(key, 0))
+        killed = key in self.core.killed
+        message = self.core.killed.get(key)
+        if killed:
             outcome = "policy_killed"
         elif rc == -signal.SIGKILL:
             outcome = "oom_killed"
-            self.events.append(Event(now, "oom_kill", session.plan.sandbox, call.plan.name, call.plan.tool))
         else:
             outcome = "ok" if rc == 0 else "failed"
         duration = now - call.go_s if call.go_s is not None else None
+        alloc = _alloc_samples(call.proc) if outcome == "ok" else ()
+        _close_stream(call.proc.stdout)
         if call.go_s is not None:
             session.delay_s = max(session.delay_s, now - call.nominal_end_s)
-        self.events.append(Event(now, "call_exit", session.plan.sandbox, call.plan.name, call.plan.tool,
-                                 call.peak_bytes or None))
+        self.core.call_ended(session.plan.sandbox, call.plan.name, call.plan.tool, call.peak_bytes or None,
+                             oom_killed=outcome == "oom_killed", now=now - self.t0)
+        self.core.killed.pop(key, None)
         session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
                                           call.plan.tool, outcome, duration, call.plan.duration_s / self.speed,
-                                          call.peak_bytes or None, call.message))
+                                          call.peak_bytes or None, message, alloc))
 
     def _abandon(self, session: _Session, now: float) -> None:
         """The agent died: the session is lost; kill and count what is left."""
@@ -361,6 +295,7 @@ class Replay:
                 pass
             call.proc.wait()
             os.close(call.pidfd)
+            _close_stream(call.proc.stdout)
             self._remove(call.path)
             if index in session.running:
                 session.results.append(CallResult(session.plan.session_id, call.plan.name, call.plan.record_id,
@@ -377,7 +312,7 @@ class Replay:
     # ---- admission and start ----------------------------------------------------------
     def _start_admitted(self, now: float) -> None:
         for session in self.sessions:
-            admitted = [i for i in session.pending if ("admit", session.plan.sandbox,
+            admitted = [i for i in session.pending if (session.plan.sandbox,
                                                        session.plan.calls[i].name) in self._admitted]
             self._start_admitted_session(session, now, admitted)
 
@@ -398,71 +333,35 @@ class Replay:
             session.running[index] = call
             self._prepare(session, index + 1)
 
-    # ---- policy -----------------------------------------------------------------------
+    # ---- policy: the control core's step --------------------------------------------
     def _tick(self, now: float) -> None:
-        snapshot = self._snapshot(now)
-        actions, self.state = self.policy.decide(snapshot, self.state)
-        self._admitted = set()
-        calls = {(s.plan.sandbox, c.plan.name): c for s in self.sessions for c in s.running.values()}
-        for action in actions:
+        sandboxes = tuple(SandboxInput(s.plan.sandbox, self.layout.sandbox(s.plan.sandbox), s.plan.priority)
+                          for s in self.sessions)
+        calls = tuple(CallInput(s.plan.sandbox, c.plan.name, c.plan.tool, c.path, c.go_s or now, self._hint(c.plan))
+                      for s in self.sessions for c in s.running.values())
+        inputs = Inputs(sandboxes, calls, host_path=self.base, host_budget_bytes=self.config.budget_bytes,
+                        missing_as_zero=True, read_psi=False)
+        step = self.core.step(inputs, now, time_s=now - self.t0 if self.t0 else 0.0)
+        self.samples.append((now, step.readings.host_bytes))
+        for session in self.sessions:
+            session.peak_bytes = max(session.peak_bytes, step.readings.sandbox_bytes.get(session.plan.sandbox, 0))
+        self._admitted = {key for key, _, _ in step.admitted}
+        for _, action in step.deferred:
             self.action_counts[action.kind] += 1
-            if action.kind == DEFER:
-                continue
-            if action.kind == ADMIT and action.value_bytes is None:
-                self._admitted.add(("admit", action.sandbox, action.call_id))
-                continue
-            applied = self.enforcer.apply_one(action)
+        for key, action, _ in step.admitted:
+            if action.value_bytes is None:
+                self.action_counts[action.kind] += 1
+        for applied in step.applied:
+            action = applied.action
+            self.action_counts[action.kind] += 1
             if len(self.applied) < MAX_APPLIED_KEPT:
                 self.applied.append(applied)
             if applied.degraded:
                 note = applied.detail
                 self.degraded.add(f"{action.kind}: {note[note.find('(') + 1:note.rfind(')')] if '(' in note else note}")
-            if action.kind == ADMIT:
-                self._admitted.add(("admit", action.sandbox, action.call_id))
-            call = calls.get((action.sandbox, action.call_id))
-            if call is None or not applied.ok:
-                continue
-            if action.kind == KILL:
-                call.killed_by_policy, call.message = True, action.message
-            elif action.kind == FREEZE:
-                call.frozen = True
-            elif action.kind == THAW:
-                call.frozen = False
-            elif action.kind == THROTTLE:
-                call.throttle_level += 1
-            elif action.kind == RELAX:
-                call.throttle_level = 0
-
-    def _snapshot(self, now: float) -> Snapshot:
-        read = self._usage
-        host = read(self.base)
-        self.samples.append((now, host))
-        views = []
-        for session in self.sessions:
-            plan = session.plan
-            calls = []
-            for call in session.running.values():
-                usage = read(call.path)
-                call.peak_bytes = max(call.peak_bytes, usage)
-                calls.append(CallView(call.plan.name, call.plan.tool, usage, call.peak_bytes,
-                                      now - (call.go_s or now), self._hint(call.plan), call.frozen,
-                                      call.throttle_level))
-            pending = tuple(PendingCall(plan.calls[i].name, plan.calls[i].tool, self._hint(plan.calls[i]), now - since)
-                            for i, since in session.pending.items())
-            usage = read(self.layout.sandbox(plan.sandbox))
-            session.peak_bytes = max(session.peak_bytes, usage)
-            views.append(SandboxView(plan.sandbox, plan.priority, usage, None, 0.0, tuple(calls), pending))
-        events, self.events = tuple(self.events), []
-        return Snapshot(now - self.t0 if self.t0 else 0.0, host, self.config.budget_bytes, tuple(views), events)
 
     def _hint(self, call: CallPlan) -> int | None:
         return call.peak_bytes if self.config.hints else None
-
-    def _usage(self, path: str) -> int:
-        try:
-            return self.tree.memory_current(path)
-        except CgroupGone:
-            return 0
 
     # ---- waiting, results, clean-up ---------------------------------------------------
     def _next_due(self) -> float:
@@ -512,6 +411,8 @@ class Replay:
                     _close_quiet(call.pidfd)
                     if call.proc.stdin and not call.proc.stdin.closed:
                         _close_stream(call.proc.stdin)
+                    if call.proc.stdout and not call.proc.stdout.closed:
+                        _close_stream(call.proc.stdout)
                 if session.agent is not None:
                     session.agent.wait()
                     _close_stream(session.agent.stdin)
@@ -531,13 +432,26 @@ class Replay:
             calls.extend(results)
             count = Counter(r.outcome for r in results)
             survived = not session.lost and session.finished_s is not None
+            alloc = sorted(x for r in results for x in r.alloc_s)
             sessions.append(SessionResult(plan.session_id, plan.priority, survived,
                                           session.finished_s if survived else None, plan.duration_s / self.speed,
                                           len(plan.calls), count["ok"], count["oom_killed"], count["policy_killed"],
-                                          count["not_run"], session.peak_bytes))
+                                          count["not_run"], session.peak_bytes,
+                                          alloc[min(len(alloc) - 1, int(0.95 * len(alloc)))] if alloc else None))
         return ReplayResult(self.config.policy, self.config.budget_bytes, self.speed, self.tree.kind, sessions,
                             calls, host_peak, _time_mean(self.samples), dict(self.action_counts),
                             self.applied, sorted(self.degraded), wall_s, timed_out)
+
+
+def _alloc_samples(proc: subprocess.Popen) -> tuple[float, ...]:
+    """The chunk latencies a finished call wrote (replay_workload.py); () if it wrote none."""
+    import json
+
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else b""
+        return tuple(float(x) for x in json.loads(line)["alloc_s"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return ()
 
 
 def _time_mean(samples: list[tuple[float, int]]) -> float:

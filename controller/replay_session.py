@@ -11,7 +11,10 @@ no call running form the agent's curve, held flat while a call runs. A call with
 sample inside it holds its recorded peak minus that level, or nothing.
 
 Time. Offsets are recorded seconds from the session's first observation; a plan is
-compressed by `speed`. CPU follows the recorded utilisation (cores) over the compressed
+compressed by `speed`. A session may be cut to a window of its recording
+(`ID=PRIORITY@FROM:TO`, recorded seconds): the calls that start inside it, the agent at
+its level when the window opens; that is how bursts of different sessions are made to
+overlap (bench/bench_replay.py aligns each session's largest call this way). CPU follows the recorded utilisation (cores) over the compressed
 time, times `cpu_scale`: recorded CPU-seconds / speed * cpu_scale.
 """
 from __future__ import annotations
@@ -80,14 +83,26 @@ class SessionPlan:
 class SessionChoice:
     session_id: str
     priority: str = "normal"
+    window: tuple[float, float] | None = None      # recorded seconds [from, to)
 
 
 def parse_session_choice(text: str) -> SessionChoice:
-    """'ID' or 'ID=PRIORITY'."""
+    """'ID', 'ID=PRIORITY', either with '@FROM:TO' (a window, recorded seconds)."""
+    text, _, window_text = text.partition("@")
     session_id, _, priority = text.partition("=")
     if not session_id:
-        raise InvalidInput(f"--session {text!r}: expected ID or ID=PRIORITY, e.g. pydicom__pydicom-2065=high")
-    return SessionChoice(session_id, check_priority(priority or "normal"))
+        raise InvalidInput(f"--session {text!r}: expected ID[=PRIORITY][@FROM:TO], e.g. pydicom__pydicom-2065=high@300:360")
+    window = None
+    if window_text:
+        low, sep, high = window_text.partition(":")
+        try:
+            window = (float(low), float(high))
+        except ValueError:
+            window = None
+        if not sep or window is None or not (0 <= window[0] < window[1]) or not all(map(math.isfinite, window)):
+            raise InvalidInput(f"--session {session_id}: window {window_text!r} must be FROM:TO in recorded seconds, "
+                               "0 <= FROM < TO, e.g. @300:360")
+    return SessionChoice(session_id, check_priority(priority or "normal"), window)
 
 
 def load_trace(source: str | os.PathLike, session_ids: Sequence[str] = ()) -> "Trace":
@@ -169,6 +184,16 @@ def _plan(trace: "Trace", choice: SessionChoice, sandbox: str, speed: float, cpu
     end = _first(session["end_s"], box["time_s"].max() if len(box) else None, t0)
     if t0 is None:
         raise TraceError(f"session {sid}: no start time, samples or tool calls to replay")
+    if choice.window is not None:
+        if t0 + choice.window[0] >= end:
+            raise InvalidInput(f"session {sid}: window {choice.window[0]:g}:{choice.window[1]:g} s starts after its "
+                               f"end ({end - t0:.0f} s)")
+        end = min(end, t0 + choice.window[1])
+        t0 += choice.window[0]
+        box = box[box["time_s"] <= end]
+        keep = calls["start_wall_s"].to_numpy(dtype=float) >= t0
+        keep &= calls["start_wall_s"].to_numpy(dtype=float) < end
+        calls = calls[keep]
 
     times = box["time_s"].to_numpy(dtype=float) - t0
     mem = box["memory_bytes"].to_numpy(dtype=float) * mem_scale

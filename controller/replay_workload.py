@@ -8,7 +8,9 @@ measured in process CPU time.
 call:  reads one JSON line {"steps": [[min_wall_s, target_bytes, cpu_s], ...]}, then
        waits for a line "go"; for each step it moves its memory to target_bytes, burns
        cpu_s of CPU and waits until the step has lasted min_wall_s. Frozen or throttled,
-       it just takes longer. Exits 0 when done.
+       it just takes longer. Exits 0 when done, after writing one JSON line
+       {"alloc_s": [...]} to stdout: how long each chunk (8 MiB) took to map and fault in
+       (at most MAX_SAMPLES, evenly thinned), the allocation latency replay reports.
 agent: reads lines "<target_bytes> <cpu_cores>" and follows them (burning CPU at that
        duty cycle) until stdin closes; then exits 0.
 """
@@ -25,12 +27,14 @@ PAGE = 4096
 CHUNK_BYTES = 8 << 20
 HUGE = getattr(mmap, "MADV_HUGEPAGE", None)
 SLICE_S = 0.01
+MAX_SAMPLES = 2048
 
 
 class Memory:
     def __init__(self) -> None:
         self.chunks: list[mmap.mmap] = []
         self.size = 0
+        self.alloc_s: list[float] = []
 
     def resize(self, target: int) -> None:
         target = max(0, (int(target) // PAGE) * PAGE)
@@ -45,12 +49,15 @@ class Memory:
             self._add(min(CHUNK_BYTES, target - self.size))
 
     def _add(self, size: int) -> None:
+        started = time.monotonic()
         chunk = mmap.mmap(-1, size)
         if HUGE is not None:
             chunk.madvise(HUGE)   # 2 MiB pages where THP is "madvise": faulting in 1 GiB takes ~1/4 the time
         chunk[::PAGE] = b"\x01" * len(range(0, size, PAGE))   # fault every page in
         self.chunks.append(chunk)
         self.size += size
+        if size == CHUNK_BYTES:
+            self.alloc_s.append(time.monotonic() - started)
 
 
 def burn(cpu_s: float) -> None:
@@ -73,6 +80,11 @@ def run_call() -> int:
         left = min_wall_s - (time.monotonic() - started)
         if left > 0:
             time.sleep(left)
+    samples = memory.alloc_s
+    if len(samples) > MAX_SAMPLES:
+        samples = samples[::len(samples) // MAX_SAMPLES + 1]
+    sys.stdout.write(json.dumps({"alloc_s": [round(x, 6) for x in samples]}) + "\n")
+    sys.stdout.flush()
     return 0
 
 

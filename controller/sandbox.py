@@ -20,13 +20,12 @@ from typing import Iterator
 
 from agentcg.controller.cgroup import CgroupTree, validate_path
 from agentcg.errors import AccessDenied, CgroupBusy, CgroupGone, InvalidInput
+from agentcg.policies.sandbox.types import PRIORITY_CPU_WEIGHT  # the one table (re-exported here)
 
 AGENT = "agent"
 TOOLS = "tools"
 DEFAULT_STATE_DIR = Path("/run/agentcg")
 PRIORITIES = ("high", "normal", "low")
-# cpu.weight per priority (v1: cpu.shares = weight * 1024 / 100); the kernel default is 100
-PRIORITY_CPU_WEIGHT = {"high": 400, "normal": 100, "low": 25}
 LOCK_TIMEOUT_S = 10.0
 
 

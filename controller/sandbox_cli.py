@@ -191,6 +191,12 @@ def _kill_quiet(pid: int, signum: int) -> None:
         pass
 
 
+from agentcg.controller.container_cli import adopt, adopt_pods, release  # noqa: E402  (docs/containers.md)
+
+for _command in (adopt, release, adopt_pods):
+    sandbox.add_command(_command)
+
+
 @click.command()
 @_root_option
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="AGENTCG_STATE_DIR")

@@ -13,6 +13,9 @@ Callers with an event loop (the daemon, `sandbox exec`) call `returned` and then
 
 Each call keeps an owner file (see `reaper`) so a killed owner's cgroup is reaped later.
 Without a BpfMonitor the eBPF fields of the record stay None (not measured), never 0.
+With a `control` (controller/core/local.py: the daemon's and replay's control core), a
+call with a memory hint (or a learned peak) waits in `begin` until the policy admits it,
+and every finished call teaches the policy its peak.
 """
 from __future__ import annotations
 
@@ -90,7 +93,10 @@ class ToolCallManager:
     """Begins and ends tool calls below one CgroupTree; thread-safe."""
 
     def __init__(self, tree: CgroupTree, monitor: "BpfMonitor | None" = None, records_path: Path | None = None,
-                 grace_s: float = DEFAULT_GRACE_S, state: Path | None = None) -> None:
+                 grace_s: float = DEFAULT_GRACE_S, state: Path | None = None,
+                 control: Any = None) -> None:
+        """`control`: a controller.core.local.LocalControl (not imported here: the core
+        imports this module's types, not the other way round), or None."""
         _check_grace(grace_s)
         self.tree = tree
         self.monitor = monitor
@@ -100,6 +106,9 @@ class ToolCallManager:
         self._calls: dict[str, ToolCall] = {}
         self._lock = threading.Lock()
         self._owner_ticks = process_start_ticks(os.getpid()) or 0
+        self.control = control
+        if control is not None:
+            control.bind(self)
 
     # ---- sandboxes --------------------------------------------------------------
     def ensure_sandbox(self, name: str, priority: str | None = None) -> bool:
@@ -156,6 +165,13 @@ class ToolCallManager:
                         _tree=self.tree, grace_s=grace_s)
         with self._lock:
             self._calls[call_id] = call
+        if self.control is not None:
+            try:
+                call.extra.update(admission_wait_s=self.control.admit(call)["waited_s"])
+            except BaseException:
+                self.control.cancel(call)
+                self.discard(call)
+                raise
         return call
 
     def adopt(self, call: ToolCall) -> None:
@@ -270,6 +286,8 @@ class ToolCallManager:
             self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
             raise
         self._append(record)   # kept even if the clean-up below fails
+        if self.control is not None:
+            self.control.ended(record)
         self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
         return record
 

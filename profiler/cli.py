@@ -62,11 +62,20 @@ def import_trace() -> None:
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Trace to write: a directory, or one file if it ends in .zip.")
+@click.option("--attempt", type=click.IntRange(min=0), help="Only attempt_N of each task (default: every attempt).")
 @click.option("--force", is_flag=True, help="Replace the output trace if it exists.")
-@click.option("--strict", is_flag=True, help="Fail (exit 2) if any task folder had to be skipped.")
-def import_agentcgroup_cmd(directory: Path | None, output: Path, force: bool, strict: bool) -> None:
-    """Import the AgentCgroup dataset DIRECTORY (one folder per task; default: the shared
-    copy at $AGENTCG_DATASETS or <repo>/../shared/datasets/agentcgroup-swe-local)."""
+@click.option("--strict", is_flag=True, help="Fail (exit 2) if any task folder had to be skipped; write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-session lines; skips, flags and the summary still print.")
+def import_agentcgroup_cmd(directory: Path | None, output: Path, attempt: int | None, force: bool, strict: bool,
+                           quiet: bool) -> None:
+    """Import AgentCgroup sessions from DIRECTORY (default: the shared copy at $AGENTCG_DATASETS
+    or <repo>/../shared/datasets/agentcgroup-swe-local).
+
+    Reads the repository's published layout (<task>/attempt_<n>/ with results.json,
+    tool_calls.json, resources.json, trace.jsonl), flat task folders and our reshaped copy
+    (meta.json, llm_calls.json). Prints one line per session imported, one per task skipped
+    with the reason, the implausible values it flagged and a summary. Exits 1 when a task
+    yielded nothing (the trace holds the others), 2 with --strict (nothing written)."""
     import shutil
 
     from agentcg.profiler.importers.agentcgroup import default_dataset_dir, import_agentcgroup
@@ -77,16 +86,29 @@ def import_agentcgroup_cmd(directory: Path | None, output: Path, force: bool, st
             raise InvalidInput(f"{output}: already exists; pass --force to replace it")
         if output.is_dir() and not (output / MANIFEST).exists():
             raise InvalidInput(f"{output}: a directory that is not a trace; refusing to replace it")
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    result = import_agentcgroup(directory or default_dataset_dir())
+    result = import_agentcgroup(directory or default_dataset_dir(), attempt=attempt)
+    for report in result.reports:
+        if not quiet:
+            click.echo(report.line())
+        for item in report.skipped:
+            click.echo(f"agentcg: {report.session_id}: left out {item}", err=True)
     for skipped in result.skipped:
         click.echo(f"agentcg: skipped {skipped.task}: {skipped.reason}", err=True)
+    for flag in result.flags:
+        click.echo(f"agentcg: implausible: {flag}", err=True)
     if strict and result.skipped:
         raise InvalidInput(f"{len(result.skipped)} task folder(s) skipped (see above); nothing written")
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
     write_trace(result.trace, output)
     tools = ", ".join(f"{tool} {n}" for tool, n in result.tool_counts.items())
     click.echo(f"tasks: {result.tasks} imported, {len(result.skipped)} skipped")
     click.echo(f"tool calls: {result.tool_calls} imported, {result.skipped_tool_calls} in skipped tasks ({tools})")
     click.echo(f"LLM requests: {result.llm_requests} ({result.tasks_without_llm_log} task(s) without an LLM log)")
     click.echo(f"samples: {result.samples} ({result.unmeasured_samples} with no container to measure)")
+    click.echo(result.summary_line())
     click.echo(f"wrote {output}")
+    if result.skipped:
+        click.echo(f"agentcg: {len(result.skipped)} task(s) yielded nothing (see above); "
+                   f"{output} holds the other {result.tasks}", err=True)
+        click.get_current_context().exit(1)

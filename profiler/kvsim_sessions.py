@@ -62,9 +62,9 @@ class LoadedSessions:
 def load_sessions(path: str | Path) -> LoadedSessions:
     """An agentcg trace (directory or .zip), or an AgentCgroup dataset folder."""
     path = Path(path)
-    if path.is_dir() and not (path / "trace.json").exists() and any(path.glob("*/tool_calls.json")):
-        from agentcg.profiler.importers.agentcgroup import import_agentcgroup
+    from agentcg.profiler.importers.agentcgroup import import_agentcgroup, looks_like_dataset
 
+    if looks_like_dataset(path):     # any published layout (attempt_<n> folders, trace.jsonl, ...)
         result = import_agentcgroup(path)
         loaded = sessions_from_trace(result.trace, source=f"AgentCgroup dataset {path}")
         loaded.skipped += [(s.task, s.reason) for s in result.skipped]

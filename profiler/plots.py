@@ -1,5 +1,6 @@
 """PNG charts of a trace (matplotlib, Agg backend): memory over time per session with
-its tool calls, and the per-tool peak-memory distribution over all sessions."""
+its tool calls and events, the LLM context per request below it, and the per-tool
+peak-memory distribution over all sessions."""
 from __future__ import annotations
 
 import re
@@ -16,6 +17,14 @@ MIN_BAR_FRACTION = 0.003      # calls shorter than this share of the x range sti
 TOP_TOOLS = 10                # tab10 colours; more tools share one grey lane, as "other"
 # fixed colours for the common tools, so every chart of every trace agrees
 COMMON_TOOLS = ("Bash", "Read", "Edit", "Grep", "TodoWrite", "Glob", "Write", "WebFetch")
+# events on the memory axis: (label, colour, line style); policy actions by their action
+EVENT_STYLES = {
+    "oom_kill": ("OOM kill", "red", "-"), "freeze": ("freeze", "tab:blue", "--"), "thaw": ("thaw", "tab:green", "--"),
+    "kill": ("kill", "darkred", ":"), "throttle": ("throttle", "tab:orange", "--"),
+    "kv_decision": ("KV directive", "tab:purple", ":"),
+}
+OTHER_EVENT = ("other event", "0.4", ":")
+MAX_EVENT_LINES = 400         # per chart; a reclaim storm is drawn as ticks, not lines
 
 
 def _pyplot():
@@ -50,8 +59,11 @@ def session_plot(trace: "Trace", session_id: str, out: Path, tools: list[str]) -
     other = (0.55, 0.55, 0.55, 1.0)
     lanes = [t for t in tools if t in set(calls["tool"])] + (["other"] if set(calls["tool"]) - set(tools) else [])
 
-    fig, (mem_ax, lane_ax) = plt.subplots(
-        2, 1, sharex=True, figsize=(12, 6.5), gridspec_kw={"height_ratios": [3, 1 + 0.25 * len(lanes)]})
+    has_llm = bool(llm["input_tokens"].notna().any())
+    ratios = [3, 1 + 0.25 * len(lanes)] + ([1.6] if has_llm else [])
+    fig, axes = plt.subplots(len(ratios), 1, sharex=True, figsize=(12, 6.5 + (1.8 if has_llm else 0)),
+                             gridspec_kw={"height_ratios": ratios})
+    mem_ax, lane_ax = axes[0], axes[1]
     min_w = span * MIN_BAR_FRACTION
     for call in calls.itertuples(index=False):
         start = float(call.start_wall_s) - t0
@@ -75,19 +87,71 @@ def session_plot(trace: "Trace", session_id: str, out: Path, tools: list[str]) -
                        lanes + (["LLM request"] if len(llm) else []))
     lane_ax.set_ylim(-0.7, len(lanes) + (0.7 if len(llm) else -0.3))
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours.get(t, other), alpha=0.5) for t in lanes]
-    mem_ax.legend([mem_ax.lines[0], *handles], ["sandbox memory", *(f"{t} call" for t in lanes)],
-                  loc="upper left", fontsize=8, ncol=min(5, len(lanes) + 1))
+    event_handles = _draw_events(mem_ax, trace.events[trace.events["session_id"] == session_id], t0)
+    mem_ax.legend([mem_ax.lines[0], *handles, *event_handles.values()],
+                  ["sandbox memory", *(f"{t} call" for t in lanes), *event_handles],
+                  loc="upper left", fontsize=8, ncol=min(6, len(lanes) + 1 + len(event_handles)))
     mem_ax.set_ylabel("memory (MB)")
     mem_ax.grid(alpha=0.3)
-    mem_ax.set_title(f"{session_id}: memory over time, tool calls shaded")
-    lane_ax.set_xlabel("time since first observation (s)")
+    mem_ax.set_title(f"{session_id}: memory over time, tool calls shaded, events marked")
     lane_ax.set_xlim(0, span)
     lane_ax.grid(axis="x", alpha=0.3)
+    if has_llm:
+        _draw_context(axes[2], llm, t0)
+    axes[-1].set_xlabel("time since first observation (s)")
     fig.tight_layout()
     path = out / f"session-{_safe(session_id)}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _draw_events(ax, events: "pd.DataFrame", t0: float) -> dict:
+    """Vertical lines for OOM kills, policy actions and KV directives; reclaim stalls as
+    ticks along the bottom. Returns {legend label: handle}."""
+    from matplotlib.lines import Line2D
+
+    handles: dict = {}
+    stalls = events[events["kind"] == "reclaim_stall"]
+    if len(stalls):
+        ax.plot(stalls["time_s"] - t0, [0] * len(stalls), "|", color="tab:red", ms=10, mew=1, clip_on=False)
+        handles[f"reclaim stall ({len(stalls)})"] = Line2D([], [], color="tab:red", marker="|", ls="", ms=10)
+    drawn = events[events["kind"] != "reclaim_stall"].head(MAX_EVENT_LINES)
+    actions = drawn[drawn["kind"] == "policy_action"].sort_values("time_s")
+    frozen_since: dict = {}
+    for event in actions.itertuples(index=False):     # frozen from a freeze to the next thaw
+        who = event.call_id if isinstance(event.call_id, str) else None
+        if event.action == "freeze":
+            frozen_since.setdefault(who, float(event.time_s))
+        elif event.action == "thaw" and who in frozen_since:
+            ax.axvspan(frozen_since.pop(who) - t0, float(event.time_s) - t0, color="tab:blue", alpha=0.08,
+                       hatch="//", lw=0)
+    for event in drawn.itertuples(index=False):
+        key = event.action if event.kind == "policy_action" and isinstance(event.action, str) else event.kind
+        label, colour, style = EVENT_STYLES.get(key, OTHER_EVENT)
+        ax.axvline(float(event.time_s) - t0, color=colour, ls=style, lw=1.3, alpha=0.9)
+        handles.setdefault(label, Line2D([], [], color=colour, ls=style, lw=1.3))
+    return handles
+
+
+def _draw_context(ax, llm: "pd.DataFrame", t0: float) -> None:
+    """Each request's context (thousands of tokens), the part read from a prompt cache
+    filled where the source said; sub-agent requests as hollow points."""
+    llm = llm[llm["input_tokens"].notna()].sort_values("time_s")
+    x = (llm["time_s"] - t0).to_numpy(dtype="float64")
+    ctx = llm["input_tokens"].to_numpy(dtype="float64") / 1000
+    side = llm["is_sidechain"].fillna(False).astype(bool).to_numpy()
+    ax.plot(x[~side], ctx[~side], "-o", color="tab:purple", ms=3, lw=1, label="context (main agent)")
+    if side.any():
+        ax.plot(x[side], ctx[side], "o", mfc="none", color="tab:purple", ms=4, label="context (sub-agent)")
+    cached = llm["cache_read_tokens"]
+    if cached.notna().any():
+        c = cached.astype("float64").fillna(0).to_numpy() / 1000
+        ax.vlines(x, 0, c, color="tab:cyan", lw=3, alpha=0.8, label="cached part (prompt cache read)")
+    ax.set_ylabel("LLM context\n(k tokens)")
+    ax.set_ylim(0, max(ctx.max() * 1.25, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
 
 
 def tool_peak_plot(trace: "Trace", out: Path, tools: list[str]) -> Path:

@@ -42,6 +42,11 @@ class TraceRecorder:
         self._sessions: dict[str, dict[str, Any]] = {}
         self._seq = 0
         self.closed = False
+        # pandas and pyarrow load here, not at the first flush: on a busy host that import
+        # takes seconds, which would be a gap in a live recording's samples
+        import pandas  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+
         self._write_manifest(complete=False)
 
     # -- adding rows -------------------------------------------------------------

@@ -10,6 +10,12 @@ Definitions (docs/profiling.md explains them for users):
   when its rise (from that lowest sample to the run's peak) overlaps a tool call.
 - static-limit waste: a limit set at the session's peak memory for the whole traced
   time, minus the memory used: the integral of (peak - used) over time, in GB*s.
+- LLM context growth: the context (`input_tokens`) of the main conversation's requests
+  (not sub-agents', `is_sidechain`) in time order: first, last, largest, and the median
+  change from one turn to the next.
+- cached vs uncached input: over the requests whose source says (cache columns not
+  null), cached = `cache_read_tokens`, uncached = `input_tokens - cache_read_tokens`;
+  the input of requests whose source does not say is counted as unknown, never as either.
 """
 from __future__ import annotations
 
@@ -79,6 +85,24 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
+class LlmStats:
+    requests: int
+    context_first_tokens: int | None           # main conversation, first request
+    context_last_tokens: int | None
+    context_max_tokens: int | None             # any request, sub-agents included
+    context_growth_p50_tokens: float | None    # median turn-to-turn change of the main conversation
+    input_tokens: int
+    cached_input_tokens: int | None            # None: no request said how much came from a cache
+    uncached_input_tokens: int | None
+    unknown_cache_input_tokens: int            # input of requests whose source had no cache figures
+
+    @property
+    def cached_share(self) -> float | None:
+        known = (self.cached_input_tokens or 0) + (self.uncached_input_tokens or 0)
+        return (self.cached_input_tokens or 0) / known if self.cached_input_tokens is not None and known else None
+
+
+@dataclass(frozen=True)
 class SessionReport:
     session_id: str
     source: str
@@ -91,6 +115,8 @@ class SessionReport:
     tools: list[ToolStats]
     oom_kills: int
     policy_actions: dict[str, int]
+    llm: LlmStats | None = None                # None: no LLM requests
+    events: dict[str, int] = field(default_factory=dict)   # rows of the events table per kind
 
 
 @dataclass(frozen=True)
@@ -109,6 +135,11 @@ class AggregateReport:
     used_gb_s: float
     oom_kills: int
     policy_actions: dict[str, int]
+    input_tokens: int = 0
+    cached_input_tokens: int | None = None
+    uncached_input_tokens: int | None = None
+    unknown_cache_input_tokens: int = 0
+    events: dict[str, int] = field(default_factory=dict)
 
     @property
     def burst_share_in_tool_calls(self) -> float | None:
@@ -160,7 +191,8 @@ def build_report(trace: Trace, *, burst_threshold_bytes: int = DEFAULT_BURST_THR
             input_tokens=int(llm["input_tokens"].sum()), output_tokens=int(llm["output_tokens"].sum()),
             memory=memory_stats(samples_by.get(sid), calls, burst_threshold_bytes, burst_window_s),
             tools=tool_stats(calls), oom_kills=oom_kills(calls, events),
-            policy_actions=policy_actions(events)))
+            policy_actions=policy_actions(events), llm=llm_stats(llm),
+            events={str(k): int(v) for k, v in events["kind"].value_counts().sort_index().items()}))
     return Report(burst_threshold_bytes, burst_window_s, aggregate(sessions, trace.toolcalls), sessions)
 
 
@@ -257,6 +289,29 @@ def oom_kills(calls: "pd.DataFrame", events: "pd.DataFrame") -> int:
     return len(ooms) + len(killed - set(ooms["call_id"].dropna()))
 
 
+def llm_stats(llm: "pd.DataFrame") -> LlmStats | None:
+    import numpy as np
+
+    if llm.empty:
+        return None
+    ordered = llm.sort_values("time_s", kind="stable")
+    main = ordered.loc[~ordered["is_sidechain"].fillna(False).astype(bool), "input_tokens"].dropna()
+    main = main.to_numpy(dtype="int64")
+    inputs = llm["input_tokens"]
+    cached = llm["cache_read_tokens"]
+    says = cached.notna() & inputs.notna()
+    known_in, known_cached = int(inputs[says].sum()), int(cached[says].sum())
+    return LlmStats(
+        requests=len(llm), context_first_tokens=int(main[0]) if len(main) else None,
+        context_last_tokens=int(main[-1]) if len(main) else None,
+        context_max_tokens=int(inputs.max()) if inputs.notna().any() else None,
+        context_growth_p50_tokens=float(np.median(np.diff(main))) if len(main) > 1 else None,
+        input_tokens=int(inputs.sum()),
+        cached_input_tokens=known_cached if says.any() else None,
+        uncached_input_tokens=known_in - known_cached if says.any() else None,
+        unknown_cache_input_tokens=int(inputs[~says].sum()))
+
+
 def policy_actions(events: "pd.DataFrame") -> dict[str, int]:
     actions = events.loc[events["kind"] == EVENT_POLICY_ACTION, "action"].fillna("unknown")
     return {str(k): int(v) for k, v in actions.value_counts().sort_index().items()}
@@ -270,9 +325,15 @@ def aggregate(sessions: list[SessionReport], all_calls: "pd.DataFrame") -> Aggre
     mems = [(s.session_id, s.memory) for s in sessions if s.memory is not None]
     ratios = [(m.peak_to_mean, sid) for sid, m in mems if m.peak_to_mean is not None]
     actions: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     for s in sessions:
         for action, n in s.policy_actions.items():
             actions[action] = actions.get(action, 0) + n
+        for kind, n in s.events.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    llms = [s.llm for s in sessions if s.llm is not None]
+    cached = [x.cached_input_tokens for x in llms if x.cached_input_tokens is not None]
+    uncached = [x.uncached_input_tokens for x in llms if x.uncached_input_tokens is not None]
     top = max(ratios) if ratios else (None, None)
     return AggregateReport(
         sessions=len(sessions),
@@ -284,7 +345,10 @@ def aggregate(sessions: list[SessionReport], all_calls: "pd.DataFrame") -> Aggre
         peak_to_mean_max=top[0], peak_to_mean_max_session=top[1],
         bursts=sum(m.bursts for _, m in mems), bursts_in_tool_calls=sum(m.bursts_in_tool_calls for _, m in mems),
         static_waste_gb_s=sum(m.static_waste_gb_s for _, m in mems), used_gb_s=sum(m.used_gb_s for _, m in mems),
-        oom_kills=sum(s.oom_kills for s in sessions), policy_actions=actions)
+        oom_kills=sum(s.oom_kills for s in sessions), policy_actions=actions,
+        input_tokens=sum(x.input_tokens for x in llms), cached_input_tokens=sum(cached) if cached else None,
+        uncached_input_tokens=sum(uncached) if uncached else None,
+        unknown_cache_input_tokens=sum(x.unknown_cache_input_tokens for x in llms), events=kinds)
 
 
 # -- rendering -------------------------------------------------------------------
@@ -300,6 +364,9 @@ def to_jsonable(report: Report) -> dict[str, Any]:
 
     data = dataclasses.asdict(report)
     data["aggregate"]["burst_share_in_tool_calls"] = report.aggregate.burst_share_in_tool_calls
+    for out, src in zip(data["sessions"], report.sessions):
+        if out["llm"] is not None:
+            out["llm"]["cached_share"] = src.llm.cached_share
     for out, src in [(data["aggregate"]["wall"], report.aggregate.wall)] + [
             (d["wall"], s.wall) for d, s in zip(data["sessions"], report.sessions)]:
         out["traced_s"], out["total_s"] = src.traced_s, src.total_s
@@ -331,6 +398,48 @@ def render_tools(tools: list[ToolStats]) -> list[str]:
     return lines
 
 
+def _tokens(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def render_input_tokens(agg: AggregateReport) -> str:
+    if agg.cached_input_tokens is None:
+        return (f"LLM input tokens: {agg.input_tokens:,} (no request said how many came from a prompt cache)"
+                if agg.input_tokens else "LLM input tokens: none recorded")
+    known = agg.cached_input_tokens + agg.uncached_input_tokens
+    return (f"LLM input tokens: {agg.input_tokens:,} = cached {agg.cached_input_tokens:,} "
+            f"({_pct(agg.cached_input_tokens, known)} of those with cache figures), uncached "
+            f"{agg.uncached_input_tokens:,}, cache split unknown {agg.unknown_cache_input_tokens:,}")
+
+
+def render_llm(sessions: list[SessionReport]) -> list[str]:
+    """Per session: how the LLM context grew, and how much of the input was cached."""
+    rows = [s for s in sessions if s.llm is not None]
+    if not rows:
+        return []
+    lines = [f"{'LLM context (tokens)':<44}{'requests':>9}{'first':>9}{'last':>9}{'max':>9}{'growth/turn':>12}"
+             f"{'cached':>12}{'uncached':>12}"]
+    for s in rows:
+        m = s.llm
+        lines.append(f"{s.session_id[:43]:<44}{m.requests:>9}{_tokens(m.context_first_tokens):>9}"
+                     f"{_tokens(m.context_last_tokens):>9}{_tokens(m.context_max_tokens):>9}"
+                     f"{_tokens(m.context_growth_p50_tokens):>12}{_tokens(m.cached_input_tokens):>12}"
+                     f"{_tokens(m.uncached_input_tokens):>12}")
+    return [*lines, ""]
+
+
+def render_events(sessions: list[SessionReport]) -> list[str]:
+    rows = [s for s in sessions if s.events]
+    if not rows:
+        return []
+    lines = [f"{'events':<44}per kind (policy actions per action)"]
+    for s in rows:
+        kinds = ", ".join(f"{k} {v}" for k, v in s.events.items())
+        actions = ", ".join(f"{k} {v}" for k, v in s.policy_actions.items())
+        lines.append(f"{s.session_id[:43]:<44}{kinds}" + (f" ({actions})" if actions else ""))
+    return [*lines, ""]
+
+
 def render_text(report: Report) -> str:
     agg, w = report.aggregate, report.aggregate.wall
     share = agg.burst_share_in_tool_calls
@@ -347,8 +456,10 @@ def render_text(report: Report) -> str:
         f"static limit at each session's peak: {agg.static_waste_gb_s:,.0f} GB*s wasted of "
         f"{agg.static_waste_gb_s + agg.used_gb_s:,.0f} GB*s allocated",
         f"OOM kills: {agg.oom_kills}   policy actions: "
-        + (", ".join(f"{k} {v}" for k, v in agg.policy_actions.items()) or "none"),
-        "", *render_tools(agg.tools), "",
+        + (", ".join(f"{k} {v}" for k, v in agg.policy_actions.items()) or "none")
+        + "   events: " + (", ".join(f"{k} {v}" for k, v in agg.events.items()) or "none"),
+        render_input_tokens(agg),
+        "", *render_tools(agg.tools), "", *render_llm(report.sessions), *render_events(report.sessions),
         f"{'session':<44}{'traced s':>9}{'setup s':>8}{'tool':>6}{'agent':>6}{'calls':>6}{'LLM':>5}"
         f"{'peak MB':>9}{'mean MB':>9}{'peak/mean':>10}{'bursts':>8}{'waste GB*s':>11}{'OOM':>4}",
     ]

@@ -6,7 +6,9 @@ Times are epoch seconds (UTC) in columns named `*_s`, sizes are bytes in `*_byte
 See docs/trace-format.md for the meaning of every column.
 
 Readers reject an unknown version, a missing table or a missing column with
-`TraceError`; extra columns are kept (a newer writer may add some).
+`TraceError`; extra columns are kept (a newer writer may add some), and the columns
+added to version 1 since its first release (ADDED_COLUMNS) are filled with nulls when
+an older trace lacks them.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ TRACE_VERSION = 1
 MANIFEST = "trace.json"
 
 # Event kinds written by agentcg; readers must accept others.
-EVENT_OOM_KILL = "oom_kill"
-EVENT_POLICY_ACTION = "policy_action"
-EVENT_KV_DECISION = "kv_decision"
+EVENT_OOM_KILL = "oom_kill"              # the kernel's OOM killer chose a process of the session
+EVENT_RECLAIM_STALL = "reclaim_stall"    # a process stalled in direct reclaim (amount: none; detail: s)
+EVENT_POLICY_ACTION = "policy_action"    # action = freeze, thaw, throttle, kill, admit_wait, admit, ...
+EVENT_KV_DECISION = "kv_decision"        # a KV directive of an engine link (action = the directive)
 
 # Column -> pandas dtype. "string" columns hold text, "Int64"/"boolean" are nullable.
 SESSION_SCHEMA: dict[str, str] = {
@@ -70,8 +73,12 @@ SAMPLE_SCHEMA: dict[str, str] = {
 }
 LLM_REQUEST_SCHEMA: dict[str, str] = {
     "session_id": "string", "request_id": "string", "time_s": "float64", "model": "string",
-    "input_tokens": "Int64", "output_tokens": "Int64", "is_sidechain": "boolean",
+    "input_tokens": "Int64",                       # the whole context the engine saw
+    "output_tokens": "Int64", "is_sidechain": "boolean",
     "duration_s": "float64",
+    "cache_read_tokens": "Int64",                  # of input_tokens, read from a prompt cache
+    "cache_creation_tokens": "Int64",              # of input_tokens, written to a prompt cache
+    "usage_format": "string",                      # how the source counted: "anthropic", "plain", ...
 }
 EVENT_SCHEMA: dict[str, str] = {
     "session_id": "string", "time_s": "float64", "kind": "string", "call_id": "string",
@@ -82,6 +89,11 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "llm_requests": LLM_REQUEST_SCHEMA, "events": EVENT_SCHEMA,
 }
 TABLES: tuple[str, ...] = tuple(SCHEMAS)
+# Columns added to version 1 after its first release: a trace written before lacks them and
+# reads with nulls there (not measured), so adding them needed no version bump.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "llm_requests": ("cache_read_tokens", "cache_creation_tokens", "usage_format"),
+}
 SESSION_COLUMNS = tuple(SESSION_SCHEMA)
 TOOLCALL_COLUMNS = tuple(TOOLCALL_SCHEMA)
 SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA)
@@ -127,6 +139,11 @@ def frame(table: str, rows: list[dict[str, Any]] | None = None,
 def conform(table: str, df: "pd.DataFrame", where: str = "trace") -> "pd.DataFrame":
     """Check `df` has every column of `table` and cast them; extra columns are kept last."""
     schema = SCHEMAS[table]
+    added = [col for col in ADDED_COLUMNS.get(table, ()) if col not in df.columns]
+    if added:
+        import pandas as pd
+
+        df = df.assign(**{col: pd.array([None] * len(df), dtype=schema[col]) for col in added})
     missing = [col for col in schema if col not in df.columns]
     if missing:
         raise TraceError(

@@ -141,9 +141,41 @@ setup_vllm() {
     echo "$want" > "$stamp"
 }
 
+# Podman for the container-sandbox tests (tests/containers, docs/containers.md): Debian's
+# podman with runc (crun refuses hybrid cgroups), and a local image from busybox-static
+# (no registry is reachable), imported once and cached. /lib and /lib64 point into /usr, so a
+# test that bind-mounts the host's /usr read-only can run the host's python3 inside.
+container_image="localhost/agentcg-busybox:2"
+setup_podman() {
+    apt_install podman runc busybox-static || { warn "could not install podman/runc/busybox-static: the container tests skip"; return 0; }
+    if podman image exists "$container_image" 2>/dev/null; then return 0; fi
+    local rootfs; rootfs=$(mktemp -d)
+    mkdir -p "$rootfs"/{bin,tmp,proc,sys,dev,etc,root,usr}
+    ln -s usr/lib "$rootfs/lib"; ln -s usr/lib64 "$rootfs/lib64"
+    cp /bin/busybox "$rootfs/bin/busybox"
+    local applet; for applet in sh sleep cat ls echo head dd true false mkdir rm tail env; do
+        ln -sf busybox "$rootfs/bin/$applet"
+    done
+    echo 'root:x:0:0:root:/root:/bin/sh' > "$rootfs/etc/passwd"
+    echo 'root:x:0:' > "$rootfs/etc/group"
+    say "importing $container_image from busybox-static"
+    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/sh"]' - "$container_image" >/dev/null \
+        || warn "podman import failed: the container tests skip"
+    rm -rf "$rootfs"
+}
+
+# The deploy/kubernetes schema check (tests/containers/test_deploy.py): kubernetes-validate
+# ships the Kubernetes JSON schemas, so it validates offline.
+setup_deploy_check() {
+    "$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null && return 0
+    "$venv/bin/python" -m pip install -q kubernetes-validate || warn "could not install kubernetes-validate: the manifest check skips"
+}
+
 setup_kernel_side
 setup_venv
 setup_vllm
+setup_podman
+setup_deploy_check
 
 case "${1:-setup}" in
     setup) say "ready: $venv/bin/agentcg" ;;

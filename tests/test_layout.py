@@ -37,11 +37,6 @@ GLUE = {
 }
 # what the tree still breaks: the finding -> who removes it (delete the line when it is gone)
 KNOWN = {
-    "cycle agentcg.controller.daemon.api -> agentcg.controller.daemon.service -> agentcg.controller.daemon.api"
-    " (the cycle's component: agentcg.controller.daemon.api, agentcg.controller.daemon.metrics,"
-    " agentcg.controller.daemon.policy, agentcg.controller.daemon.service)":
-        "issue #10 item 1 (core): Api, DaemonCollector and PolicyRunner get narrow interfaces instead of "
-        "the Daemon (TYPE_CHECKING imports today)",
     "agentcg.gpu.cli -> agentcg.bpf.cudacopy (gpu may not import bpf)":
         "`agentcg gpu copies` (the CUDA-copy uprobe tracer) belongs in controller/ or bpf/'s own CLI",
     "agentcg.gpu.kernel_view -> agentcg.bpf.monitor (gpu may not import bpf)":

@@ -9,23 +9,50 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, Request
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry
 from agentcg.controller.reaper import process_start_ticks
-from agentcg.controller.sandbox import (
-    PRIORITY_CPU_WEIGHT, ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name,
-)
+from agentcg.controller.sandbox import ensure_sandbox, parse_priority, remove_sandbox, sandbox_lock, validate_name
 from agentcg.controller.toolcall import ToolCall, tool_name
-from agentcg.errors import AgentcgError, CgroupGone
+from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
+from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
 from agentcg.procfs import PROC
-
-if TYPE_CHECKING:
-    from agentcg.controller.daemon.service import Daemon
 
 DEFERRED = object()
 MAX_COMMAND_ITEMS = 4096
+
+
+class ApiHost(Protocol):
+    """What the operations need from the daemon (service.Daemon implements it); the API
+    never imports the service, so the two do not import each other."""
+
+    config: Any
+    tree: Any
+    calls: Any
+    state: Any
+    stats: Any
+    monitor: Any
+    engines: Any
+    adoption: Any
+    metrics_address: str | None
+
+    def save(self) -> None: ...
+    def add_sandbox(self, entry: SandboxEntry) -> None: ...
+    def apply_sandbox_limits(self, entry: SandboxEntry, fields: set[str]) -> None: ...
+    def apply_call_limits(self, call: ToolCall) -> dict[str, Any]: ...
+    def remove_sandbox(self, name: str) -> None: ...
+    def end_call(self, call: ToolCall, exit_code: int | None, signal_number: int | None,
+                 waiter: tuple[Connection, int | None] | None) -> None: ...
+    def admit_or_wait(self, call: ToolCall, conn: Connection, request_id: int | None,
+                      result: dict[str, Any]) -> bool: ...
+    def events_since(self, seq: int, sandbox: str | None) -> dict[str, Any]: ...
+    def control_summary(self) -> dict[str, Any]: ...
+    def engine_tool_began(self, call: ToolCall) -> None: ...
+    def policy_info(self) -> dict[str, Any]: ...
+    def set_policy(self, name: str, dry_run: bool | None) -> None: ...
+    def attach_engine(self, conn: Connection) -> Any: ...
 
 
 class Args:
@@ -90,7 +117,7 @@ def peer_sandbox(peer_pid: int, root: str) -> str | None:
 
 
 class Api:
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: ApiHost) -> None:
         self.d = daemon
         self.ops: dict[str, Callable[[Connection, Request], Any]] = {
             "ping": self.ping, "state": self.state,
@@ -98,7 +125,7 @@ class Api:
             "sandbox.update": self.sandbox_update, "sandbox.list": self.sandbox_list, "sandbox.get": self.sandbox_get,
             "toolcall.begin": self.toolcall_begin, "toolcall.attach": self.toolcall_attach,
             "toolcall.end": self.toolcall_end, "policy.get": self.policy_get, "policy.set": self.policy_set,
-            "engine.attach": self.engine_attach,
+            "engine.attach": self.engine_attach, "events.since": self.events_since,
         }
 
     # ---- who may call what ---------------------------------------------------------
@@ -143,7 +170,7 @@ class Api:
                 "adoption": d.adoption.summary() if d.adoption else None,
                 "sandboxes": [self.sandbox_object(e) for e in d.state.sandboxes.values()],
                 "running_calls": [self.call_object(c) for c in d.calls.running()],
-                "engines": d.engines.summaries(),
+                "engines": d.engines.summaries(), **d.control_summary(),
                 "counters": {"tool_calls_ended": sum(d.stats.calls.values()),
                              "actions": sum(d.stats.actions.values()),
                              "requests": sum(d.stats.requests.values())}}
@@ -259,9 +286,12 @@ class Api:
             mem_hint_bytes=mem_hint, grace_s=call.grace_s, created_sandbox=call.created_sandbox,
             owner_pid=peer.pid, owner_start_ticks=process_start_ticks(peer.pid) or 0, owner_uid=peer.uid)
         d.save()
-        d.engine_tool_began(call)
-        return {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
-                "cgroup_id": call.cgroup_id, "limits": limits}
+        result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
+                  "cgroup_id": call.cgroup_id, "limits": limits}
+        if pid is not None:          # its process runs already: nothing to hold back
+            d.engine_tool_began(call)
+            return result
+        return result if d.admit_or_wait(call, conn, req.id, result) else DEFERRED
 
     def toolcall_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
         a = Args(req)
@@ -301,6 +331,25 @@ class Api:
         self._root_only(conn.peer, req.op)
         self.d.set_policy(name, dry_run)
         return self.d.policy_info()
+
+    def events_since(self, conn: Connection, req: Request) -> dict[str, Any]:
+        """The daemon's event log from `seq` on (CONTRACTS interface 4); a non-root peer
+        sees only its own sandbox's events."""
+        a = Args(req)
+        seq = a.int("seq", 0, 2**62, required=True)
+        sandbox = a.str("sandbox", required=False)
+        a.done()
+        if sandbox is not None:
+            self._may_act_on(conn.peer, validate_name(sandbox), req.op)
+        elif not conn.peer.is_root:
+            sandbox = peer_sandbox(conn.peer.pid, self.d.tree.root)
+            if sandbox is None:
+                raise ApiError("forbidden", f"{req.op}: a process outside every sandbox (uid {conn.peer.uid}) "
+                                            "may not read the event log; name your sandbox or ask root")
+        try:
+            return self.d.events_since(seq, sandbox)
+        except InvalidInput as exc:
+            raise ApiError("invalid_input", f"{req.op}: {exc}") from None
 
     def engine_attach(self, conn: Connection, req: Request) -> dict[str, Any]:
         """This connection becomes an engine link: after this answer it carries engine
@@ -362,7 +411,7 @@ def _supplementary_groups(pid: int) -> frozenset[int]:
         return frozenset()
 
 
-def _hand_over(d: "Daemon", call: ToolCall, uid: int) -> None:
+def _hand_over(d: ApiHost, call: ToolCall, uid: int) -> None:
     """Let a non-root peer's child join the call: its cgroup.procs files, and on the v2
     tree the sandbox's too (v2 checks write access at the common ancestor of the source
     and destination cgroups: <sandbox>, for a peer in <sandbox>/agent)."""

@@ -8,7 +8,10 @@ anything runs. Every field has a default, so `agentcg daemon` works with no file
     [metrics]   address ("host:port", "" disables), max_tool_labels
     [ebpf]      mode ("auto" | "on" | "off"), concerns, program_stats
     [psi]       enabled, stall_s, window_s
-    [policy]    name ("agentcg" (default), "static", "none"), tick_s, dry_run, host_budget (a size)
+    [policy]    name ("agentcg" (default), "static", "none"), tick_s, dry_run, host_budget (a size),
+                the agentcg policy's fractions of a budget (throttle_at, freeze_at, kill_at,
+                relax_below, admit_at), grace_s, step_s, lookahead_s, max_wait_s (admission),
+                kernel_thresholds (arm eBPF/memcg thresholds at those fractions; default true)
     [engine]    kv_policy, uids, group, max_links, max_requests, host_reserve, kv_floor
 
 An unknown section or key is an error (a typo must not silently fall back to a default).
@@ -24,7 +27,9 @@ from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
 from agentcg.daemon_protocol import MAX_MESSAGE_BYTES  # noqa: F401  one request line, shared with clients
+from agentcg.daemon_protocol import REQUEST_TIMEOUT_S
 from agentcg.errors import HostUnsupported, InvalidInput
+from agentcg.policies.sandbox import GraduatedConfig
 from agentcg.units import parse_duration, parse_size
 
 DEFAULT_SOCKET = "/run/agentcg/agentcg.sock"
@@ -87,6 +92,8 @@ class PolicySection:
     tick_s: float = 0.5
     dry_run: bool = False                # decide and count, write nothing
     host_budget_bytes: int | None = None  # the budget all sandboxes share (None: only their own)
+    graduated: GraduatedConfig = field(default_factory=GraduatedConfig)   # the agentcg policy's settings
+    kernel_thresholds: bool = True        # arm eBPF RSS and memcg usage thresholds (False: PSI and tick only)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class DaemonConfig:
                 return str(value)
             if isinstance(value, tuple):
                 return list(value)
+            if isinstance(value, GraduatedConfig):
+                return {k: plain(v) for k, v in dataclasses.asdict(value).items()}
             return value
         data = {s.name: {f.name: plain(getattr(getattr(self, s.name), f.name))
                          for f in dataclasses.fields(getattr(self, s.name))}
@@ -276,9 +285,10 @@ def _ebpf(f: _Fields) -> EbpfSection:
     if mode not in ("auto", "on", "off"):
         raise InvalidInput(f"{f.where}: mode must be \"auto\", \"on\" or \"off\", got {mode!r}")
     concerns = f.get("concerns", list, list(BPF_CONCERNS))
-    bad = [c for c in concerns if c not in BPF_CONCERNS]
+    known = BPF_CONCERNS + ("exit_codes",)   # opt-in: exit statuses of adopted containers' commands
+    bad = [c for c in concerns if c not in known]
     if bad or not concerns:
-        raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(BPF_CONCERNS)}")
+        raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(known)}")
     section = EbpfSection(mode=mode, concerns=tuple(concerns), program_stats=f.get("program_stats", bool, True))
     f.done()
     return section
@@ -301,9 +311,20 @@ def _policy(f: _Fields) -> PolicySection:
     if name not in POLICY_NAMES:
         raise InvalidInput(f"{f.where}: name must be one of {', '.join(POLICY_NAMES)}, got {name!r}")
     budget = f.get("host_budget", (str, int), None)
+    d = GraduatedConfig()
+    fractions = {key: f.number(key, getattr(d, key), 0.0, 1.0)
+                 for key in ("throttle_at", "freeze_at", "kill_at", "relax_below", "admit_at")}
+    seconds = {key: f.number(key, getattr(d, key), 0.0, 3600.0) for key in ("grace_s", "step_s", "lookahead_s")}
+    # a waiting toolcall.begin is answered before a client's request timeout (60 s) runs out
+    seconds["max_wait_s"] = f.number("max_wait_s", d.max_wait_s, 0.0, REQUEST_TIMEOUT_S - 10)
+    try:
+        graduated = GraduatedConfig(**fractions, **seconds)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{f.where}: {exc}") from None
     section = PolicySection(name=name, tick_s=f.number("tick_s", 0.5, 0.01, 60.0),
                             dry_run=f.get("dry_run", bool, False),
-                            host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"))
+                            host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"),
+                            graduated=graduated, kernel_thresholds=f.get("kernel_thresholds", bool, True))
     f.done()
     return section
 

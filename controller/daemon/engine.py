@@ -229,7 +229,8 @@ class EngineLink:
             "session_id": m.session_id, "input_tokens": m.prompt_tokens, "context_tokens": m.prompt_tokens,
             "output_tokens": m.output_tokens, "cached_tokens": m.cached_tokens, "loaded_tokens": m.loaded_tokens,
             "preemptions": m.preemptions, "finish_reason": m.finish_reason, "arrival_s": m.arrival_s,
-            "first_token_s": m.first_token_s, "end_s": m.end_s, "ttft_s": ttft, "e2e_s": e2e})
+            "start_s": m.arrival_s, "first_token_s": m.first_token_s, "end_s": m.end_s, "ttft_s": ttft, "e2e_s": e2e,
+            "duration_s": e2e, "model": self.registration.model if self.registration else None})
 
     def _append(self, kind: str, sandbox: str | None, detail: dict) -> None:
         if self.append is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -20,11 +20,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from agentcg.errors import AgentcgError
 from agentcg.records import ToolCallRecord
 
-if TYPE_CHECKING:
-    from agentcg.controller.daemon.service import Daemon
-
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 PEAK_BUCKETS_BYTES = tuple(float(1 << s) for s in range(20, 36, 2))   # 1 MiB .. 16 GiB, x4
+WAIT_BUCKETS_S = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 REACTION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 MAX_REASON_LABELS = 32
 OTHER = "other"
@@ -88,6 +86,8 @@ class DaemonStats:
     requests: dict[tuple[str, str], int] = field(default_factory=dict)       # (op, code)
     psi_triggers: dict[str, int] = field(default_factory=dict)               # scope
     bpf_events: dict[str, int] = field(default_factory=dict)                 # event type
+    memcg_thresholds: dict[str, int] = field(default_factory=dict)           # scope
+    admission_wait: Histogram = field(default_factory=lambda: Histogram(WAIT_BUCKETS_S))
     ticks: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +110,11 @@ class DaemonStats:
         if latency_s is not None:
             self.reaction.observe(latency_s)
 
+    def observe_admission(self, waited_s: float | None) -> None:
+        """A call the policy admitted after weighing its need (None: admitted unweighed)."""
+        if waited_s is not None:
+            self.admission_wait.observe(max(0.0, waited_s))
+
     def observe_request(self, op: str, code: str) -> None:
         key = (op, code)
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -118,8 +123,21 @@ class DaemonStats:
         table[key] = table.get(key, 0) + 1
 
 
+class MetricsView(Protocol):
+    """What the exporter reads: live state, never the Daemon object itself."""
+
+    stats: DaemonStats
+    tree: Any
+    calls: Any
+    state: Any
+    monitor: Any
+    engines: Any
+
+    def pending_calls(self) -> int: ...
+
+
 class DaemonCollector(Collector):
-    def __init__(self, daemon: "Daemon") -> None:
+    def __init__(self, daemon: MetricsView) -> None:
         self.daemon = daemon
 
     def collect(self) -> Iterator[Any]:
@@ -134,6 +152,13 @@ class DaemonCollector(Collector):
         running = GaugeMetricFamily("agentcg_tool_calls_running", "Tool calls running now.")
         running.add_metric([], len(d.calls.running()) if d.calls is not None else 0)
         yield running
+        waiting = GaugeMetricFamily("agentcg_tool_calls_waiting", "Tool calls waiting for admission now.")
+        waiting.add_metric([], d.pending_calls())
+        yield waiting
+        wait = HistogramMetricFamily("agentcg_admission_wait_seconds",
+                                     "How long admitted calls waited for room (calls with a known need).")
+        wait.add_metric([], stats.admission_wait.buckets(), sum_value=stats.admission_wait.sum)
+        yield wait
         yield _histograms("agentcg_tool_call_duration_seconds", "Tool-call wall time, by tool.", stats.durations)
         yield _histograms("agentcg_tool_call_peak_memory_bytes", "Tool-call peak memory (cgroup), by tool.",
                           stats.peaks)
@@ -143,7 +168,9 @@ class DaemonCollector(Collector):
             actions.add_metric([kind, reason], n)
         yield actions
         reaction = HistogramMetricFamily("agentcg_reaction_latency_seconds",
-                                         "From the observation (PSI trigger, eBPF event, tick) to the action applied.")
+                                         "From the observation (the kernel's timestamp of an eBPF event, the read "
+                                         "of a memcg threshold or PSI trigger, the tick) to the action's write "
+                                         "returning.")
         reaction.add_metric([], stats.reaction.buckets(), sum_value=stats.reaction.sum)
         yield reaction
         requests = CounterMetricFamily("agentcg_api_requests", "Socket API requests, by op and result code.",
@@ -156,6 +183,11 @@ class DaemonCollector(Collector):
         for scope, n in sorted(stats.psi_triggers.items()):
             triggers.add_metric([scope], n)
         yield triggers
+        memcg = CounterMetricFamily("agentcg_memcg_thresholds", "cgroup v1 memory usage thresholds crossed, by scope.",
+                                    labels=["scope"])
+        for scope, n in sorted(stats.memcg_thresholds.items()):
+            memcg.add_metric([scope], n)
+        yield memcg
         ticks = CounterMetricFamily("agentcg_policy_ticks", "Policy ticks run.")
         ticks.add_metric([], stats.ticks)
         yield ticks
@@ -314,7 +346,7 @@ def _histograms(name: str, documentation: str, table: dict[str, Histogram]) -> H
     return family
 
 
-def make_registry(daemon: "Daemon") -> CollectorRegistry:
+def make_registry(daemon: MetricsView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(daemon))
     return registry

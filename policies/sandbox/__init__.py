@@ -14,7 +14,7 @@ from agentcg.policies.sandbox.graduated import GraduatedConfig, GraduatedPolicy,
 from agentcg.policies.sandbox.hints import estimate_need, kill_message
 from agentcg.policies.sandbox.simple import NonePolicy, StaticPolicy
 from agentcg.policies.sandbox.types import (
-    ACTION_KINDS, ADMIT, DEFER, FREEZE, KILL, LIMIT, PRIORITIES, PROTECT, RELAX, THAW, THROTTLE, Action,
+    ACTION_KINDS, ADMIT, DEFER, FREEZE, KILL, LIMIT, PRIORITIES, PRIORITY_CPU_WEIGHT, PROTECT, RELAX, THAW, THROTTLE, Action,
     CallView, Event, PendingCall, SandboxPolicy, SandboxView, Snapshot, check_priority,
 )
 
@@ -24,7 +24,7 @@ __all__ = [
     "make_policy", "POLICY_NAMES", "GraduatedConfig", "GraduatedPolicy", "GraduatedState", "StaticPolicy",
     "NonePolicy", "SandboxPolicy", "Snapshot", "SandboxView", "CallView", "PendingCall", "Event", "Action",
     "ACTION_KINDS", "THROTTLE", "FREEZE", "THAW", "RELAX", "KILL", "PROTECT", "LIMIT", "ADMIT", "DEFER",
-    "PRIORITIES", "check_priority", "estimate_need", "kill_message",
+    "PRIORITIES", "PRIORITY_CPU_WEIGHT", "check_priority", "estimate_need", "kill_message",
 ]
 
 

@@ -8,14 +8,20 @@ fractions of the budget:
                     the host has no memory.high), one more step per `step_s` while it grows
     >= freeze_at    freeze it (it keeps its memory but stops growing and using CPU)
     >= kill_at      kill tool calls, fewest and lowest priority first, until the projection
-                    fits: only when the budget would otherwise be breached
+                    fits: only when the budget would otherwise be breached (a fast burst past
+                    freeze_at whose projection says "breach" is frozen first: a frozen call
+                    stops growing, so the projection no longer holds)
     <  relax_below  thaw frozen calls (one per step), then relax throttled ones
 
 A call frozen for `grace_s` while the pressure does not pass is killed: it cannot run
 again without breaching. Victims are tool calls only, never an agent: lowest priority
 first, then the largest. High-priority sandboxes get memory.low and a larger cpu.weight
 (`protect`). Every action carries its reason; kills carry the agent's message.
-Pending calls are admitted or deferred on their declared or observed need (`hints`).
+Pending calls are admitted or deferred on their declared or observed need (`hints`): a
+budget's commitment is its usage plus what its running calls with a known need have yet
+to allocate plus what this tick admitted, so two calls never book the same room.
+A "threshold" event (the kernel saw a call or sandbox cross a configured fraction) lets
+the response act at once, without waiting `step_s` since the last escalation.
 """
 from __future__ import annotations
 
@@ -26,14 +32,13 @@ from agentcg.errors import InvalidInput
 from agentcg.policies.bounded import touch
 from agentcg.policies.sandbox.hints import describe_need, estimate_need, kill_message
 from agentcg.policies.sandbox.types import (
-    ADMIT, DEFER, FREEZE, KILL, PRIORITY_RANK, PROTECT, RELAX, THAW, THROTTLE, Action, CallView,
-    SandboxView, Snapshot,
+    ADMIT, DEFER, FREEZE, KILL, PRIORITY_CPU_WEIGHT, PRIORITY_RANK, PROTECT, RELAX, THAW, THROTTLE, Action,
+    CallView, SandboxView, Snapshot,
 )
 from agentcg.units import format_bytes
 
 CallKey = tuple[str, str]          # (sandbox, call_id)
 HOST = "host"
-CPU_WEIGHTS = {"low": 50, "normal": 100, "high": 400}
 
 
 @dataclass(frozen=True)
@@ -168,13 +173,18 @@ class _Tick:
                 low = int(budget * self.c.protect_fraction)
             elif sb.priority == "low":
                 low = 0   # v1 soft limit 0: reclaimed first under global pressure
-            reason = (f"priority {sb.priority}: cpu.weight {CPU_WEIGHTS[sb.priority]}"
+            reason = (f"priority {sb.priority}: cpu.weight {PRIORITY_CPU_WEIGHT[sb.priority]}"
                       + (f", memory.low {format_bytes(low)}" if low is not None else ""))
-            self.add(Action(PROTECT, sb.name, None, low, reason, cpu_weight=CPU_WEIGHTS[sb.priority]))
+            self.add(Action(PROTECT, sb.name, None, low, reason, cpu_weight=PRIORITY_CPU_WEIGHT[sb.priority]))
 
     # ---- the graduated response -------------------------------------------------------
     def respond(self, b: _Budget) -> None:
         c = self.c
+        # a call killed earlier may still hold its memory while it exits: it is already gone
+        # for this decision, or one kill would be followed by more for the same excess
+        dying = sum(call.usage_bytes for sb, call in b.calls if (sb.name, call.call_id) in self.killed)
+        if dying:
+            b = _Budget(b.name, b.limit_name, b.budget_bytes, max(0, b.usage_bytes - dying), b.calls)
         used = b.usage_bytes / b.budget_bytes
         rate = 0.0
         if b.name in self.last_usage:
@@ -188,15 +198,17 @@ class _Tick:
         if rate > 0:
             state += f", growing {format_bytes(rate)}/s"
 
-        if used >= c.kill_at or (used >= c.freeze_at and projected >= c.kill_at):
+        offenders = self.offenders(b)
+        freezable = [(sb, call) for sb, call in offenders
+                     if not call.frozen and (sb.name, call.call_id) not in self.frozen_since]
+        if used >= c.kill_at or (used >= c.freeze_at and projected >= c.kill_at and not freezable):
             self.kill_until_fits(b, projected_bytes, state)
             return
         self.expire(b, used, state)
-        may_step = self.now - self.last_step.get(b.name, float("-inf")) >= c.step_s
-        offenders = self.offenders(b)
+        may_step = (self.now - self.last_step.get(b.name, float("-inf")) >= c.step_s
+                    or self.crossed(b))
         if max(used, projected) >= c.freeze_at and may_step:
-            victim = next(((sb, call) for sb, call in offenders
-                           if not call.frozen and (sb.name, call.call_id) not in self.frozen_since), None)
+            victim = freezable[0] if freezable else None
             if victim is not None:
                 sb, call = victim
                 self.frozen_since[(sb.name, call.call_id)] = self.now
@@ -225,8 +237,23 @@ class _Tick:
         if used < c.relax_below:
             self.relax(b, state)
 
+    def crossed(self, b: _Budget) -> bool:
+        """A kernel threshold fired in this budget since the last snapshot."""
+        names = {sb.name for sb, _ in b.calls} | ({b.name} if b.name != HOST else set())
+        return any(e.kind == "threshold" and (b.name == HOST or e.sandbox in names) for e in self.snap.events)
+
+    def grew(self, sb: SandboxView, call: CallView) -> bool:
+        """Growing enough to act on; a call (or a sandbox) the kernel just saw cross a
+        threshold upwards counts with any growth: the crossing is the evidence."""
+        growth = self.growth(sb, call)
+        if growth >= self.c.min_growth_bytes:
+            return True
+        return growth > 0 and any(e.kind == "threshold" and e.sandbox == sb.name and e.call_id in (None, call.call_id)
+                                  for e in self.snap.events) or any(
+            e.kind == "threshold" and e.sandbox == sb.name and e.call_id == call.call_id for e in self.snap.events)
+
     def growth(self, sb: SandboxView, call: CallView) -> int:
-        return call.usage_bytes - self.last_call_usage.get((sb.name, call.call_id), call.usage_bytes)
+        return call.usage_bytes - self.last_call_usage.get((sb.name, call.call_id), 0)   # new: grew from 0
 
     def shielded(self, b: _Budget) -> int | None:
         """The priority rank spared throttling and freezing: the highest present, when
@@ -239,7 +266,7 @@ class _Tick:
         """Growing calls that may be throttled or frozen: lowest priority first, then fastest."""
         shielded = self.shielded(b)
         found = [(sb, call) for sb, call in b.calls
-                 if self.growth(sb, call) >= self.c.min_growth_bytes and PRIORITY_RANK[sb.priority] != shielded
+                 if self.grew(sb, call) and PRIORITY_RANK[sb.priority] != shielded
                  and (sb.name, call.call_id) not in self.killed and (sb.name, call.call_id) not in self.acted]
         found.sort(key=lambda pair: (PRIORITY_RANK[pair[0].priority], -self.growth(*pair)))
         return found
@@ -309,9 +336,25 @@ class _Tick:
                                 f"{state}: pressure passed, relax {call.tool} call from throttle step {level}"))
 
     # ---- admission --------------------------------------------------------------------
+    def need_of(self, sandbox: str, tool: str, hint: int | None) -> int | None:
+        return estimate_need(hint, self.peaks.get((sandbox, tool), ()))
+
+    def committed(self) -> tuple[int, dict[str, int]]:
+        """What running calls with a known need have yet to allocate (host, per sandbox):
+        a call admitted a tick ago holds little yet, but its room is taken."""
+        host, per = 0, {}
+        for sb in self.snap.sandboxes:
+            for call in sb.calls:
+                need = self.need_of(sb.name, call.tool, call.hint_bytes)
+                if need is not None and (sb.name, call.call_id) not in self.killed:
+                    rest = max(0, need - max(call.usage_bytes, call.peak_bytes))
+                    host += rest
+                    per[sb.name] = per.get(sb.name, 0) + rest
+        return host, per
+
     def admit(self) -> None:
         c = self.c
-        reserved = 0
+        host_reserved, reserved = self.committed()
         pending = [(sb, p) for sb in self.snap.sandboxes for p in sb.pending]
         pending.sort(key=lambda pair: (-PRIORITY_RANK[pair[0].priority], -pair[1].waited_s))
         for sb, call in pending:
@@ -322,27 +365,26 @@ class _Tick:
                 self.add(Action(ADMIT, sb.name, call.call_id, None, f"start without a limit: {why}"))
                 continue
             high = int(need * (1 + c.hint_margin))
-            budgets = [(HOST, self.snap.host_budget_bytes, self.snap.host_usage_bytes + reserved),
-                       (sb.name, sb.budget_bytes, sb.usage_bytes)]
+            budgets = [(HOST, self.snap.host_budget_bytes, self.snap.host_usage_bytes + host_reserved),
+                       (sb.name, sb.budget_bytes, sb.usage_bytes + reserved.get(sb.name, 0))]
             short = [(name, limit, used) for name, limit, used in budgets
                      if limit and used + need > c.admit_at * limit]
+            start = None
             if not short:
-                reserved += need
-                self.add(Action(ADMIT, sb.name, call.call_id, high,
-                                f"needs {format_bytes(need)} ({why}) and it fits; memory.high {format_bytes(high)}"))
+                start = f"needs {format_bytes(need)} ({why}) and it fits; memory.high {format_bytes(high)}"
             elif sb.priority == "high":
-                reserved += need
-                self.add(Action(ADMIT, sb.name, call.call_id, high,
-                                f"needs {format_bytes(need)} ({why}); high priority starts now and lower-priority "
-                                f"calls make room; memory.high {format_bytes(high)}"))
+                start = (f"needs {format_bytes(need)} ({why}); high priority starts now and lower-priority "
+                         f"calls make room; memory.high {format_bytes(high)}")
             elif call.waited_s >= c.max_wait_s:
-                reserved += need
-                self.add(Action(ADMIT, sb.name, call.call_id, high,
-                                f"needs {format_bytes(need)} ({why}); waited {call.waited_s:.1f} s, the most "
-                                f"allowed, so it starts; memory.high {format_bytes(high)}"))
+                start = (f"needs {format_bytes(need)} ({why}); waited {call.waited_s:.1f} s, the most "
+                         f"allowed, so it starts; memory.high {format_bytes(high)}")
+            if start is not None:
+                host_reserved += need
+                reserved[sb.name] = reserved.get(sb.name, 0) + need
+                self.add(Action(ADMIT, sb.name, call.call_id, high, start))
             else:
                 name, limit, used = short[0]
                 where = "the host" if name == HOST else f"sandbox {name}"
                 self.add(Action(DEFER, sb.name, call.call_id, need,
                                 f"needs {format_bytes(need)} ({why}) but {where} has {format_bytes(used)} of "
-                                f"{format_bytes(limit)} in use; waits for room"))
+                                f"{format_bytes(limit)} in use or promised; waits for room"))

@@ -13,6 +13,9 @@ from agentcg.errors import InvalidInput
 
 PRIORITIES = ("low", "normal", "high")
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+# The one priority -> cpu.weight table (cgroup v2 weights, 1..10000, default 100); the
+# cgroup layer maps it to v1 cpu.shares. Sandboxes, tool calls and `protect` all use it.
+PRIORITY_CPU_WEIGHT = {"low": 25, "normal": 100, "high": 400}
 
 THROTTLE = "throttle"   # value_bytes -> memory.high of the call (cpu_max_cores where v1 has no memory.high)
 FREEZE = "freeze"
@@ -73,7 +76,7 @@ class Event:
     """Something that happened since the previous snapshot."""
 
     time_s: float
-    kind: str                          # "call_exit" | "oom_kill"
+    kind: str                          # "call_exit" | "oom_kill" | "threshold" (a kernel threshold crossed)
     sandbox: str
     call_id: str | None = None
     tool: str | None = None

@@ -111,6 +111,9 @@ def test_grafana_dashboard_uses_only_exported_metrics():
         class state:
             sandboxes: dict = {}
 
+        def pending_calls(self) -> int:
+            return 0
+
     exported = {family.name for family in DaemonCollector(Stub()).collect()}
     exported |= {"agentcg_bpf_ringbuf_drops", "agentcg_bpf_map_full", "agentcg_bpf_decode_errors",
                  "agentcg_bpf_program_runs", "agentcg_bpf_program_run_seconds"}   # only with eBPF loaded

@@ -56,8 +56,8 @@ def test_status_line_only_on_a_tty():
     summary = ProfileSummary(trace=Path("t"), session_id="s", sandbox="sb", returncode=0,
                              stopped_by=None, wall_s=1.0, tool_calls=3, samples=10, peak_memory_bytes=300 * MIB)
     line.finish(summary.line())
-    assert quiet.getvalue() == ("agentcg profile: exit 0, 1.0 s, 3 tool call(s), 10 samples, "
-                                "sandbox peak 300 MiB; wrote t\n")
+    assert quiet.getvalue() == ("agentcg profile: exit 0, 1.0 s, 3 tool call(s), 10 samples, 0 event(s), "
+                                "0 LLM request(s), sandbox peak 300 MiB; wrote t\n")
 
     master, slave = os.openpty()
     try:

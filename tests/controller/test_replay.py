@@ -109,3 +109,37 @@ def test_cli_refuses_bad_input(tmp_path):
     assert runner.invoke(replay_command, [str(path), "--session", "hi", "--budget", "lots"]).exit_code != 0
     result = runner.invoke(replay_command, [str(path), "--session", "missing"])
     assert isinstance(result.exception, InvalidInput)
+
+
+
+def test_replay_decides_through_the_control_core(cgroup_tree, monkeypatch):
+    """Replay runs no policy loop of its own: every tick is a ControlCore step (the daemon's
+    loop), and what it applied is in the core's event log."""
+    from agentcg.controller.core import ControlCore
+
+    steps = []
+    original = ControlCore.step
+
+    def counted(self, *args, **kwargs):
+        step = original(self, *args, **kwargs)
+        steps.append(step)
+        return step
+
+    monkeypatch.setattr(ControlCore, "step", counted)
+    plans = plan_sessions(_trace({"s": [("a", 0.0, 0.5, [(0.0, 20), (0.4, 20)])]}, 1.0), [SessionChoice("s", "high")],
+                          speed=1.0)
+    replay = Replay(cgroup_tree, plans, ReplayConfig(policy="agentcg", budget_bytes=256 * MiB))
+    result = replay.run()
+    assert isinstance(replay.core, ControlCore) and len(steps) >= 2
+    assert [a.action.kind for a in result.applied] == [e["kind"] for e in replay.core.log.since(0)["events"]
+                                                     if e["kind"] != "admit"]
+    assert result.sessions[0].alloc_p95_s is not None       # its call allocated 20 MiB in 8 MiB chunks
+
+
+def test_a_window_replays_part_of_a_session():
+    trace = _trace({"s": [("x", 0, 1, [(0.5, 10)]), ("y", 2, 3, [(2.5, 10)]), ("z", 5, 6, [(5.5, 10)])]}, 8)
+    plan = plan_sessions(trace, [parse_session_choice("s=low@1.5:4")], speed=1)[0]
+    assert [c.record_id for c in plan.calls] == ["y"] and plan.calls[0].start_s == pytest.approx(0.5)
+    assert plan.duration_s == pytest.approx(2.5) and plan.priority == "low"
+    with pytest.raises(InvalidInput, match="window"):
+        parse_session_choice("s@4:2")

@@ -155,3 +155,76 @@ def test_bad_config_is_refused(bad):
 def test_unknown_policy_is_refused():
     with pytest.raises(InvalidInput, match="agentcg, static, none"):
         make_policy("fifo")
+
+
+def _sandbox_snap(used_mib, pending=(), running=(), budget=GiB, priority="normal"):
+    """One sandbox with its own budget (no host budget); running calls are (id, usage MiB, hint MiB)."""
+    calls = tuple(CallView(cid, "pytest", mib * MiB, mib * MiB, 0.1, hint * MiB if hint else None)
+                  for cid, mib, hint in running)
+    waiting = tuple(PendingCall(cid, "pytest", mib * MiB) for cid, mib in pending)
+    return Snapshot(0.0, used_mib * MiB, None, (SandboxView("sb", priority, used_mib * MiB, budget, 0.0, calls,
+                                                            waiting),))
+
+
+# Sandbox budget 1 GiB, admit_at 90% (922 MiB). Each case: sandbox MiB in use, pending (id, hint MiB),
+# running calls (id, usage MiB, hint MiB), and the expected kind per pending call.
+ADMISSION_CASES = {
+    "one fits": (500, [("p1", 300)], [], {"p1": "admit"}),
+    "two 300 MiB calls at 500 MiB: the second must not book the same room": (
+        500, [("p1", 300), ("p2", 300)], [], {"p1": "admit", "p2": "defer"}),
+    "a call admitted a tick ago holds little yet, but its room is taken": (
+        500, [("p2", 300)], [("p1", 10, 300)], {"p2": "defer"}),
+    "a running call past its hint promises nothing more": (
+        500, [("p2", 300)], [("c1", 400, 300)], {"p2": "admit"}),
+    "small calls fill the room one by one": (
+        600, [("p1", 100), ("p2", 100), ("p3", 100), ("p4", 100)], [],
+        {"p1": "admit", "p2": "admit", "p3": "admit", "p4": "defer"}),
+}
+
+
+@pytest.mark.parametrize("name", list(ADMISSION_CASES))
+def test_admission_never_double_books_a_budget(name):
+    used, pending, running, expected = ADMISSION_CASES[name]
+    policy = make_policy("agentcg", CONFIG)
+    actions, _ = policy.decide(_sandbox_snap(used, pending, running), policy.initial_state())
+    assert {a.call_id: a.kind for a in actions if a.kind in ("admit", "defer")} == expected
+
+
+def test_a_fast_burst_past_freeze_is_frozen_not_killed():
+    """Projected past kill_at but below it now, with a growing call that can be frozen: freeze."""
+    config = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                             step_s=0.1, lookahead_s=0.3)
+    got = run([snap(0, 600, [("c1", 200)]), snap(0.1, 940, [("c1", 540)])], config)
+    assert got == [[], [("freeze", "lo", "c1")]]
+
+
+def test_a_threshold_event_acts_without_waiting_for_the_step():
+    """Escalations in one budget are step_s apart, unless the kernel reported a crossing."""
+    config = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                             step_s=1.0, lookahead_s=0.0)
+    steps = [snap(0, 600, [("c1", 200)]), snap(0.1, 840, [("c1", 440)]), snap(0.2, 930, [("c1", 530)])]
+    assert run(steps, config)[2] == []
+    crossed = snap(0.2, 930, [("c1", 530)], events=[Event(0.19, "threshold", "lo", "c1")])
+    assert run(steps[:2] + [crossed], config)[2] == [("freeze", "lo", "c1")]
+
+
+def test_one_priority_to_cpu_weight_table():
+    from agentcg.controller.sandbox import PRIORITY_CPU_WEIGHT as controller_table
+    from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
+    policy = make_policy("agentcg", CONFIG)
+    actions, _ = policy.decide(snap(0, 500), policy.initial_state())
+    weights = {a.sandbox: a.cpu_weight for a in actions if a.kind == "protect"}
+    assert weights == {"hi": PRIORITY_CPU_WEIGHT["high"], "lo": PRIORITY_CPU_WEIGHT["low"]}
+    assert controller_table is PRIORITY_CPU_WEIGHT
+
+
+def test_memory_of_a_killed_call_still_exiting_is_not_freed_twice():
+    """Tick 1 kills the largest low call; tick 2 still sees it (it is exiting) and must not
+    kill more for the excess that kill already covers."""
+    policy = make_policy("agentcg", CONFIG)
+    state = policy.initial_state()
+    _, state = policy.decide(snap(0, 700, [("l1", 100), ("l2", 300)], [("h1", 100)]), state)
+    first, state = policy.decide(snap(0.2, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)]), state)
+    assert [(a.kind, a.call_id) for a in first if a.kind == "kill"] == [("kill", "l2")]
+    second, _ = policy.decide(snap(0.4, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)]), state)
+    assert not [a for a in second if a.kind == "kill"], second

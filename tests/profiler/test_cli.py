@@ -27,7 +27,7 @@ def test_import_reports_skips_and_strict_fails(small_dataset, tmp_path, capsys):
     broken = sorted(small_dataset.iterdir())[0]
     (broken / "meta.json").write_text("{not json")
     out = tmp_path / "trace"
-    assert main(["import", "agentcgroup", str(small_dataset), "-o", str(out)]) == 0
+    assert main(["import", "agentcgroup", str(small_dataset), "-o", str(out)]) == 1   # a task yielded nothing
     captured = capsys.readouterr()
     assert "tasks: 2 imported, 1 skipped" in captured.out
     assert f"skipped {broken.name}: meta.json: broken JSON" in captured.err

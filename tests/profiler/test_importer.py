@@ -76,14 +76,26 @@ def test_malformed_tasks_are_reported_and_skipped(small_dataset):
     tasks = sorted(p.name for p in small_dataset.iterdir())
     calls_in = {t: len(json.loads((small_dataset / t / "tool_calls.json").read_text())) for t in tasks}
     corrupt(small_dataset, tasks[0], "tool_calls.json", lambda text: text[: len(text) // 2])
-    (small_dataset / tasks[1] / "resources.json").unlink()
+    (small_dataset / tasks[1] / "resources.json").write_text("[]")
     result = import_agentcgroup(small_dataset)
     assert result.tasks == 1 and [s.task for s in result.skipped] == tasks[:2]
     assert "broken JSON" in result.skipped[0].reason
-    assert result.skipped[1].reason == "missing resources.json"
+    assert result.skipped[1].reason.startswith("resources.json: expected a JSON object, got list")
     assert result.skipped_tool_calls == calls_in[tasks[1]]   # the broken file cannot be counted
     assert result.tool_calls == calls_in[tasks[2]] == len(result.trace.toolcalls)
     assert set(result.trace.sessions.session_id) == set(result.trace.samples.session_id) == {tasks[2]}
+
+
+def test_missing_resources_keeps_calls_without_samples(small_dataset):
+    task = sorted(p.name for p in small_dataset.iterdir())[0]
+    (small_dataset / task / "resources.json").unlink()
+    result = import_agentcgroup(small_dataset)
+    assert result.tasks == 3 and not result.skipped
+    report = next(r for r in result.reports if r.session_id == task)
+    assert report.samples == 0 and report.sources["samples"] is None and report.tool_calls > 0
+    assert "0 samples (none)" in report.line()
+    assert task not in set(result.trace.samples.session_id)
+    assert result.trace.toolcalls[result.trace.toolcalls.session_id == task].peak_memory_bytes.isna().all()
 
 
 def test_unknown_memory_unit_skips_the_task(small_dataset):
@@ -117,7 +129,21 @@ def test_nothing_importable(tmp_path, small_dataset):
     with pytest.raises(InvalidInput, match="not a directory"):
         import_agentcgroup(tmp_path / "absent")
     for task in small_dataset.iterdir():
-        (task / "meta.json").unlink()
-    with pytest.raises(TraceError, match="no task could be imported.*missing meta.json"):
+        for name in ("tool_calls.json", "resources.json", "llm_calls.json"):
+            (task / name).unlink(missing_ok=True)
+    with pytest.raises(TraceError, match="no task could be imported.*nothing to import: no tool calls, "
+                                         "LLM requests or resource samples in meta.json"):
         import_agentcgroup(small_dataset)
 
+
+
+def test_cli_on_the_shared_dataset(dataset_dir, tmp_path, capsys):
+    """`agentcg import agentcgroup` on the reshaped copy, as a user runs it."""
+    from agentcg.cli import main
+
+    assert main(["import", "agentcgroup", str(dataset_dir), "-q", "-o", str(tmp_path / "t.zip")]) == 0
+    out = capsys.readouterr().out
+    assert "tasks: 113 imported, 0 skipped" in out
+    assert not [line for line in out.splitlines() if line.startswith("imported ")]     # -q
+    assert ("summary: 113 sessions, 6641 tool calls, 5643 LLM requests, 51080 samples; skipped 0 task(s) "
+            "and 0 entries inside imported ones; 0 implausible value(s) flagged") in out

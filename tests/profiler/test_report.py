@@ -76,3 +76,65 @@ def test_session_without_samples_or_end(synthetic_trace):
 def test_merge_refuses_duplicate_sessions(synthetic_trace):
     with pytest.raises(TraceError, match="'s1' appears in more than one trace"):
         merge_traces([synthetic_trace, synthetic_trace])
+
+
+def test_llm_context_growth_and_cached_input(synthetic_trace):
+    import pandas as pd
+
+    from agentcg.profiler.trace import frame
+
+    llm = synthetic_trace.llm_requests
+    synthetic_trace.llm_requests = pd.concat([llm, frame("llm_requests", [
+        # Anthropic-style rows: 21,033 context of which 20,773 read from the cache; a sub-agent's
+        {"session_id": "s1", "request_id": "a1", "time_s": 1010.0, "input_tokens": 21033,
+         "cache_read_tokens": 20773, "cache_creation_tokens": 252, "usage_format": "anthropic"},
+        {"session_id": "s1", "request_id": "a2", "time_s": 1005.0, "input_tokens": 500, "is_sidechain": True,
+         "cache_read_tokens": 0, "cache_creation_tokens": 500, "usage_format": "anthropic"}])], ignore_index=True)
+    report = build_report(synthetic_trace)
+    m = report.sessions[0].llm
+    # main conversation in time order: 1000, 1000, 1000 (t=1000..1002), then 21,033
+    assert (m.requests, m.context_first_tokens, m.context_last_tokens, m.context_max_tokens) == (5, 1000, 21033, 21033)
+    assert m.context_growth_p50_tokens == 0.0
+    assert (m.cached_input_tokens, m.uncached_input_tokens, m.unknown_cache_input_tokens) == (20773, 760, 3000)
+    assert m.cached_share == pytest.approx(20773 / 21533)
+    text = render_text(report)
+    assert "LLM input tokens: 24,533 = cached 20,773 (96% of those with cache figures), uncached 760, " \
+           "cache split unknown 3,000" in text
+    assert json.loads(render_json(report))["sessions"][0]["llm"]["cached_share"] == pytest.approx(0.9647, abs=1e-4)
+    synthetic_trace.llm_requests = llm.iloc[:0]
+    assert build_report(synthetic_trace).sessions[0].llm is None
+    assert "LLM input tokens: none recorded" in render_text(build_report(synthetic_trace))
+
+
+def test_events_per_kind_in_text(synthetic_trace):
+    report = build_report(synthetic_trace)
+    assert report.sessions[0].events == {"kv_decision": 1, "oom_kill": 1, "policy_action": 3}
+    text = render_text(report)
+    assert "events: kv_decision 1, oom_kill 1, policy_action 3" in text
+    assert "kv_decision 1, oom_kill 1, policy_action 3 (freeze 2, kill 1)" in text
+
+
+def test_memory_plot_marks_events(synthetic_trace, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agentcg.profiler.plots import _draw_events, write_plots
+    from agentcg.profiler.trace import frame
+
+    events = frame("events", [
+        {"session_id": "s1", "time_s": 1020.0, "kind": "policy_action", "action": "freeze"},
+        {"session_id": "s1", "time_s": 1024.0, "kind": "policy_action", "action": "thaw"},
+        {"session_id": "s1", "time_s": 1016.0, "kind": "reclaim_stall"},
+        {"session_id": "s1", "time_s": 1100.0, "kind": "oom_kill", "call_id": "C"},
+        {"session_id": "s1", "time_s": 1070.0, "kind": "kv_decision", "action": "offload"},
+        {"session_id": "s1", "time_s": 1071.0, "kind": "something_new"}])
+    fig, ax = plt.subplots()
+    handles = _draw_events(ax, events, 1000.0)
+    assert list(handles) == ["reclaim stall (1)", "freeze", "thaw", "OOM kill", "KV directive", "other event"]
+    assert sorted(round(line.get_xdata()[0]) for line in ax.lines[1:]) == [20, 24, 70, 71, 100]
+    plt.close(fig)
+    synthetic_trace.events = events
+    paths = write_plots(synthetic_trace, tmp_path / "plots")
+    assert [p.name for p in paths] == ["tools-peak-memory.png", "session-s1.png"]

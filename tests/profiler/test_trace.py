@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from agentcg.errors import TraceError
 from agentcg.profiler.trace import (
-    MANIFEST, TOOLCALL_COLUMNS, TRACE_VERSION, Trace, frame, read_trace, write_trace)
+    ADDED_COLUMNS, LLM_REQUEST_COLUMNS, MANIFEST, TOOLCALL_COLUMNS, TRACE_VERSION, Trace, frame, read_trace, write_trace)
 from agentcg.records import ToolCallRecord
+
+REPO_TRACES = Path(__file__).resolve().parents[2] / "traces"
 
 
 def test_toolcall_columns_are_the_record_fields():
@@ -44,6 +47,18 @@ def test_missing_column_is_named(synthetic_trace, tmp_path):
     pq.write_table(table, path / "samples.parquet")
     with pytest.raises(TraceError, match="'samples' lacks column\\(s\\) memory_bytes"):
         read_trace(path)
+
+
+def test_trace_before_the_added_columns_still_reads(synthetic_trace, tmp_path):
+    """A version-1 trace written before ADDED_COLUMNS existed (like traces/*.zip): nulls there."""
+    path = write_trace(synthetic_trace, tmp_path / "t")
+    added = list(ADDED_COLUMNS["llm_requests"])
+    pq.write_table(pq.read_table(path / "llm_requests.parquet").drop(added), path / "llm_requests.parquet")
+    llm = read_trace(path).llm_requests
+    assert list(llm.columns) == list(LLM_REQUEST_COLUMNS) and llm[added].isna().all().all()
+    assert str(llm["cache_read_tokens"].dtype) == "Int64" and llm["input_tokens"].sum() == 3000
+    for shipped in sorted(REPO_TRACES.glob("*.zip")):
+        assert read_trace(shipped).llm_requests.columns.tolist() == list(LLM_REQUEST_COLUMNS)
 
 
 def test_missing_table_and_non_traces(synthetic_trace, tmp_path):
