@@ -186,6 +186,10 @@ def test_kept_kv_resumes_from_the_cache_and_the_daemon_sees_every_request(server
     assert wait_until(lambda: d.metric("agentcg_engine_llm_requests_total", sandbox=names[1]) >= 3, timeout_s=20, poll_s=0.2), "the daemon seeing every call"
     for name in names:
         assert d.metric("agentcg_engine_llm_requests_total", sandbox=name) == 3
+        events = d.d.result("events.since", seq=0, sandbox=name)["events"]      # the daemon's event log
+        llm = [e["detail"] for e in events if e["kind"] == "llm_request"]
+        assert [e["input_tokens"] for e in llm] == [a["prompt_tokens"] for a in answers[name]]
+        assert any(e["kind"] == "kv_directive" and e["detail"]["action"] == "keep" for e in events)
         assert d.metric("agentcg_engine_llm_tokens_total", sandbox=name, kind="prompt") == \
             sum(a["prompt_tokens"] for a in answers[name])
     # vLLM's own counters: the resumed turns' previous context came from its prefix cache
