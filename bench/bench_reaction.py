@@ -79,7 +79,7 @@ def policy_section(budget_mib: int, kernel: bool) -> dict:
 def run_mode(name: str, rounds: int, budget_mib: int, alloc_mib: int, *, kernel: bool, fifo: bool,
              observer: BpfMonitor) -> dict:
     sections = {"policy": policy_section(budget_mib, kernel), "limits": {"grace_s": 0.0},
-                "ebpf": {"mode": "on", "concerns": ["process", "memory"]} if kernel else {"mode": "off"},
+                "ebpf": {"mode": "on", "concerns": ["process", "memory", "faults"]} if kernel else {"mode": "off"},
                 "daemon": {"realtime_priority": 1 if fifo else 0}}
     d = DaemonProcess(sections)
     latencies, confirmed, missed, sources, clocks = [], [], 0, {}, {}
@@ -176,7 +176,7 @@ def main() -> int:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
     results = []
     try:
-        with BpfMonitor(concerns=("process", "memory")) as observer:
+        with BpfMonitor(concerns=("process", "memory", "faults")) as observer:   # RSS: the opt-in per-fault concern
             for name, kernel, fifo, rounds in (("kernel/SCHED_OTHER", True, False, args.rounds),
                                                ("kernel/SCHED_FIFO", True, True, args.rounds),
                                                ("tick+PSI (baseline)", False, False, args.tick_rounds)):

@@ -22,6 +22,16 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
+/* ring buffer: events are submitted without waking the reader (BPF_RB_NO_WAKEUP: a wake-up
+ * costs the submitting task 15-20 us when a reader waits in epoll) except every this many;
+ * urgent events (thresholds, OOM, stall, a process stopped at exec) wake it at once. The
+ * reader polls with a timeout, so the rest arrive within one poll period. */
+#ifndef WAKE_BATCH_EVENTS
+#define WAKE_BATCH_EVENTS 64
+#endif
+#ifndef WAKE_AFTER_NS
+#define WAKE_AFTER_NS 20000000ULL  /* an event waits unannounced at most this long if others follow */
+#endif
 #ifndef RECLAIM_STALL_NS
 #define RECLAIM_STALL_NS 10000000ULL
 #endif
@@ -30,6 +40,8 @@
 #define V2_HIERARCHY_ID 0
 
 #define HIST_SLOTS 32
+/* devices a cgroup's block stats are found under without a map walk */
+#define BLOCK_DEV_SLOTS 4
 #define COMM_LEN 16
 #define FILENAME_LEN 256
 
@@ -73,6 +85,12 @@ struct acg_counters {
     __u64 execs;
     __u64 exits;
     __u64 oom_kills;
+    /* the first BLOCK_DEV_SLOTS devices block_stats has keys (cgroup, dev) for; user space
+     * reads and deletes those keys directly. block_devs_more: more devices than slots
+     * (user space then walks block_stats for this cgroup) */
+    __u32 block_devs[BLOCK_DEV_SLOTS];
+    __u32 block_devs_more;
+    __u32 pad;
 };
 
 /* runq_hist: cgroup id -> this; slot i counts latencies in [2^i, 2^(i+1)) ns */
@@ -80,11 +98,18 @@ struct acg_hist {
     __u64 slots[HIST_SLOTS];
 };
 
-/* tasks: tid -> this */
+/* tasks: tid -> this. The sched concern keeps the task's own scheduler counters as of its
+ * last switch-out (task_struct se.sum_exec_runtime, sched_info.run_delay and .pcount) and
+ * charges the differences: CPU time, and run-queue waits, without a program on wakeups. */
 struct acg_task {
     __u64 cgroup_id;
     __u32 ppid;    /* tgid of the parent that forked it, 0 if unknown */
     __u32 tgid;    /* its process (thread group), 0 if unknown */
+    __u64 base_runtime_ns;
+    __u64 base_run_delay_ns;
+    __u64 base_pcount;
+    __u32 has_base;  /* 1: the bases are the task's (a fork starts at 0); 0: take them next */
+    __u32 pad;
 };
 
 /* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the

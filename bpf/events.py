@@ -15,6 +15,7 @@ from agentcg.errors import BpfError
 HIST_SLOTS = 32
 COMM_LEN = 16
 FILENAME_LEN = 256
+BLOCK_DEV_SLOTS = 4
 
 WATCH_STOP_AT_EXEC = 1   # acg_watch.flags
 EV_EXEC = 1
@@ -49,6 +50,9 @@ class Counters(ct.Structure):
         ("execs", ct.c_uint64),
         ("exits", ct.c_uint64),
         ("oom_kills", ct.c_uint64),
+        ("block_devs", ct.c_uint32 * BLOCK_DEV_SLOTS),
+        ("block_devs_more", ct.c_uint32),
+        ("pad", ct.c_uint32),
     ]
 
 
@@ -57,7 +61,9 @@ class Hist(ct.Structure):
 
 
 class Task(ct.Structure):
-    _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("tgid", ct.c_uint32)]
+    _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("tgid", ct.c_uint32),
+                ("base_runtime_ns", ct.c_uint64), ("base_run_delay_ns", ct.c_uint64),
+                ("base_pcount", ct.c_uint64), ("has_base", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class Mm(ct.Structure):

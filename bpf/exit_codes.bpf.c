@@ -5,8 +5,8 @@
 
 int acg_exit_codes__syscalls__sys_enter_exit_group(struct tracepoint__syscalls__sys_enter_exit_group *args)
 {
-    u64 cg = bpf_get_current_cgroup_id();
-    if (!watched.lookup(&cg))
+    u64 cg;
+    if (!acg_current(&cg))
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct acg_exit x = {.cgroup_id = cg, .exit_code = args->error_code & 0xff, .signal = 0};

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.bpf import events as ev
+from agentcg.bpf.btf import kernel_offsets
 from agentcg.errors import AgentcgError, BpfError, InvalidInput, ProcessGone
 from agentcg.procfs import PROC
 
 CONCERNS = ("process", "memory", "sched", "block")          # loaded by default
-OPTIONAL_CONCERNS = ("exit_codes",)                          # opt-in: costs every syscall
+# opt-in: faults runs on every page fault (RSS from rss_stat, user faults), switches on
+# every context switch (per-slice CPU and waits, moved-in tasks found), exit_codes on every
+# system call (a syscall tracepoint moves every task onto the slow syscall path)
+OPTIONAL_CONCERNS = ("faults", "switches", "exit_codes")
 ALL_CONCERNS = CONCERNS + OPTIONAL_CONCERNS
 BPF_DIR = Path(__file__).resolve().parent
 
@@ -37,20 +41,25 @@ MAX_BLOCK_KEYS = 8192
 MAX_INFLIGHT_IO = 16384
 RINGBUF_PAGES = 256              # 1 MiB: about 3,400 events between two polls
 RECLAIM_STALL_S = 0.010          # a reclaim longer than this sends a ReclaimStallEvent
+WAKE_BATCH_EVENTS = 64          # non-urgent events submitted per reader wake-up (agentcg.h)
+WAKE_AFTER_S = 0.020            # ... or once the oldest unannounced one is this old
 REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a late forget()
 
 # maps with one entry per something; `live_entries()` reports them
 _HASH_MAPS = {
     "shared": ("watched", "counters", "tasks"),
     "process": ("exits",),
-    "memory": ("mms", "reclaim_start", "mm_fresh"),
-    "sched": ("runq_since", "runq_hist"),
+    "memory": ("reclaim_start",),
+    "faults": ("mms", "mm_fresh"),
+    "sched": ("runq_hist",),
     "block": ("io_owner", "io_inflight", "block_stats"),
+    "switches": (),
     "exit_codes": (),
 }
-# maps whose values carry the owning cgroup id in a `cgroup_id` field
-_PER_TASK_MAPS = ("tasks", "exits", "mms", "reclaim_start", "mm_fresh", "runq_since", "io_owner", "io_inflight")
-_PROGRAM_RE = re.compile(r"^int (acg_\w+)\(struct tracepoint__(\w+?)__(\w+) \*args\)", re.M)
+# A program `acg_<concern>__<category>__<event>` is attached to that tracepoint: as a raw
+# tracepoint when it takes `struct bpf_raw_tracepoint_args *ctx`, else as a classic one.
+_PROGRAM_RE = re.compile(r"^int (acg_\w+?__(\w+?)__(\w+))\((struct tracepoint__\w+ \*args|"
+                         r"struct bpf_raw_tracepoint_args \*ctx)\)", re.M)
 _ERROR_NAMES = {ev.ERR_TASKS_FULL: "tasks", ev.ERR_MMS_FULL: "mms",
                 ev.ERR_BLOCK_FULL: "block_stats", ev.ERR_INFLIGHT_FULL: "io_inflight"}
 
@@ -97,8 +106,9 @@ class CgroupCounters:
 class ProgramStats:
     name: str
     tracepoint: str
-    run_count: int | None     # None unless sysctl kernel.bpf_stats_enabled=1
+    run_count: int | None     # None unless BPF run-time stats are on (BPF_ENABLE_STATS)
     run_time_s: float | None
+    raw: bool = False         # attached as a raw tracepoint
 
 
 @dataclass(frozen=True)
@@ -155,9 +165,14 @@ class BpfMonitor:
             raise InvalidInput(f"BPF concerns {unknown or '(none)'} unknown; choose from {', '.join(ALL_CONCERNS)}")
         if "exit_codes" in concerns and "process" not in concerns:
             raise InvalidInput("the BPF concern exit_codes needs the concern process as well")
-        if "memory" in concerns and "process" not in concerns:
-            # the exec program tells the memory concern which mms start empty (agentcg.h, acg_mm)
-            raise InvalidInput("the BPF concern memory needs the concern process as well")
+        if "switches" in concerns and "sched" not in concerns:
+            raise InvalidInput("the BPF concern switches needs the concern sched as well")
+        if "sched" in concerns and "process" not in concerns:
+            # the exit program charges each task's scheduler counters (bpf/sched.bpf.c)
+            raise InvalidInput("the BPF concern sched needs the concern process as well")
+        if "faults" in concerns and "process" not in concerns:
+            # the exec program tells the faults concern which mms start empty (agentcg.h, acg_mm)
+            raise InvalidInput("the BPF concern faults needs the concern process as well")
         if not 0 < reclaim_stall_s < 60:
             raise InvalidInput(f"reclaim_stall_s must be in (0, 60) seconds, got {reclaim_stall_s}")
         self.concerns = tuple(c for c in ALL_CONCERNS if c in concerns)
@@ -168,7 +183,7 @@ class BpfMonitor:
         self._pending: list[ev.BaseEvent] = []
         self._events_received = 0
         self._decode_errors = 0
-        self._programs: list[tuple[str, str]] = []
+        self._programs: list[tuple[str, str, bool]] = []   # (function, category:event, raw)
         self._load(bpf_dir, reclaim_stall_s)
 
     # -- loading ---------------------------------------------------------------------
@@ -181,25 +196,31 @@ class BpfMonitor:
                 text = path.read_text()
             except OSError as exc:
                 raise BpfError(f"cannot read {path}: {exc.strerror}") from None
-            for fn, category, event in _PROGRAM_RE.findall(text):
+            for fn, category, event, signature in _PROGRAM_RE.findall(text):
                 if not fn.startswith(f"acg_{name}__"):
                     raise BpfError(f"{path}: program {fn} must be named acg_{name}__<category>__<event>")
-                self._programs.append((fn, f"{category}:{event}"))
+                self._programs.append((fn, f"{category}:{event}", "bpf_raw_tracepoint_args" in signature))
             parts.append(text)
+        offsets = kernel_offsets()
         cflags = [
             f"-I{bpf_dir}",
             f"-DMAX_CGROUPS={MAX_CGROUPS}", f"-DMAX_TASKS={MAX_TASKS}", f"-DMAX_MMS={MAX_MMS}",
             f"-DMAX_BLOCK_KEYS={MAX_BLOCK_KEYS}", f"-DMAX_INFLIGHT_IO={MAX_INFLIGHT_IO}",
             f"-DRINGBUF_PAGES={RINGBUF_PAGES}", f"-DRECLAIM_STALL_NS={int(reclaim_stall_s * 1e9)}ULL",
-        ] + [f"-DACG_CONCERN_{name.upper()}" for name in self.concerns]
+            f"-DWAKE_BATCH_EVENTS={WAKE_BATCH_EVENTS}", f"-DWAKE_AFTER_NS={int(WAKE_AFTER_S * 1e9)}ULL",
+        ] + [f"-D{name}={value}" for name, value in offsets.items()] + [
+            f"-DACG_CONCERN_{name.upper()}" for name in self.concerns]
         try:
             self._b = bcc.BPF(text="\n".join(parts).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile and load failures
             raise BpfError(f"compiling/loading the BPF programs ({', '.join(self.concerns)}) failed: {exc}; "
                            "check kernel headers (`bash scripts/host.sh setup`) and `agentcg doctor`") from None
         try:
-            for fn, tracepoint in self._programs:
-                self._b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
+            for fn, tracepoint, raw in self._programs:
+                if raw:
+                    self._b.attach_raw_tracepoint(tp=tracepoint.split(":")[1].encode(), fn_name=fn.encode())
+                else:
+                    self._b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
             self._b[b"events"].open_ring_buffer(self._on_event)
         except Exception as exc:
             self.close()
@@ -263,7 +284,7 @@ class BpfMonitor:
             raise InvalidInput(f"process {pid} does not exist (it may have exited already)") from None
         tasks = b[b"tasks"]
         for tid in tids:
-            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid)
+            tasks[ct.c_uint32(tid)] = ev.Task(cgroup_id, ppid, pid, *_sched_bases(pid, tid))
 
     def watched(self) -> frozenset[int]:
         return frozenset(self._watched)
@@ -301,16 +322,16 @@ class BpfMonitor:
                 BlockDeviceCounters(major=k.dev >> 20, minor=k.dev & 0xFFFFF, read_bytes=v.read_bytes,
                                     write_bytes=v.write_bytes, read_ios=v.read_ios, write_ios=v.write_ios,
                                     read_latency_s=v.read_latency_ns / 1e9, write_latency_s=v.write_latency_ns / 1e9)
-                for k, v in b[b"block_stats"].items() if k.cgroup_id == cgroup_id)
+                for k, v in self._block_entries(cgroup_id, c))
 
         def when(concern: str, value: Any) -> Any:
             return value if has(concern) else None
 
         return CgroupCounters(
             cgroup_id=cgroup_id,
-            rss_bytes=when("memory", max(0, c.rss_bytes)),
-            rss_peak_bytes=when("memory", max(0, c.rss_peak_bytes)),
-            page_faults=when("memory", c.page_faults),
+            rss_bytes=when("faults", max(0, c.rss_bytes)),
+            rss_peak_bytes=when("faults", max(0, c.rss_peak_bytes)),
+            page_faults=when("faults", c.page_faults),
             reclaim_s=when("memory", c.reclaim_ns / 1e9),
             reclaim_count=when("memory", c.reclaim_count),
             oom_kills=when("memory", c.oom_kills),
@@ -345,21 +366,43 @@ class BpfMonitor:
         self._purge(cgroup_id)
         return final
 
+    def _block_entries(self, cgroup_id: int, c: Any) -> list[tuple[Any, Any]]:
+        """block_stats keys and values of one cgroup: looked up by the devices its counters
+        name, or (more devices than BLOCK_DEV_SLOTS) by a walk of the map."""
+        table = self._b[b"block_stats"]
+        if c.block_devs_more:
+            return [(k, v) for k, v in table.items() if k.cgroup_id == cgroup_id]
+        out = []
+        for dev in c.block_devs:
+            if not dev:
+                break
+            key = ev.BlkKey(cgroup_id, dev, 0)
+            try:
+                out.append((key, table[key]))
+            except KeyError:
+                pass
+        return out
+
     def _purge(self, cgroup_id: int) -> None:
+        """Delete the cgroup's keys: a few direct deletes, no map walk. Per-task entries
+        are removed by the programs when the task exits (or ages out of an LRU map)."""
         b = self._b
         key = ct.c_uint64(cgroup_id)
+        c = None
+        if "block" in self.concerns:
+            try:
+                c = b[b"counters"][key]
+            except KeyError:
+                pass
         names = ["counters"] + (["runq_hist"] if "sched" in self.concerns else [])
         for name in names:
             try:
                 del b[name.encode()][key]
             except KeyError:
                 pass
-        loaded = {m for c in ("shared",) + self.concerns for m in _HASH_MAPS[c]}
-        for name in [m for m in _PER_TASK_MAPS if m in loaded] + (["block_stats"] if "block_stats" in loaded else []):
-            table = b[name.encode()]
-            stale = [k for k, v in table.items()
-                     if (k.cgroup_id if name == "block_stats" else v.cgroup_id) == cgroup_id]
-            for k in stale:
+        if c is not None:
+            table = b[b"block_stats"]
+            for k, _v in self._block_entries(cgroup_id, c):
                 try:
                     del table[k]
                 except KeyError:
@@ -371,10 +414,10 @@ class BpfMonitor:
         b = self._require_open()
         if timeout_s < 0:
             raise InvalidInput(f"poll timeout must be >= 0 seconds, got {timeout_s}")
-        if timeout_s == 0:
-            b.ring_buffer_consume()
-        else:
+        if timeout_s > 0:
+            # returns early only when woken (urgent events, or every WAKE_BATCH_EVENTS)
             b.ring_buffer_poll(timeout=max(1, int(timeout_s * 1000)))
+        b.ring_buffer_consume()   # what was submitted without a wake-up
         out, self._pending = self._pending, []
         for event in out:
             if isinstance(event, ev.CgroupRemovedEvent) and event.cgroup_id in self._watched:
@@ -388,7 +431,12 @@ class BpfMonitor:
 
     def fileno(self) -> int:
         """An fd readable when ring-buffer records wait (libbpf ring_buffer__epoll_fd, an
-        epoll fd itself): put it in an event loop, then poll(0) when it is ready."""
+        epoll fd itself): put it in an event loop, then poll(0) when it is ready. It turns
+        readable when the programs wake the reader: at once for an urgent event (an RSS
+        threshold, an OOM victim, a reclaim stall, a process stopped at exec), else every
+        WAKE_BATCH_EVENTS events, or WAKE_AFTER_S after an unannounced one when another
+        follows. A lone exec or exit event wakes nobody (a wake-up cost the exiting task
+        15-20 us), so ALSO call poll(0) on the caller's tick."""
         b = self._require_open()
         manager = getattr(b, "_ringbuf_manager", None)
         if not manager:
@@ -413,14 +461,14 @@ class BpfMonitor:
         for slot in range(ev.ERR_SLOTS):
             errors[slot] = int(sum(b[b"errors"][ct.c_int(slot)]))
         programs = []
-        for fn, tracepoint in self._programs:
+        for fn, tracepoint, raw in self._programs:
             run_count = run_time_s = None
             fd = getattr(b.funcs.get(fn.encode()) or b.funcs.get(fn), "fd", None)
             if fd is not None:
                 info = _fdinfo(fd)
                 if info.get("run_time_ns", 0) or info.get("run_cnt", 0):
                     run_count, run_time_s = info.get("run_cnt", 0), info.get("run_time_ns", 0) / 1e9
-            programs.append(ProgramStats(fn, tracepoint, run_count, run_time_s))
+            programs.append(ProgramStats(fn, tracepoint, run_count, run_time_s, raw))
         return MonitorStats(
             concerns=self.concerns, watched=len(self._watched), events_received=self._events_received,
             ringbuf_full=errors[ev.ERR_RINGBUF_FULL],
@@ -455,6 +503,16 @@ def _threshold(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInput(f"rss_threshold_bytes must be a positive number of bytes or None, got {value!r}")
     return value
+
+
+def _sched_bases(pid: int, tid: int) -> tuple[int, int, int, int]:
+    """(runtime ns, run_delay ns, pcount, has_base) of a thread as of now, from
+    /proc/<pid>/task/<tid>/schedstat: the sched concern charges only what follows."""
+    try:
+        runtime, delay, pcount = (int(v) for v in PROC.text(f"{pid}/task/{tid}/schedstat").split()[:3])
+    except (AgentcgError, ValueError):
+        return 0, 0, 0, 0   # taken at its exit instead: nothing of it is charged
+    return runtime, delay, pcount, 1
 
 
 def _fdinfo(fd: int) -> dict[str, int]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from agentcg.controller.cgroup.spawner import helper_path, spawn_with_fds
 from agentcg.controller.daemon_client import DaemonLink, socket_path
 from agentcg.daemon_protocol import END_TIMEOUT_S, MAX_GRACE_S, MAX_MESSAGE_BYTES, REQUEST_TIMEOUT_S, Method
 from agentcg.errors import (
@@ -288,6 +289,9 @@ def spawn_into(procs_files: Sequence[Path], argv: Sequence[str], **popen_kwargs:
             if user_preexec is not None:
                 user_preexec()
 
+        if user_preexec is None and popen_kwargs.get("executable") is None and helper_path() is not None:
+            popen_kwargs.pop("executable", None)
+            return spawn_with_fds(fds, argv, **popen_kwargs)   # vfork: the caller is not forked
         return subprocess.Popen(list(argv), preexec_fn=join, **popen_kwargs)
     finally:
         for fd in fds:

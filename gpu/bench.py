@@ -1,19 +1,22 @@
 """`agentcg gpu bench`: the KV store's achieved bandwidth beside the ceilings, in one run.
 
-For each block size, one store with room for `total_bytes` in every tier is filled and
+For each block size and two layouts, one store with room for `total_bytes` is filled and
 moved device -> host -> device -> SSD -> device, `repeats` times; each move is timed from
-submission to `wait()` returning. Beside each move, its ceiling is measured on the same
-memory and the same number of bytes:
-  swap_out / swap_in   one torch copy_ of all the bytes between the store's own pools
-                       (CUDA: pinned host <-> device; CPU tier: host memcpy, mlocked pool);
-  offload / load       sequential O_DIRECT (or buffered+fdatasync+fadvise, as the tier)
-                       writes/reads of MAX_IO_BYTES each, queue depth 1, of a separate file on
-                       the SSD tier's filesystem, from/to the store's host pool memory.
+submission to `wait()` returning. Layouts: contiguous (the request's blocks on consecutive
+slots) and scattered (on every other device slot, as a paged engine such as vLLM leaves
+its block pool after churn). Beside each move its ceiling is measured on the same memory
+and the same number of bytes, by a different method than the store's own:
+  swap_out / swap_in   CPU tier: a plain libc memcpy loop of 1 MiB pieces between the
+                       pools (mlocked); CUDA: one pinned torch copy_ of all the bytes;
+  offload / load       fio-like sequential I/O of a separate file on the SSD tier's
+                       filesystem: 16 MiB requests, queue depth 1, O_DIRECT (or
+                       buffered+fdatasync+fadvise, as the tier), from one aligned buffer.
 With CUDA the pageable-memory copies are measured too, for reference. Figures are medians
 over the repeats; ratio = store / ceiling. Integrity is checked once per block size.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -30,7 +33,6 @@ from agentcg.errors import InvalidInput
 from agentcg.gpu.hostmem import HostRegion
 from agentcg.gpu.kvgeometry import KVGeometry
 from agentcg.gpu.kvstore import TieredKVStore
-from agentcg.gpu.ssd_tier import MAX_IO_BYTES
 from agentcg.procfs import PROC
 from agentcg.units import format_bytes
 
@@ -38,7 +40,11 @@ DEFAULT_BLOCK_SIZES = (16 * 2**10, 64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20)
 DEFAULT_TOTAL_BYTES = 256 * 2**20
 SWAP_TARGET, SWAP_TARGET_MIN_BLOCK = 0.90, 64 * 2**10
 SSD_TARGET = 0.80
+SCATTERED_TARGET = 0.80      # every op, scattered layout (16 KiB blocks moved at 0.07-0.12 before)
+CEILING_PIECE_BYTES = 2**20  # memcpy piece
+CEILING_IO_BYTES = 16 * 2**20  # fio-like request size (--bs=16M: the largest one I/O the store issues)
 KERNEL_VIEW_BYTES = 64 * 2**20
+LAYOUTS = ("contiguous", "scattered")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class BenchRow:
     ceiling: str
     ceiling_bytes_per_s: float
     target_ratio: float | None
+    layout: str = "contiguous"
 
     @property
     def ratio(self) -> float:
@@ -91,27 +98,45 @@ def _timed(action: Callable[[], object], sync: Callable[[], None]) -> float:
 
 
 class _SsdCeiling:
-    """A scratch file beside the tier's: sequential writes and reads of MAX_IO_BYTES each."""
+    """fio-like: a scratch file beside the tier's, written and read sequentially in
+    CEILING_IO_BYTES requests at queue depth 1 from one aligned buffer (fio
+    --rw=write/read --bs=16M --iodepth=1 --direct=1), not by the store's own I/O code."""
 
-    def __init__(self, path: Path, region: HostRegion, nbytes: int, direct: bool) -> None:
-        self.path, self.region, self.nbytes, self.direct = path, region, nbytes, direct
+    def __init__(self, path: Path, nbytes: int, direct: bool) -> None:
+        self.path, self.nbytes, self.direct = path, nbytes, direct
+        self.buffer = HostRegion(CEILING_IO_BYTES, locked_bytes=CEILING_IO_BYTES)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
         os.posix_fallocate(self.fd, 0, nbytes)
 
     def write(self) -> None:
-        for offset in range(0, self.nbytes, MAX_IO_BYTES):
-            os.pwritev(self.fd, [self.region.view(offset, min(MAX_IO_BYTES, self.nbytes - offset))], offset)
+        for offset in range(0, self.nbytes, CEILING_IO_BYTES):
+            size = min(CEILING_IO_BYTES, self.nbytes - offset)
+            os.pwrite(self.fd, self.buffer.view(0, size), offset)
         if not self.direct:
             os.fdatasync(self.fd)
             os.posix_fadvise(self.fd, 0, self.nbytes, os.POSIX_FADV_DONTNEED)
 
     def read(self) -> None:
-        for offset in range(0, self.nbytes, MAX_IO_BYTES):
-            os.preadv(self.fd, [self.region.view(offset, min(MAX_IO_BYTES, self.nbytes - offset))], offset)
+        for offset in range(0, self.nbytes, CEILING_IO_BYTES):
+            os.preadv(self.fd, [self.buffer.view(0, min(CEILING_IO_BYTES, self.nbytes - offset))], offset)
 
     def close(self) -> None:
         os.close(self.fd)
         os.unlink(self.path)
+        self.buffer.close()
+
+
+def _memcpy_loop(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """libc memcpy in CEILING_PIECE_BYTES pieces: the memory ceiling on a CPU tier."""
+    d, s, n = dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size()
+    for offset in range(0, n, CEILING_PIECE_BYTES):
+        _MEMCPY(d + offset, s + offset, min(CEILING_PIECE_BYTES, n - offset))
+
+
+_LIBC = ctypes.CDLL(None)
+_MEMCPY = _LIBC.memcpy
+_MEMCPY.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_MEMCPY.restype = ctypes.c_void_p
 
 
 def machine_description(ssd_dir: Path) -> dict[str, str]:
@@ -155,11 +180,16 @@ def run_bench(ssd_dir: str | os.PathLike | None = None, block_sizes: tuple[int, 
             nbytes = n * block_bytes
             if progress:
                 progress(f"block size {format_bytes(block_bytes)}: {n} blocks, {format_bytes(nbytes)} per move")
-            with TieredKVStore(geometry, n, n, tmp, n, device=device) as store:
-                if result is None:
-                    result = BenchResult(machine_description(base), store.device_kind, store.ssd.io_mode,
-                                         store.host.lock_method)
-                _bench_one(store, n, nbytes, block_bytes, repeats, Path(tmp), result)
+            for layout in LAYOUTS:
+                # scattered: a device pool twice the size with every other slot taken
+                device_blocks = n if layout == "contiguous" else 2 * n
+                with TieredKVStore(geometry, device_blocks, n, tmp, n, device=device) as store:
+                    if result is None:
+                        result = BenchResult(machine_description(base), store.device_kind, store.ssd.io_mode,
+                                             store.host.lock_method)
+                    if layout == "scattered":
+                        _fragment(store, device_blocks)
+                    _bench_one(store, n, nbytes, block_bytes, repeats, Path(tmp), result, layout)
         assert result is not None
         if kernel_view:
             _kernel_view(tmp, min(total_bytes, KERNEL_VIEW_BYTES), result, progress)
@@ -167,21 +197,41 @@ def run_bench(ssd_dir: str | os.PathLike | None = None, block_sizes: tuple[int, 
     return result
 
 
+def _fragment(store: TieredKVStore, device_blocks: int) -> None:
+    """Every other device slot taken by a one-block request: what is left is scattered."""
+    for i in range(device_blocks):
+        store.allocate(f"filler-{i}", 1)
+    for i in range(0, device_blocks, 2):
+        store.discard(f"filler-{i}")
+
+
+def _device_rows(store: TieredKVStore, rid: str) -> torch.Tensor:
+    """The request's blocks, in order, gathered from the device pool (a copy)."""
+    slots = torch.from_numpy(store._requests[rid].slot.astype("int64")).to(store.device.pool.device)
+    return store.device.pool.index_select(0, slots)
+
+
 def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repeats: int, tmp: Path,
-               result: BenchResult) -> None:
+               result: BenchResult, layout: str = "contiguous") -> None:
     cuda = store.device_kind == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    dev, host = store.device.pool, store.host_pool[:n]
+    dev, host = store.device.pool[:n], store.host_pool[:n]   # the ceilings' memory: same bytes, same pools
     store.allocate("bench", n)
-    pattern = torch.arange(nbytes // 8, dtype=torch.int64)
-    dev.view(-1)[:nbytes].view(torch.int64).copy_(pattern)
+    pattern = torch.arange(nbytes // 8, dtype=torch.int64).view(n, block_bytes // 8)
+    slots = store._requests["bench"].slot
+    if cuda:
+        store.device.pool.index_copy_(0, torch.from_numpy(slots.astype("int64")).cuda(), pattern.view(torch.uint8).cuda())
+    else:
+        store.device.pool.numpy()[slots] = pattern.view(torch.uint8).numpy()
     sync()
     before = zlib.crc32(pattern.numpy())
     del pattern
     times: dict[str, list[float]] = {k: [] for k in (
         "swap_out", "swap_in", "offload", "load", "memcpy_d2h", "memcpy_h2d", "ssd_write", "ssd_read")}
     direct = store.ssd.io_mode == "o_direct"
-    ceiling = _SsdCeiling(tmp / "ceiling.blocks", store.host, nbytes, direct)
+    ceiling = _SsdCeiling(tmp / "ceiling.blocks", nbytes, direct)
+    d2h = (lambda: host.copy_(dev, non_blocking=True)) if cuda else (lambda: _memcpy_loop(host, dev))
+    h2d = (lambda: dev.copy_(host, non_blocking=True)) if cuda else (lambda: _memcpy_loop(dev, host))
     try:
         # Warm-up, untimed: starts the transfer thread, faults in every page on both sides,
         # and writes both files once so no measured write meets unwritten extents.
@@ -193,9 +243,9 @@ def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repe
         store.load("bench").wait()
         # Each store move runs right after its ceiling, so drift on a shared host hits both.
         for _ in range(repeats):
-            times["memcpy_d2h"].append(_timed(lambda: host.copy_(dev, non_blocking=cuda), sync))
+            times["memcpy_d2h"].append(_timed(d2h, sync))
             times["swap_out"].append(_timed(lambda: store.swap_out("bench").wait(), sync))
-            times["memcpy_h2d"].append(_timed(lambda: dev.copy_(host, non_blocking=cuda), sync))
+            times["memcpy_h2d"].append(_timed(h2d, sync))
             times["swap_in"].append(_timed(lambda: store.swap_in("bench").wait(), sync))
             times["ssd_write"].append(_timed(ceiling.write, sync))
             times["offload"].append(_timed(lambda: store.offload("bench").wait(), sync))
@@ -203,21 +253,22 @@ def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repe
             times["load"].append(_timed(lambda: store.load("bench").wait(), sync))
     finally:
         ceiling.close()
-    after = zlib.crc32(dev.view(-1)[:nbytes].cpu().numpy()) if cuda else zlib.crc32(
-        dev.view(-1)[:nbytes].numpy())
+    after = zlib.crc32(_device_rows(store, "bench").cpu().numpy())
     if after != before:
         result.integrity_ok = False
-        result.notes.append(f"block size {block_bytes}: data read back differs from data written")
+        result.notes.append(f"block size {block_bytes} ({layout}): data read back differs from data written")
     rate = {k: nbytes / statistics.median(v) for k, v in times.items()}
-    kind = "pinned copy" if cuda else "host memcpy"
+    kind = "pinned copy" if cuda else "memcpy loop"
     swap_target = SWAP_TARGET if block_bytes >= SWAP_TARGET_MIN_BLOCK else None
     io = "O_DIRECT" if direct else "buffered"
     for op, ceiling, name, target in (
             ("swap_out", "memcpy_d2h", f"{kind} D2H", swap_target),
             ("swap_in", "memcpy_h2d", f"{kind} H2D", swap_target),
-            ("offload", "ssd_write", f"SSD seq write ({io})", SSD_TARGET),
-            ("load", "ssd_read", f"SSD seq read ({io})", SSD_TARGET)):
-        result.rows.append(BenchRow(op, block_bytes, nbytes, rate[op], name, rate[ceiling], target))
+            ("offload", "ssd_write", f"fio-like seq write 16 MiB QD1 ({io})", SSD_TARGET),
+            ("load", "ssd_read", f"fio-like seq read 16 MiB QD1 ({io})", SSD_TARGET)):
+        if layout == "scattered":
+            target = SCATTERED_TARGET
+        result.rows.append(BenchRow(op, block_bytes, nbytes, rate[op], name, rate[ceiling], target, layout))
     if cuda and not result.reference:  # once: pageable copies do not depend on the block size
         pageable = torch.empty(nbytes, dtype=torch.uint8)
         flat = dev.view(-1)[:nbytes]
@@ -244,12 +295,13 @@ def format_result(result: BenchResult) -> str:
     lines += [f"  {k:<7} {v}" for k, v in result.machine.items()]
     lines += [f"  device tier: {result.device_kind}; host pool locked by: {result.host_lock}; "
               f"SSD tier I/O: {result.io_mode}", ""]
-    header = f"{'op':<9} {'block':>9} {'moved':>9} {'store':>11} {'ceiling':>11}  {'ratio':>6}  {'target':>7}  ceiling is"
+    header = (f"{'op':<9} {'layout':<10} {'block':>9} {'moved':>9} {'store':>11} {'ceiling':>11}  {'ratio':>6}  "
+              f"{'target':>7}  ceiling is")
     lines += [header, "-" * len(header)]
     for row in result.rows:
         target = "-" if row.target_ratio is None else f">={row.target_ratio:.2f}"
         verdict = "" if row.meets_target is None else ("  ok" if row.meets_target else "  MISSED")
-        lines.append(f"{row.op:<9} {format_bytes(row.block_bytes):>9} {format_bytes(row.bytes):>9} "
+        lines.append(f"{row.op:<9} {row.layout:<10} {format_bytes(row.block_bytes):>9} {format_bytes(row.bytes):>9} "
                      f"{row.store_bytes_per_s / 1e9:>7.2f} GB/s {row.ceiling_bytes_per_s / 1e9:>6.2f} GB/s  "
                      f"{row.ratio:>6.3f}  {target:>7}  {row.ceiling}{verdict}")
     for name, nbytes, rate in result.reference:

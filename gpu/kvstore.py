@@ -13,6 +13,9 @@ Every move is planned on the caller's thread (destination slots reserved, the re
 placement updated at once) and carried out on one transfer thread in submission order, so
 moves of the same request chain correctly without waiting. Runs of consecutive slots are
 one copy or one I/O each; slots are handed out as contiguous runs whenever there is one.
+Blocks scattered as a paged engine leaves them are gathered (or scattered) in one indexed
+copy, go to and from the SSD as many iovecs of one I/O, and separate file ranges are read
+or written several at a time (docs/gpu.md, "Scattered blocks").
 A source slot is freed only after its copy has landed. Each leg of a move yields a
 TransferRecord. `on_full="error"` raises KVTierFull before anything moves; `"spill"` sends
 what does not fit to the next tier down (device -> host -> SSD). Nothing is dropped: a move
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from agentcg.errors import InvalidInput
-from agentcg.gpu.device_tier import DeviceTier, choose_device_tier
+from agentcg.gpu.device_tier import FEW_RUNS, DeviceTier, block_runs, choose_device_tier, indexed_copy
 from agentcg.gpu.hostmem import HostRegion
 from agentcg.gpu.kvgeometry import (
     TIER_NAMES, KVGeometry, KVStateError, KVTierFull, Placement, StoreUsage, TierUsage, TransferRecord,
@@ -42,6 +45,8 @@ from agentcg.gpu.ssd_tier import SsdTier
 DEVICE, HOST, SSD = 0, 1, 2
 RECORDS_MAX = 65536
 STAGING_BYTES = 32 * 2**20
+BOUNCE_BYTES = 16 * 2**20          # two halves: one gathers while the other is in flight
+BOUNCE_BELOW_BYTES = 256 * 2**10   # memory runs smaller than this on average go through it
 
 
 class _Slots:
@@ -77,14 +82,7 @@ class _Slots:
         return np.flatnonzero(~self.free[limit: self.capacity]) + limit
 
 
-def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
-    """(src_start, dst_start, count) for maximal runs consecutive in both."""
-    if len(src) == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(src)]))
-    return [(int(src[a]), int(dst[a]), int(b - a)) for a, b in zip(starts, ends)]
+_runs = block_runs   # kept for callers of the old private name
 
 
 @dataclass
@@ -146,6 +144,9 @@ class TieredKVStore:
         self.host: HostRegion | None = None
         self.ssd: SsdTier | None = None
         self._staging: HostRegion | None = None
+        self._bounce: HostRegion | None = None          # made at the first scattered SSD move
+        self._bounce_blocks = 0
+        self._bounce_io: ThreadPoolExecutor | None = None
         try:
             self.device = choose_device_tier(device_blocks, bb, device)
             use_cuda = self.device.kind == "cuda"
@@ -365,39 +366,116 @@ class TieredKVStore:
         return records
 
     def _copy_leg(self, leg: _Leg, ready: object) -> tuple[int, str]:
-        bb, dev = self.block_bytes, self.device
-        runs = _runs(leg.src_slots, leg.dst_slots)
+        dev = self.device
         lock = f"host {self.host.lock_method}"
         if SSD not in (leg.src, leg.dst):
             pools = {DEVICE: dev.pool, HOST: self.host_pool}
-            dev.copy([(pools[leg.dst][d:d + k], pools[leg.src][s:s + k]) for s, d, k in runs], after=ready)
-            return len(runs), f"{'cuda stream' if dev.kind == 'cuda' else 'cpu memcpy'}, {lock}"
+            if leg.src == leg.dst == HOST:   # host pool compaction: sources above the new size, no overlap
+                runs = block_runs(leg.src_slots, leg.dst_slots)
+                if len(runs) > FEW_RUNS:
+                    copies = indexed_copy(self.host_pool, leg.dst_slots, self.host_pool, leg.src_slots)
+                else:
+                    for s, d, k in runs:
+                        self.host_pool[d:d + k].copy_(self.host_pool[s:s + k])
+                    copies = len(runs)
+            else:
+                copies = dev.copy_blocks(pools[leg.dst], leg.dst_slots, pools[leg.src], leg.src_slots, after=ready)
+            return copies, f"{'cuda stream' if dev.kind == 'cuda' else 'cpu memcpy'}, {lock}"
         other = leg.src if leg.dst == SSD else leg.dst
+        to_ssd = leg.dst == SSD
+        mem_slots, ssd_slots = (leg.src_slots, leg.dst_slots) if to_ssd else (leg.dst_slots, leg.src_slots)
         if other == HOST or dev.host_addressable:
             region = self.host if other == HOST else dev.region  # type: ignore[attr-defined]
-            ios = 0
-            for s, d, k in runs:
-                if leg.dst == SSD:
-                    ios += self.ssd.write(d, region.view(s * bb, k * bb))
-                else:
-                    ios += self.ssd.read(s, region.view(d * bb, k * bb))
+            pool = self.host_pool if other == HOST else dev.pool
+            ios = self._ssd_io(to_ssd, region, mem_slots, ssd_slots, pool)
             return ios, self.ssd.io_mode + (f", {lock}" if other == HOST else "")
-        return self._staged(leg, runs, ready), f"{self.ssd.io_mode} via staging ({self._staging.lock_method})"
+        return self._staged(to_ssd, mem_slots, ssd_slots, ready), f"{self.ssd.io_mode} via staging ({self._staging.lock_method})"
 
-    def _staged(self, leg: _Leg, runs: list[tuple[int, int, int]], ready: object) -> int:
-        """Device <-> SSD through the bounded staging buffer, run by run."""
-        bb, cap, ios = self.block_bytes, self._staging_blocks, 0
-        staging = self._staging.tensor[: cap * bb].view(cap, bb)
+    def _ssd_io(self, to_ssd: bool, region: HostRegion, mem_slots: np.ndarray, ssd_slots: np.ndarray,
+                pool: torch.Tensor | None = None) -> int:
+        """Blocks between memory (`region`, slots of block_bytes) and the SSD file: each range
+        of consecutive file slots is one I/O whose iovecs are the memory runs it maps to,
+        and separate ranges go several at a time (SsdTier.write_gather/read_scatter). Small
+        scattered runs (under BOUNCE_BELOW_BYTES on average) go through a double-buffered
+        bounce buffer instead: gathered into it with one indexed copy while the previous
+        piece is written (or read into it while the previous piece is scattered), because an
+        O_DIRECT I/O of many small segments measured several times slower than one of a few."""
+        bb = self.block_bytes
+        if len(ssd_slots) == 0:
+            return 0
+        order = np.argsort(ssd_slots, kind="stable")
+        ssd, mem = ssd_slots[order], mem_slots[order]
+        runs = block_runs(ssd, mem)
+        if pool is not None and len(runs) > FEW_RUNS and len(ssd) * bb / len(runs) < BOUNCE_BELOW_BYTES:
+            return self._bounced(to_ssd, pool, mem, ssd)
+        items: list[tuple[int, list[memoryview]]] = []
+        end = -1   # the file slot after the last item's range
+        for s, m, k in runs:
+            if s == end:
+                items[-1][1].append(region.view(m * bb, k * bb))   # same file range, next memory run
+            else:
+                items.append((s, [region.view(m * bb, k * bb)]))
+            end = s + k
+        if len(items) == 1 and len(items[0][1]) == 1:   # one contiguous range: the plain path
+            slot, (buffer,) = items[0]
+            return self.ssd.write(slot, buffer) if to_ssd else self.ssd.read(slot, buffer)
+        return self.ssd.write_gather(items) if to_ssd else self.ssd.read_scatter(items)
+
+    def _bounced(self, to_ssd: bool, pool: torch.Tensor, mem: np.ndarray, ssd: np.ndarray) -> int:
+        """The bounce-buffer path of _ssd_io; `ssd` is sorted."""
+        bb = self.block_bytes
+        if self._bounce is None:
+            half = max(1, BOUNCE_BYTES // 2 // bb)
+            self._bounce = HostRegion(2 * half * bb, locked_bytes=2 * half * bb)
+            self._bounce_blocks = half
+            self._bounce_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentcg-kv-bounce")
+        half, bounce = self._bounce_blocks, self._bounce
+        rows_all = bounce.tensor[: 2 * half * bb].view(2 * half, bb)
+        ios = 0
+        pending: Future | None = None
+        previous: tuple[np.ndarray, np.ndarray] | None = None   # reads: (bounce rows, memory slots) to scatter
+
+        def piece_io(rows: np.ndarray, file_slots: np.ndarray) -> int:
+            items: list[tuple[int, list[memoryview]]] = []
+            for s, r, k in block_runs(file_slots, rows):
+                items.append((s, [bounce.view(r * bb, k * bb)]))
+            return self.ssd.write_gather(items) if to_ssd else self.ssd.read_scatter(items)
+
+        for i, start in enumerate(range(0, len(mem), half)):
+            m, f = mem[start:start + half], ssd[start:start + half]
+            rows = np.arange(len(m), dtype=np.int64) + (i % 2) * half
+            if to_ssd:
+                indexed_copy(rows_all, rows, pool, m)   # the other half may still be writing
+                if pending is not None:
+                    ios += pending.result()
+                pending = self._bounce_io.submit(piece_io, rows, f)
+            else:
+                future = self._bounce_io.submit(piece_io, rows, f)
+                if previous is not None:
+                    indexed_copy(pool, previous[1], rows_all, previous[0])
+                ios += future.result()
+                previous = (rows, m)
+        if pending is not None:
+            ios += pending.result()
+        if previous is not None:
+            indexed_copy(pool, previous[1], rows_all, previous[0])
+        return ios
+
+    def _staged(self, to_ssd: bool, mem_slots: np.ndarray, ssd_slots: np.ndarray, ready: object) -> int:
+        """Device <-> SSD through the bounded staging buffer, a staging-full at a time:
+        scattered device blocks are gathered into it (or scattered from it) in one copy."""
+        cap, ios = self._staging_blocks, 0
+        staging = self._staging.tensor[: cap * self.block_bytes].view(cap, self.block_bytes)
         pool = self.device.pool
-        for s, d, k in runs:
-            for done in range(0, k, cap):
-                n = min(cap, k - done)
-                if leg.dst == SSD:
-                    self.device.copy([(staging[:n], pool[s + done: s + done + n])], after=ready)
-                    ios += self.ssd.write(d + done, self._staging.view(0, n * bb))
-                else:
-                    ios += self.ssd.read(s + done, self._staging.view(0, n * bb))
-                    self.device.copy([(pool[d + done: d + done + n], staging[:n])])
+        for done in range(0, len(mem_slots), cap):
+            mem, ssd = mem_slots[done:done + cap], ssd_slots[done:done + cap]
+            rows = np.arange(len(mem), dtype=np.int64)
+            if to_ssd:
+                self.device.copy_blocks(staging, rows, pool, mem, after=ready)
+                ios += self._ssd_io(True, self._staging, rows, ssd)
+            else:
+                ios += self._ssd_io(False, self._staging, rows, ssd)
+                self.device.copy_blocks(pool, mem, staging, rows)
         return ios
 
     # ---- the daemon's knob -----------------------------------------------------------
@@ -498,10 +576,13 @@ class TieredKVStore:
             self.synchronize()
             self._executor.shutdown(wait=True)
             self._executor = None
-        for part in (self.ssd, self._staging, self.host, self.device):
+        if self._bounce_io is not None:
+            self._bounce_io.shutdown(wait=True)
+            self._bounce_io = None
+        for part in (self.ssd, self._staging, self._bounce, self.host, self.device):
             if part is not None:
                 part.close()
-        self.ssd = self._staging = self.host = self.device = None  # type: ignore[assignment]
+        self.ssd = self._staging = self._bounce = self.host = self.device = None  # type: ignore[assignment]
         self.host_pool = None  # type: ignore[assignment]
 
     def __enter__(self) -> "TieredKVStore":

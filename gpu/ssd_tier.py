@@ -1,7 +1,8 @@
 """The KV store's SSD tier: one preallocated file of fixed-size block slots.
 
 Slot i lives at offset i * block_bytes. Reads and writes move runs of consecutive slots
-in large sequential I/Os (at most MAX_IO_BYTES each). The file is opened with O_DIRECT
+in large sequential I/Os (at most MAX_IO_BYTES each); blocks scattered in memory go as
+many iovecs of one I/O, and separate file ranges as IO_DEPTH I/Os in flight. The file is opened with O_DIRECT
 when the filesystem takes it and the block size is a multiple of 4 KiB, so the page cache
 neither holds KV data nor flatters read bandwidth; otherwise it is written buffered,
 followed by fdatasync and posix_fadvise(DONTNEED) on the range so that a later read comes
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agentcg.errors import HostUnsupported, InvalidInput
@@ -21,6 +23,8 @@ from agentcg.gpu.hostmem import HostRegion
 
 MAX_IO_BYTES = 16 * 2**20
 DIRECT_ALIGN_BYTES = 4096
+IOV_MAX = 1024            # iovecs one preadv/pwritev takes (Linux UIO_MAXIOV)
+IO_DEPTH = 4              # I/Os in flight when a move touches several separate file ranges
 
 
 class SsdTier:
@@ -38,6 +42,7 @@ class SsdTier:
                 f"SSD tier: O_DIRECT needs a block size that is a multiple of {DIRECT_ALIGN_BYTES} bytes, "
                 f"got {block_bytes}; change tokens_per_block or pass direct_io=None")
         self.fd = -1
+        self._pool: ThreadPoolExecutor | None = None
         self.io_mode = "buffered+fdatasync+fadvise"
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -108,6 +113,61 @@ class SsdTier:
             ios += 1
         return ios
 
+    def write_gather(self, items: list[tuple[int, list[memoryview]]]) -> int:
+        """Write several file ranges, each from several buffers (blocks scattered in memory):
+        (first slot, buffers in slot order). One pwritev per range (up to IOV_MAX buffers
+        and MAX_IO_BYTES), ranges IO_DEPTH at a time. Returns the number of I/Os."""
+        ios = self._many(os.pwritev, items)
+        if self.io_mode != "o_direct" and items:
+            os.fdatasync(self.fd)
+            for slot, buffers in items:
+                os.posix_fadvise(self.fd, slot * self.block_bytes, sum(map(len, buffers)), os.POSIX_FADV_DONTNEED)
+        return ios
+
+    def read_scatter(self, items: list[tuple[int, list[memoryview]]]) -> int:
+        """Read several file ranges into several buffers each; as write_gather."""
+        return self._many(os.preadv, items)
+
+    def _many(self, call, items: list[tuple[int, list[memoryview]]]) -> int:
+        pieces: list[tuple[int, list[memoryview]]] = []
+        for slot, buffers in items:
+            if slot < 0 or any(len(buf) % self.block_bytes for buf in buffers):
+                raise InvalidInput(f"SSD tier: buffers for slot {slot} must be whole blocks at a slot >= 0")
+            offset, group, size = slot * self.block_bytes, [], 0
+            split = [buf[i:i + MAX_IO_BYTES] for buf in buffers for i in range(0, len(buf), MAX_IO_BYTES)]
+            for buf in split:
+                if group and (len(group) == IOV_MAX or size + len(buf) > MAX_IO_BYTES):
+                    pieces.append((offset, group))
+                    offset, group, size = offset + size, [], 0
+                group.append(buf)
+                size += len(buf)
+            if group:
+                pieces.append((offset, group))
+            if offset + size > self.n_blocks * self.block_bytes:
+                raise InvalidInput(f"SSD tier: slots from {slot} run past {self.n_blocks}")
+        if len(pieces) <= 1:
+            for offset, group in pieces:
+                self._full_v(call, group, offset)
+            return len(pieces)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=IO_DEPTH, thread_name_prefix="agentcg-kv-io")
+        for future in [self._pool.submit(self._full_v, call, group, offset) for offset, group in pieces]:
+            future.result()
+        return len(pieces)
+
+    def _full_v(self, call, buffers: list[memoryview], offset: int) -> None:
+        """All of `buffers` at `offset`, resuming after a short transfer."""
+        while buffers:
+            n = call(self.fd, buffers, offset)
+            if n <= 0:
+                raise HostUnsupported(f"SSD tier: short {call.__name__} at offset {offset} of {self.path}")
+            offset += n
+            while buffers and n >= len(buffers[0]):
+                n -= len(buffers[0])
+                buffers = buffers[1:]
+            if buffers and n:
+                buffers = [buffers[0][n:], *buffers[1:]]
+
     def _full(self, call, chunk: memoryview, offset: int) -> None:
         done = 0
         while done < len(chunk):
@@ -117,6 +177,9 @@ class SsdTier:
             done += n
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -22,11 +22,16 @@ for requests that are not computing, plus, while recomputed tokens are prefilled
 share of each step times the running requests' KV, as InferCept counts it), recomputed
 tokens, bytes moved per link, peak host KV memory.
 
+Host memory (the sandboxes' recorded curves, fixed or following pools, OOM kills) is in
+`kvsim_host.py`; the shared prefix is held once per tier (`strip_shared_prefix`); every
+decision goes through the one harness (`agentcg.policies.kv.harness`).
+
 Steps whose batch does not change are advanced together (their times form an arithmetic
 series), so thousands of sessions take seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -42,9 +47,11 @@ from agentcg.policies.kv.harness import KvDecider, build_snapshot, is_decoding
 from agentcg.policies.kv.types import KvPolicy, KvSnapshot, RequestView, State, Trigger
 from agentcg.policies.kv.vllm_v1 import prefix_hit_tokens
 from agentcg.profiler.kvsim_cost import EngineModel
+from agentcg.profiler.kvsim_host import HostMemory
 from agentcg.profiler.kvsim_sessions import SimSession
 
 GB = 1e9
+_new_view = tuple.__new__
 MAX_PRESSURE_ROUNDS = 512
 MAX_STEPS_PER_ADVANCE = 1_000_000
 MAX_SPINS_AT_ONE_TIME = 10_000
@@ -57,11 +64,15 @@ class SimConfig:
     model: EngineModel
     gpu_kv_bytes: int
     host_memory_bytes: int          # the host budget shared by sandboxes and the host KV pool
-    host_kv_static_bytes: int       # host KV pool of policies that do not share (fixed reservation)
+    host_kv_static_bytes: int       # the fixed host KV pool of policies that do not share
     ssd_bytes: int = 0
     block_tokens: int = 16
     arrival_interval_s: float = 0.0
     host_reserve_bytes: int = 0
+    shared_prefix_tokens: int = 0   # a system prompt every session starts with, stored once per tier
+    sandbox_memory: bool = True     # sandboxes follow their recorded memory (kvsim_host.py)
+    max_kills_per_call: int = 3
+    host_pool: str = "safe"         # how the fixed pool was sized (a label)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class PolicyResult:
     bytes_moved: dict[str, int] = field(default_factory=dict)
     peak_host_kv_bytes: int = 0
     peak_host_total_bytes: int = 0   # host KV + sandboxes
+    peak_sandbox_bytes: int = 0      # all sandboxes together
     makespan_s: float = 0.0
     preemptions: int = 0
     policy_errors: int = 0
@@ -85,14 +97,32 @@ class PolicyResult:
     unknown_directives: int = 0
     stall_s: float = 0.0
     wall_s: float = 0.0
+    label: str = ""                  # the policy and its host pool
+    host_pool_bytes: int = 0         # fixed pool (0 for none, or for a pool that follows the sandboxes)
+    ttft_resumed_s: list[float] = field(default_factory=list)   # first token of calls after a tool gap
+    sandbox_oom_kills: int = 0
+    failed_calls: int = 0
+    forced_spill_bytes: int = 0
+    host_idle_gibs: float = 0.0      # host memory neither sandboxes nor KV hold, integrated
+
+    @property
+    def host_idle_mean_bytes(self) -> float:
+        return self.host_idle_gibs * (1 << 30) / self.makespan_s if self.makespan_s > 0 else math.nan
+
+    def ttft_quantile(self, q: float) -> float:
+        return _quantile(self.ttft_resumed_s, q)
 
     def jct_quantile(self, q: float) -> float:
-        ordered = sorted(self.jct_s)
-        if not ordered:
-            return math.nan
-        pos = q * (len(ordered) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        return _quantile(self.jct_s, q)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 class _Link:
@@ -139,6 +169,15 @@ class _Sess:
     preempted_s: float | None = None
     loading: bool = False
     alloc: int = 0              # this step's prefill chunk
+    first_token: bool = False   # the current call has sampled its first token
+    # the sandbox (kvsim_host.py)
+    sandbox: int = 0
+    gap_epoch: int = 0          # bumps when a tool call (re)starts, invalidating its events
+    gap_start_s: float = 0.0
+    mem_steps: tuple = ()
+    mem_idx: int = 0
+    kills: int = 0
+    give_up: bool = False
 
     @property
     def rid(self) -> str:
@@ -149,7 +188,7 @@ class _Sess:
         return self.spec.turns[self.turn]
 
 
-class Simulator:
+class Simulator(HostMemory):
     def __init__(self, sessions: list[SimSession], policy: "str | KvPolicy", config: SimConfig, **policy_params) -> None:
         if not sessions:
             raise InvalidInput("no sessions to simulate")
@@ -157,12 +196,24 @@ class Simulator:
         self.model = config.model
         self.cost = config.model.cost
         self.bpt = config.model.bytes_per_token
-        self.cap = config.gpu_kv_bytes // self.bpt
+        self.prefix = config.shared_prefix_tokens
+        self.prefix_holders = {"host": 0, "ssd": 0}
+        self.cap = config.gpu_kv_bytes // self.bpt - self.prefix    # the shared prefix stays resident
         if self.cap < 1024:
             raise InvalidInput(f"GPU KV capacity {config.gpu_kv_bytes} bytes holds under 1024 tokens; raise --gpu-kv")
+        longest = max(sessions, key=lambda x: max(t.input_tokens + t.output_tokens for t in x.turns))
+        need = max(t.input_tokens + t.output_tokens for t in longest.turns)
+        if need > self.cap:
+            raise InvalidInput(f"GPU KV holds {self.cap:,} tokens but session {longest.session_id} needs {need:,} "
+                               f"at once; raise --gpu-kv or --gpu-kv-fraction")
         self.policy = make_policy(policy, **policy_params) if isinstance(policy, str) else policy
         self.decider = KvDecider(self.policy)
-        self.result = PolicyResult(self.policy.name, len(sessions), [])
+        self.pool_bytes = config.host_kv_static_bytes if self.decider.host_tier else 0
+        label = self.decider.name
+        if not self.decider.shares_host_memory and self.decider.host_tier:
+            label += f":{config.host_pool}"
+        self.result = PolicyResult(self.decider.name, len(sessions), [], label=label,
+                                   host_pool_bytes=0 if self.decider.shares_host_memory else self.pool_bytes)
         self.now = 0.0
         self.sess = [_Sess(s, i, i * config.arrival_interval_s) for i, s in enumerate(sessions)]
         self.by_id = {s.rid: s for s in self.sess}
@@ -207,7 +258,11 @@ class Simulator:
 
     def _handle(self, kind: str, s: _Sess | None, epoch: int) -> None:
         if kind == "arrive":
-            self._arrive(s)
+            if s.state == PENDING or (s.state == PAUSED and epoch == s.gap_epoch):
+                self._arrive(s)
+        elif kind == "mem":
+            if s.state == PAUSED and epoch == s.gap_epoch:
+                self._mem_step(s)
         elif kind == "wake":
             if self.decider.take_wake(self.now):
                 self.wake_at = None
@@ -274,27 +329,28 @@ class Simulator:
 
     # -- host and SSD ---------------------------------------------------------------
     def _host_capacity_tokens(self) -> int:
-        if self.policy.shares_host_memory:
+        if self.decider.shares_host_memory:
             return self.budget.kv_capacity_bytes(self.sandbox_bytes) // self.bpt
-        return self.cfg.host_kv_static_bytes // self.bpt
+        return self.pool_bytes // self.bpt
 
     def _set_host(self, s: _Sess, seg: tuple[int, int] | None) -> None:
         old = s.host[1] - s.host[0] if s.host else 0
         new = seg[1] - seg[0] if seg else 0
-        self.host_used += new - old
+        self.host_used += new - old + self._tier_holders("host", s.host, seg)
         s.host = seg
         self._note_host()
 
     def _set_ssd(self, s: _Sess, seg: tuple[int, int] | None) -> None:
         old = s.ssd[1] - s.ssd[0] if s.ssd else 0
         new = seg[1] - seg[0] if seg else 0
-        self.ssd_used += new - old
+        self.ssd_used += new - old + self._tier_holders("ssd", s.ssd, seg)
         s.ssd = seg
 
     def _note_host(self) -> None:
         kv = self.host_used * self.bpt
         self.result.peak_host_kv_bytes = max(self.result.peak_host_kv_bytes, kv)
         self.result.peak_host_total_bytes = max(self.result.peak_host_total_bytes, kv + self.sandbox_bytes)
+        self.result.peak_sandbox_bytes = max(self.result.peak_sandbox_bytes, self.sandbox_bytes)
 
     def _recoverable(self, s: _Sess) -> int:
         p = s.g
@@ -318,7 +374,14 @@ class Simulator:
         if s.state == PENDING:
             s.turn = 0
             shared = 0
+            first = turn.memory[0][1] if turn.memory else turn.sandbox_bytes
+            if self.cfg.sandbox_memory:
+                self._set_sandbox(s, first)
         else:
+            prev = s.spec.turns[s.turn - 1]
+            if self.cfg.sandbox_memory and prev.call_bytes is not None and prev.call_bytes < s.sandbox:
+                self._set_sandbox(s, prev.call_bytes)
+            s.kills, s.give_up = 0, False
             self._event(EventKind.RESUMED, s)
             prev_input = s.spec.turns[s.turn - 1].input_tokens
             shared = 0 if turn.input_tokens < prev_input else min(turn.input_tokens, s.ctx)
@@ -335,6 +398,7 @@ class Simulator:
         s.state = WAITING
         s.prompt, s.out = turn.input_tokens, turn.output_tokens
         s.prefilled = s.decoded = 0
+        s.first_token = False
         s.arrival_s, s.paused_s, s.preempted_s = self.now, None, None
         s.admitted_s = None
         if s.ttl_deadline is not None:
@@ -360,55 +424,44 @@ class Simulator:
             self.active -= 1
             self.result.jct_s.append(self.now - s.start_s)
             self._event(EventKind.FINISHED, s)
-            self._set_sandbox(s, 0)
+            if self.cfg.sandbox_memory:
+                self._set_sandbox(s, 0)
             return
         s.state = PAUSED
         s.paused_s = self.now
         s.turn += 1                            # views of a paused session describe turn - 1
-        self._set_sandbox(s, turn.sandbox_bytes)
         self._event(EventKind.PAUSED, s)
         self._make_evictable(s)                # the engine's default: the prefix cache
         self._ask(Trigger.PAUSE, s)
-        self._push(self.now + turn.tool_s, "arrive", s)
+        self._start_gap(s, turn)
 
-    def _set_sandbox(self, s: _Sess, nbytes: int) -> None:
-        prev = getattr(s, "_sandbox", 0)
-        s._sandbox = nbytes
-        self.sandbox_bytes += nbytes - prev
-        self._note_host()
-        if self.policy.shares_host_memory:
-            over = self.host_used - self._host_capacity_tokens()
-            if over > 0:
-                self._ask(Trigger.HOST_PRESSURE, None, need_bytes=over * self.bpt)
-                over = self.host_used - self._host_capacity_tokens()
-                for other in sorted(self.sess, key=lambda o: o.host is None):
-                    if over <= 0 or other.host is None:
-                        break
-                    over -= other.host[1] - other.host[0]
-                    self._set_host(other, None)
-                    self.result.fallbacks += 1
+    def _ask_host_pressure(self, need_bytes: int) -> None:
+        self._ask(Trigger.HOST_PRESSURE, None, need_bytes=need_bytes)
 
     # -- policy ---------------------------------------------------------------------
     def _view(self, s: _Sess) -> RequestView:
         now = self.now
         turns = s.spec.turns
-        if s.state == PAUSED:
+        st = s.state
+        if st == PAUSED:
             state, last, prev = State.PAUSED, s.turn - 1, turns[s.turn - 1]
-            remaining = max(0.0, s.paused_s + prev.tool_s - now)
-            tool, ctx = prev.tool, s.ctx
+            remaining = max(0.0, s.gap_start_s + prev.tool_s - now)     # a repeated call started later
+            tool, ctx, decoding = prev.tool, s.ctx, False
         else:
-            state = State.RUNNING if s.state == RUNNING else State.WAITING
+            running = st == RUNNING
+            state = State.RUNNING if running else State.WAITING
             last, remaining, tool = s.turn, None, None
-            ctx = s.prefilled + s.decoded if s.state == RUNNING else s.ctx
+            ctx = s.prefilled + s.decoded if running else s.ctx
+            decoding = running and is_decoding(s.prefilled, s.prompt)
         host, ssd = s.host, s.ssd
-        return RequestView(
-            s.spec.session_id, s.spec.session_id, s.spec.sandbox, state, last, ctx, s.g,
+        rid = s.spec.session_id
+        # tuple.__new__: this runs for every live request on every decision (the hot path).
+        return _new_view(RequestView, (
+            rid, rid, s.spec.sandbox, state, last, ctx, s.g,
             host[1] - host[0] if host else 0, ssd[1] - ssd[0] if ssd else 0,
             s.pinned and not s.evictable, host is not None and s.host_ready > now,
             s.arrival_s, s.start_s, s.admitted_s, s.paused_s, s.preempted_s, tool,
-            last == len(turns) - 1, remaining, 0,
-            s.state == RUNNING and is_decoding(s.prefilled, s.prompt),
-        )
+            last == len(turns) - 1, remaining, s.index, decoding))
 
     def _snapshot(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> KvSnapshot:
         live = [s for s in self.sess if s.state in (RUNNING, WAITING, PAUSED)]
@@ -455,7 +508,7 @@ class Simulator:
                 return self._refuse()
             size = s.host[1] - s.host[0]
             old = (s.ssd[1] - s.ssd[0]) if s.ssd else 0
-            if (self.ssd_used - old + size) * self.bpt > self.cfg.ssd_bytes:
+            if (self.ssd_used - old + size + self._prefix_extra("ssd", s.host)) * self.bpt > self.cfg.ssd_bytes:
                 return self._refuse()
             self._set_ssd(s, s.host)
             done = self.links["host_to_ssd"].send(max(self.now, s.host_ready), size * self.bpt)
@@ -520,7 +573,7 @@ class Simulator:
                 moved = k
         size = seg[1] - seg[0]
         old = (s.host[1] - s.host[0]) if s.host else 0
-        if self.host_used - old + size > self._host_capacity_tokens():
+        if self.host_used - old + size + self._prefix_extra("host", seg) > self._host_capacity_tokens():
             return self._refuse()
         self._set_host(s, seg)
         s.host_ready = self.links["gpu_to_host"].send(self.now, moved * self.bpt) if moved else max(self.now, s.host_ready)
@@ -579,7 +632,9 @@ class Simulator:
         self.waiting.append(s)
         self.waiting_dirty = True
         freed = 0
-        if tier is Tier.HOST and s.g and (self.host_used + s.g <= self._host_capacity_tokens()):
+        held = s.host[1] - s.host[0] if s.host else 0
+        if tier is Tier.HOST and s.g \
+                and self.host_used - held + s.g + self._prefix_extra("host", (0, s.g)) <= self._host_capacity_tokens():
             s.pinned = True
             self._set_host(s, (0, s.g))
             s.host_ready = self.links["gpu_to_host"].send(self.now, s.g * self.bpt)
@@ -719,6 +774,7 @@ class Simulator:
         not compute, and the recomputing share of the step times the running KV."""
         if dt <= 0:
             return
+        self._account_host(dt)
         idle = self.gpu_used - self.evictable_tokens - running_g
         self.result.idle_held_gbs += idle * self.bpt * dt / GB
         self.result.recompute_gbs += recompute_share * dt * running_g_mean * self.bpt / GB
@@ -777,6 +833,9 @@ class Simulator:
         ctx_sum = sum(s.prefilled + s.decoded for s in decoding)
         a = (c.step_fixed_s + c.token_s * tokens + c.decode_kv_read_s_per_token * ctx_sum
              + c.prefill_attn_s_per_token_pos * sum(s.alloc * (s.prefilled + s.alloc / 2) for s in prefilling))
+        if self.prefix:                # every sequence attends over the shared prefix too
+            a += self.prefix * (c.decode_kv_read_s_per_token * len(decoding)
+                                + c.prefill_attn_s_per_token_pos * sum(s.alloc for s in prefilling))
         b = c.decode_kv_read_s_per_token * len(decoding) + c.prefill_attn_s_per_token_pos * sum(s.alloc ** 2 for s in prefilling)
         k = MAX_STEPS_PER_ADVANCE
         for s in decoding:
@@ -807,6 +866,10 @@ class Simulator:
             self._gpu_set(s, s.g + s.alloc * k)
             if s.prefilled >= s.prompt:
                 s.decoded = 1             # the last chunk's step samples the first token
+                if not s.first_token:
+                    s.first_token = True
+                    if s.turn > 0:
+                        self.result.ttft_resumed_s.append(self.now + dt - s.arrival_s)
         self.now += dt
         for s in [s for s in self.running if s.prefilled >= s.prompt and s.decoded >= s.out]:
             self._finish_call(s)
@@ -833,8 +896,19 @@ def calibrated_params(policy: str, sessions: list[SimSession], config: SimConfig
                                                 int(contexts[len(contexts) // 2]), config.block_tokens)}
 
 
+def strip_shared_prefix(sessions: list[SimSession], prefix_tokens: int) -> list[SimSession]:
+    """The sessions' own KV chains: every call's input less the shared prefix (at least one
+    token of its own stays: the prefix is at most the first call's prompt - 1)."""
+    if prefix_tokens <= 0:
+        return sessions
+    return [dataclasses.replace(s, turns=tuple(dataclasses.replace(t, input_tokens=max(1, t.input_tokens - prefix_tokens))
+                                               for t in s.turns)) for s in sessions]
+
+
 def simulate(sessions: list[SimSession], policy: "str | KvPolicy", config: SimConfig, **policy_params) -> PolicyResult:
-    """Run one policy (a name, or a policy object) over `sessions`."""
+    """Run one policy (a name, or a policy object) over `sessions`; with a shared prefix,
+    each session's calls are simulated beyond it and the prefix is held once."""
+    sessions = strip_shared_prefix(sessions, config.shared_prefix_tokens)
     calibrated = calibrated_params(policy, sessions, config) if isinstance(policy, str) else {}
     params = {**calibrated, **policy_params}
     return Simulator(sessions, policy, config, **params).run()

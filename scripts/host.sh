@@ -171,8 +171,17 @@ setup_deploy_check() {
     "$venv/bin/python" -m pip install -q kubernetes-validate || warn "could not install kubernetes-validate: the manifest check skips"
 }
 
+# the exec helper tool calls are spawned through (controller/cgroup/acg_exec.c): built once
+# per source version into /var/cache/agentcg, static, so a spawn never forks the caller
+setup_exec_helper() {
+    command -v cc >/dev/null || apt_install gcc libc6-dev
+    "$venv/bin/python" -m agentcg.controller.cgroup.spawner >/dev/null \
+        || warn "could not build the exec helper; tool calls use a slower /bin/sh trampoline"
+}
+
 setup_kernel_side
 setup_venv
+setup_exec_helper
 setup_vllm
 setup_podman
 setup_deploy_check

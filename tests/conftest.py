@@ -73,6 +73,14 @@ def monitor() -> Iterator:
 
 
 @pytest.fixture(scope="module")
+def monitor_with_faults() -> Iterator:
+    """The default concerns plus faults (RSS from every page fault: opt-in)."""
+    from agentcg.bpf.monitor import CONCERNS
+
+    yield from _loaded_monitor(CONCERNS + ("faults",))
+
+
+@pytest.fixture(scope="module")
 def monitor_with_exit_codes() -> Iterator:
     """The default concerns plus exit_codes (it hooks a syscall tracepoint: opt-in)."""
     from agentcg.bpf.monitor import CONCERNS

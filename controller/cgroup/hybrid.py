@@ -38,6 +38,12 @@ class HybridTree(V2Tree):
             # Linux 5.2+ freezes through the v2 tree: joining the v1 freezer too would only
             # add a mkdir, a join and an rmdir to every tool call.
             self.v1_mounts.pop("freezer", None)
+        if self.v1_mounts.get("cpuacct") not in (None, self.v1_mounts.get("cpu")) and \
+                (self.mount / "cpu.stat").exists():
+            # the v2 tree's cpu.stat (usage/user/system, Linux 4.15+) counts every cgroup's CPU
+            # time whatever the controllers: a cpuacct mounted on its own would only add a
+            # mkdir, a join (a cgroup migration, ~0.2 ms) and an rmdir to every call
+            self.v1_mounts.pop("cpuacct", None)
 
     def _probe(self) -> frozenset[str]:
         caps = self._core_caps()

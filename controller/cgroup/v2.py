@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from agentcg.controller.cgroup import _fs
+from agentcg.controller.cgroup.spawner import spawn_joined
 from agentcg.controller.cgroup.base import (
     UNLIMITED, CgroupTree, CpuStat, MemoryEvents, MemoryStat, Unlimited, validate_path,
 )
@@ -257,12 +258,21 @@ class V2Tree(CgroupTree):
 
     # ---- processes --------------------------------------------------------------
     def spawn(self, path: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-        """The child writes "0" (itself) into each hierarchy's cgroup.procs, through fds
-        the parent opened before fork, then execs: argv never runs outside the cgroup.
-        (preexec_fn forces fork instead of vfork: about 1 ms; see bench/bench_spawn.py.)"""
+        """argv's first instruction runs inside the cgroup in every hierarchy. The caller is
+        not forked: it vforks the exec helper of `spawner`, which joins, then execs. With a
+        `preexec_fn` (or `executable`) of the caller's own, the child is forked instead and
+        joins through fds the parent opened before fork (about 3 ms more from a big
+        process; see bench/bench_spawn.py)."""
         if isinstance(argv, (str, bytes)) or not argv:
             raise InvalidInput(f"spawn: argv must be a non-empty list such as ['/bin/true'], got {argv!r}")
         directories = self._hierarchy_dirs(validate_path(path))
+        if popen_kwargs.get("preexec_fn") is None and popen_kwargs.get("executable") is None:
+            popen_kwargs.pop("preexec_fn", None)
+            popen_kwargs.pop("executable", None)
+            try:
+                return spawn_joined([d / "cgroup.procs" for d in directories], argv, **popen_kwargs)
+            except CgroupGone:
+                raise CgroupGone(f"{self._dir(path)}: the cgroup vanished while spawning {argv[0]!r}") from None
         fds: list[int] = []
         try:
             for directory in directories:

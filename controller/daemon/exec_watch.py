@@ -174,8 +174,10 @@ class ExecWatch:
 
     # ---- the loop's side ------------------------------------------------------------
     def on_housekeeping(self) -> None:
-        if self.monitor is not None and self._ring_fd is None:
-            self._on_ring(-1, 0)     # no epoll fd for the ring: read it on each pass
+        if self.monitor is not None:
+            # on each pass, fd or not: exec and exit events are submitted without waking the
+            # reader (BpfMonitor.fileno), only urgent ones (a stopped exec) wake it at once
+            self._on_ring(-1, 0)
         for watch in list(self.watches.values()):
             if not watch.ending and not PROC.is_alive(watch.client_pid, watch.client_ticks):
                 log.info("the client of exec watch %d (pid %d) died; its agent's commands are no longer detected",

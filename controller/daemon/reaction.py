@@ -107,8 +107,8 @@ class Reactor:
 
     def arm_calls(self, wanted: dict[int, int | None]) -> None:
         """cgroup id -> RSS threshold (None clears); written only where it changed."""
-        if self.monitor is None or "memory" not in getattr(self.monitor, "concerns", ()):
-            return
+        if self.monitor is None or "faults" not in getattr(self.monitor, "concerns", ()):
+            return   # RSS thresholds need the opt-in per-fault concern; memcg thresholds cover the rest
         watched = self.monitor.watched()
         for cgroup_id in [c for c in self._armed if c not in wanted]:
             del self._armed[cgroup_id]

@@ -1,23 +1,29 @@
-"""agentcg's KV policy: decide from what the agent's tool call is doing.
+"""agentcg's KV policy: decide from what the agent's tool call and its sandbox are doing.
 
-- On a pause, predict the tool call's duration (per tool and sandbox, learned live). A
-  call shorter than a KV round trip keeps its KV pinned on the GPU. A longer one also
-  writes a host copy in the background (SWAP_TO_HOST with keep_gpu_copy: only the tokens
-  the host copy lacks) and stays on the GPU until the memory is wanted.
-- Under GPU pressure, free memory from agents in the longest tool calls first: drop GPU
-  copies that have a host copy (free at once), then swap out paused KV without one, then
-  release short calls' KV to the prefix cache; preempt a running request (to host) only
-  for a running requester, never for a waiting one.
+Inputs only agentcg has (no oracle): the tool call in progress (its tool, from the gap's
+first call, and live signals: throttled, frozen, exited), durations learned causally from
+finished calls (per sandbox and tool, `ToolDurationPredictor`), and the sandboxes' memory
+(the host KV pool follows it).
+
+- On a pause, predict the call's remaining time. The KV is kept pinned for that time x
+  `PIN_SLACK` (+ 1 s), then goes to the prefix cache (evictable, LRU), so a call that
+  overruns its prediction stops holding GPU memory others need. A call predicted longer
+  than `MIN_COPY_S` and a KV round trip also writes a host copy in the background (only
+  the tokens the copy lacks), room made only from redundant copies.
+- Under GPU pressure, first free what loses no work: GPU copies backed by a host/SSD copy
+  whose call lasts longer than the copy takes to come back. A waiting request takes no
+  kept KV (as in vLLM); a running one, when it is alone, releases the kept KV of the
+  longest calls, else preempts the latest admitted request (to host when there is room).
+  (`swap_under_pressure` also swaps unbacked paused KV out: off by default, the stall
+  until the copy lands cost more than it saved in the simulator.)
 - Prefetch a dropped KV back a transfer time before the call is predicted to end, or at
-  once when the controller says the call exited, if the GPU has room.
-- The host KV pool shares one host memory budget with the sandboxes (`HostMemoryBudget`):
-  when sandboxes need RAM it shrinks, dropping redundant host copies first and then
-  moving the coldest ones to SSD; the controller throttles sandboxes only into memory the
-  KV pool cannot give back.
-- Waiting queue: requests whose KV is on the GPU first, then program-level FCFS (as
-  Continuum does): older sessions finish first.
-
-ORACLE used: `is_last_step` (as Continuum): the last call of a session is not kept.
+  once when the controller says the call exited, if the GPU has room: the load is off the
+  request's critical path (vLLM's offloading loads only when the request is scheduled).
+- Host memory: one budget with the sandboxes (`HostMemoryBudget`); when sandboxes need
+  RAM (HOST_PRESSURE) the pool shrinks: redundant copies first, then the coldest go to SSD
+  (or are dropped); room for a new copy never drops another's only copy.
+- Waiting queue (as Continuum): preempted first, then requests with KV kept on the GPU,
+  then program FCFS (older sessions first).
 """
 from __future__ import annotations
 
@@ -29,10 +35,15 @@ from agentcg.policies.kv.costs import transfer_time_s
 from agentcg.policies.kv.predictor import ToolDurationPredictor, ToolSignal, remaining_s
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, RequestView, State, Trigger
 
-MIN_COPY_S = 0.2            # calls predicted shorter than this never get a host copy
+MIN_COPY_S = 5.0            # calls predicted shorter than this never get a host copy (the copy
+                            # competes for the link and the host pool with longer calls' copies)
+MIN_ROOMY_COPY_S = 0.2      # ... unless the host has room to spare (ROOMY_FRACTION of its pool free)
+ROOMY_FRACTION = 0.25
 PREFETCH_MARGIN_S = 0.05
 PREFETCH_HEADROOM = 0.02    # of GPU capacity left free after a prefetch
 PREFETCH_RETRY_S = 0.25
+PIN_SLACK = 4.0             # a pin lasts the call's predicted remaining time x this, plus
+PIN_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +76,18 @@ class AgentcgPolicy:
     name = "agentcg"
     shares_host_memory = True
 
-    def __init__(self, min_copy_s: float = MIN_COPY_S) -> None:
+    def __init__(self, min_copy_s: float = MIN_COPY_S, swap_under_pressure: bool = False,
+                 queue: str = "pinned", pin_slack: float | None = PIN_SLACK,
+                 roomy_fraction: float = ROOMY_FRACTION) -> None:
+        if queue not in ("pinned", "resident"):
+            raise ValueError(f"agentcg queue must be 'pinned' or 'resident', got {queue!r}")
         self.min_copy_s = min_copy_s
+        self.pin_slack = pin_slack
+        self.roomy_fraction = roomy_fraction
+        self.queue = queue
+        self.swap_under_pressure = swap_under_pressure
         self.state = AgentcgState()
+        self._ranked: tuple[KvSnapshot, list] | None = None
 
     # -- learning -----------------------------------------------------------------
     def observe(self, event: RequestEvent) -> None:
@@ -104,29 +124,41 @@ class AgentcgPolicy:
         if snap.trigger is Trigger.PRESSURE:
             return self._pressure(snap)
         if snap.trigger is Trigger.HOST_PRESSURE:
-            return Decision(tuple(self._free_host(snap, snap.need_bytes, exclude=set())[0]))
+            return Decision(tuple(self._free_host(snap, snap.need_bytes, exclude=set(), must=True)[0]))
         if snap.trigger is Trigger.TICK:
             return self._prefetch(snap)
         return NO_DECISION
 
     def _pause(self, snap: KvSnapshot) -> Decision:
+        """Keep the KV pinned through the call; a call predicted longer than a round trip
+        also writes a host copy (what the copy lacks), so that under pressure the GPU
+        copy can go at once and be prefetched before the call should end."""
         view = snap.view(snap.subject)
         if view is None:
             return NO_DECISION
         rid = view.request_id
-        if view.is_last_step:
-            return Decision((Directive(rid, Action.DISCARD),))
-        keep = Directive(rid, Action.KEEP)
         left = self.remaining_s(view, snap.now_s)
+        ttl = None if self.pin_slack is None or not math.isfinite(left) else left * self.pin_slack + PIN_MARGIN_S
+        keep = Directive(rid, Action.KEEP, ttl_s=ttl)
         missing = max(0, view.gpu_tokens - view.host_tokens) * snap.bytes_per_token
-        round_trip = 2 * transfer_time_s(view.gpu_tokens * snap.bytes_per_token, snap.bytes_per_s(Tier.GPU, Tier.HOST))
-        if left < max(self.min_copy_s, round_trip) or missing == 0:
+        # A copy costs link time and host memory other calls' copies could use: any call
+        # longer than a round trip gets one while the host has room to spare, only calls
+        # longer than `min_copy_s` when it is short.
+        roomy = snap.host_free_bytes - missing >= self.roomy_fraction * snap.host_capacity_bytes
+        threshold = MIN_ROOMY_COPY_S if roomy else self.min_copy_s
+        if left < max(threshold, self._round_trip_s(snap, view)) or missing == 0:
             return Decision((keep,), wake_at_s=self._next_wake(snap))
         room, freed, _ = self._free_host(snap, missing - snap.host_free_bytes, exclude={rid})
         if freed < missing - snap.host_free_bytes:
-            return Decision((keep,))
+            return Decision((keep,), wake_at_s=self._next_wake(snap))
         return Decision(tuple(room) + (keep, Directive(rid, Action.SWAP_TO_HOST, keep_gpu_copy=True)),
                         wake_at_s=self._next_wake(snap))
+
+    @staticmethod
+    def _round_trip_s(snap: KvSnapshot, view: RequestView) -> float:
+        nbytes = view.gpu_tokens * snap.bytes_per_token
+        return (transfer_time_s(nbytes, snap.bytes_per_s(Tier.GPU, Tier.HOST))
+                + transfer_time_s(nbytes, snap.bytes_per_s(Tier.HOST, Tier.GPU)))
 
     def _paused_by_remaining(self, snap: KvSnapshot) -> list[tuple[float, RequestView]]:
         paused = [(self.remaining_s(v, snap.now_s), v) for v in snap.requests
@@ -135,30 +167,41 @@ class AgentcgPolicy:
         return paused
 
     def _pressure(self, snap: KvSnapshot) -> Decision:
+        """Free GPU memory without losing work first, then only from younger programs.
+
+        1. GPU copies of paused KV backed by a host/SSD copy, whose call lasts longer than
+           the copy takes to come back (prefetched before the predicted end): free at once.
+        2. Paused KV whose call lasts longer than a round trip: swapped out into free host
+           memory (room made only from redundant copies, never by dropping a sole one).
+        3. Programs younger than the requester (program FCFS, as the queue): their paused
+           or waiting KV goes to the prefix cache, their running requests are preempted
+           (to host when it has room), youngest first.
+        4. A running requester that is itself the youngest is preempted (vLLM does the same
+           when the victim is the requester); a waiting one waits.
+        """
         requester = snap.view(snap.subject)
         if requester is None:
             return NO_DECISION
         need = snap.need_tokens
+        bpt = snap.bytes_per_token
         out: list[Directive] = []
-        paused = self._paused_by_remaining(snap)
-        # 1. GPU copies backed by a host or SSD copy: free at once.
-        for left, v in paused:
-            if need <= 0:
-                break
-            if v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending:
-                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
-                need -= v.gpu_tokens
-        # Every request named so far: its host copy is either the only copy left (step 1),
-        # about to be written (step 2) or already freed, so the host may not be freed from it.
-        done = {d.request_id for d in out}
+        done: set[str] = set()
         host_free = snap.host_free_bytes
-        # 2. Paused KV without a copy, longest calls first: swap out (frees when the copy
-        #    lands). Even a short call's KV comes back far faster than it is recomputed.
+        paused = self._paused_by_remaining(snap)
+        h2d = snap.bytes_per_s(Tier.HOST, Tier.GPU)
         for left, v in paused:
             if need <= 0:
                 break
-            nbytes = v.gpu_tokens * snap.bytes_per_token
-            if v.request_id in done:
+            backed = v.host_tokens + v.ssd_tokens >= v.gpu_tokens or v.copy_to_host_pending
+            if backed and left > transfer_time_s(v.gpu_tokens * bpt, h2d):
+                out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.GPU))
+                done.add(v.request_id)
+                need -= v.gpu_tokens
+        for left, v in paused:
+            if need <= 0 or not self.swap_under_pressure:
+                break
+            nbytes = v.gpu_tokens * bpt
+            if v.request_id in done or left <= max(self.min_copy_s, self._round_trip_s(snap, v)):
                 continue
             if nbytes > host_free:
                 room, freed, chosen = self._free_host(snap, nbytes - host_free, exclude=done | {v.request_id})
@@ -171,40 +214,38 @@ class AgentcgPolicy:
             done.add(v.request_id)
             host_free -= nbytes
             need -= v.gpu_tokens
-        # 3. No host room: release to the prefix cache (the engine evicts tail blocks first).
-        for left, v in paused:
+        if need <= 0 or requester.state is not State.RUNNING:
+            return Decision(tuple(out))        # a waiting request evicts no kept KV (as vLLM)
+        running = [v for v in snap.requests if v.state is State.RUNNING]
+        if len(running) <= 1:
+            # Nothing else runs: release the kept KV of the calls that will last longest.
+            for left, v in paused:
+                if need <= 0:
+                    break
+                if v.request_id not in done and v.pinned:
+                    out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
+                    need -= v.gpu_tokens
             if need <= 0:
-                break
-            if v.request_id not in done and v.pinned:
-                out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
-                need -= v.gpu_tokens
-        # 4. A running requester may preempt the newest running request (to host if room).
-        if need > 0 and requester.state is State.RUNNING:
-            running = [v for v in snap.requests if v.state is State.RUNNING]
-            others = [v for v in running if v.request_id != requester.request_id] or running
-            victim = max(others, key=lambda v: v.admitted_s if v.admitted_s is not None else -1.0)
-            nbytes = victim.gpu_tokens * snap.bytes_per_token
-            room: list[Directive] = []
-            if nbytes > host_free:
-                room, freed, _ = self._free_host(snap, nbytes - host_free, exclude=done | {victim.request_id})
-                if freed < nbytes - host_free:
-                    room = []
-            fits = nbytes <= host_free or bool(room)
-            out += room
-            out.append(Directive(victim.request_id, Action.PREEMPT, tier=Tier.HOST if fits else Tier.GPU))
+                return Decision(tuple(out))
+        victim = max(running, key=lambda v: (v.admitted_s if v.admitted_s is not None else -1.0, v.request_id))
+        tier, host_free = self._preempt_tier(snap, victim, host_free)
+        out.append(Directive(victim.request_id, Action.PREEMPT, tier=tier))
         return Decision(tuple(out))
 
-    def _free_host(self, snap: KvSnapshot, need_bytes: int,
-                   exclude: set[str]) -> tuple[list[Directive], int, set[str]]:
-        """Free `need_bytes` of the host pool: stale copies of running requests, copies
-        whose GPU copy is whole, then the coldest copies go to SSD (or are dropped).
-        Requests in `exclude` are not touched; returns the directives, the bytes they free
-        and the requests they name."""
-        if need_bytes <= 0:
-            return [], 0, set()
-        out: list[Directive] = []
-        freed = 0
-        holders = [v for v in snap.requests if v.host_tokens > 0 and v.request_id not in exclude]
+    @staticmethod
+    def _preempt_tier(snap: KvSnapshot, v: RequestView, host_free: int) -> tuple[Tier, int]:
+        nbytes = v.gpu_tokens * snap.bytes_per_token
+        if v.host_tokens == 0 and nbytes <= host_free:
+            return Tier.HOST, host_free - nbytes
+        return Tier.GPU, host_free
+
+    def _host_ranked(self, snap: KvSnapshot) -> list[tuple[int, RequestView]]:
+        """Host copies, cheapest to lose first: stale copies of requests not paused whose
+        GPU copy is whole; redundant copies of paused calls (longest first); sole copies of
+        paused calls (longest first); copies of requests about to come back. Computed
+        once per snapshot."""
+        if self._ranked is not None and self._ranked[0] is snap:
+            return self._ranked[1]
 
         def rank(v: RequestView) -> tuple:
             if v.gpu_tokens >= v.host_tokens:          # the GPU holds it all: a redundant copy
@@ -213,16 +254,40 @@ class AgentcgPolicy:
                 return (3, v.session_start_s)
             return (2, -self.remaining_s(v, snap.now_s))
 
+        keyed = sorted(((rank(v), v.request_id, v) for v in snap.requests if v.host_tokens > 0),
+                       key=lambda item: (item[0], item[1]))
+        ranked = [(r[0], v) for r, _, v in keyed]
+        self._ranked = (snap, ranked)
+        return ranked
+
+    def _free_host(self, snap: KvSnapshot, need_bytes: int, exclude: set[str],
+                   must: bool = False) -> tuple[list[Directive], int, set[str]]:
+        """Free `need_bytes` of the host pool: stale copies of running requests, copies
+        whose GPU copy is whole, then the coldest copies go to SSD. Only when the memory
+        `must` be given back (the sandboxes need it) is a sole copy dropped without an SSD
+        to take it: to make room for another copy that would only trade one recompute
+        for another. Requests in `exclude` are not touched; returns the directives, the
+        bytes they free and the requests they name."""
+        if need_bytes <= 0:
+            return [], 0, set()
+        out: list[Directive] = []
+        freed = 0
         ssd_free = snap.ssd_capacity_bytes - snap.ssd_used_bytes
-        for v in sorted(holders, key=rank):
+        for rank, v in self._host_ranked(snap):
             if freed >= need_bytes:
                 break
+            if v.request_id in exclude:
+                continue
             nbytes = v.host_tokens * snap.bytes_per_token
-            if rank(v)[0] >= 2 and nbytes <= ssd_free:
+            if rank >= 2 and nbytes <= ssd_free:
                 out.append(Directive(v.request_id, Action.OFFLOAD_TO_SSD))
                 ssd_free -= nbytes
-            else:
+            elif rank < 2 or must:
                 out.append(Directive(v.request_id, Action.DISCARD, tier=Tier.HOST))
+            elif ssd_free <= 0:
+                break                                  # sole copies only from here: none may go
+            else:
+                continue
             freed += nbytes
         return out, freed, {d.request_id for d in out}
 
@@ -261,4 +326,9 @@ class AgentcgPolicy:
         return Decision(tuple(out), wake_at_s=min(future) if future else None)
 
     def waiting_key(self, view: RequestView) -> tuple:
-        return (0 if view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens else 1, view.session_start_s)
+        # Continuum's order: preempted first, then KV kept on the GPU, then program FCFS.
+        if self.queue == "pinned":
+            resident = view.pinned and view.gpu_tokens > 0
+        else:
+            resident = view.gpu_tokens > 0 and view.gpu_tokens >= view.context_tokens
+        return (0 if view.preempted_s is not None else 1 if resident else 2, view.session_start_s)

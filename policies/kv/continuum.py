@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from agentcg.engine_protocol import Action, Directive, EventKind, RequestEvent, Tier
 from agentcg.policies.bounded import recent
-from agentcg.policies.kv.costs import prefill_time_s
+from agentcg.policies.kv.costs import prefill_time_s, transfer_time_s
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvSnapshot, RequestView, State, Trigger
 
 FIXED_THRESHOLD_S = 2.0
@@ -113,11 +113,13 @@ class ContinuumState:
 
 class ContinuumPolicy:
     shares_host_memory = False
+    host_tier = False              # alone; policies/kv/offload.py gives it vLLM's host pool
 
-    def __init__(self, rule: str = "released") -> None:
+    def __init__(self, rule: str = "released", offload: bool = False) -> None:
         if rule not in RULES:
             raise ValueError(f"continuum rule must be one of {RULES}, got {rule!r}")
         self.rule = rule
+        self.offload = offload        # with a host pool: PrefillReload = bytes / host->GPU bandwidth
         self.name = "continuum" if rule == "released" else "continuum-paper"
         self.state = ContinuumState()
 
@@ -164,6 +166,10 @@ class ContinuumPolicy:
         if self.rule == "released" or view.is_last_step:
             return released_ttl_s(self.mean_gap_s(view.tool), view.is_last_step)
         reload_s = prefill_time_s(snap.cost, view.context_tokens)
+        if self.offload and snap.host_capacity_bytes >= view.context_tokens * snap.bytes_per_token:
+            # "PrefillReload ... bytes / bandwidth when offloading" (the paper's reload term).
+            reload_s = min(reload_s, transfer_time_s(view.context_tokens * snap.bytes_per_token,
+                                                     snap.bytes_per_s(Tier.HOST, Tier.GPU)))
         s = self.state
         if s.returns <= COLD_START_RETURNS:
             return cold_start_ttl_s(self.queue_delay_s() + reload_s)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from operator import itemgetter
 
 from agentcg.engine_protocol import Bandwidth, ComputeCost, Directive, RequestEvent
 from agentcg.policies.kv.types import NO_DECISION, Decision, KvPolicy, KvSnapshot, RequestView, State, Trigger
@@ -56,7 +57,7 @@ def build_snapshot(*, now_s: float, trigger: Trigger, subject: str | None, views
     paused), in any order (sorted by request id here, so every user gives the policy the
     same order). `host_share_bytes`: the host pool's share of a host memory budget shared
     with the sandboxes, when smaller than the pool's own capacity."""
-    requests = tuple(sorted(views, key=lambda v: v.request_id))
+    requests = tuple(sorted(views, key=itemgetter(0)))      # RequestView.request_id
     host_capacity = host_capacity_bytes if host_share_bytes is None else min(host_capacity_bytes, host_share_bytes)
     return KvSnapshot(
         now_s=now_s, trigger=trigger, subject=subject, bytes_per_token=bytes_per_token,
@@ -104,6 +105,11 @@ class KvDecider:
     @property
     def shares_host_memory(self) -> bool:
         return bool(getattr(self.policy, "shares_host_memory", False))
+
+    @property
+    def host_tier(self) -> bool:
+        """False for a policy that never uses a host pool (its user reserves none)."""
+        return bool(getattr(self.policy, "host_tier", True))
 
     def _failed(self, call: str, exc: BaseException | str) -> None:
         self.errors += 1

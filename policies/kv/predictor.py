@@ -62,16 +62,25 @@ class ToolDurationPredictor:
     by_sandbox: dict[tuple[str, str], deque] = field(default_factory=dict)
     by_tool: dict[str, deque] = field(default_factory=dict)
     overall: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    _cache: dict = field(default_factory=dict, repr=False)    # (sandbox, tool) -> prediction until a record
 
     def record(self, sandbox: str, tool: str, duration_s: float) -> None:
         if not math.isfinite(duration_s) or duration_s < 0:
             return
+        self._cache.clear()
         window = self.window
         recent(self.by_sandbox, (sandbox, tool), lambda: deque(maxlen=window)).append(duration_s)
         recent(self.by_tool, tool, lambda: deque(maxlen=window)).append(duration_s)
         self.overall.append(duration_s)
 
     def predict(self, sandbox: str, tool: str) -> ToolPrediction:
+        key = (sandbox, tool)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = self._predict(sandbox, tool)
+        return cached
+
+    def _predict(self, sandbox: str, tool: str) -> ToolPrediction:
         for source, samples in (("sandbox", self.by_sandbox.get((sandbox, tool))),
                                 ("tool", self.by_tool.get(tool)), ("global", self.overall)):
             if samples is not None and len(samples) >= self.min_samples:

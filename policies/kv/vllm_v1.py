@@ -33,13 +33,15 @@ def pick_victim(running: list[RequestView], mode: str = "fcfs") -> RequestView |
 
 
 class VllmV1Policy:
-    name = "vllm-v1"
     shares_host_memory = False
+    host_tier = False              # no host pool: vLLM V1 without a KV connector
 
     def __init__(self, mode: str = "fcfs") -> None:
         if mode not in MODES:
             raise ValueError(f"vllm-v1 mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        # `--scheduling-policy priority`; the user passes the session's order as priority.
+        self.name = "vllm-v1" if mode == "fcfs" else "vllm-v1-priority"
 
     def decide(self, snap: KvSnapshot) -> Decision:
         if snap.trigger is Trigger.PAUSE and snap.subject is not None:

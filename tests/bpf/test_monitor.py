@@ -29,43 +29,43 @@ def drain(mon, predicate, timeout_s=5.0):
     return seen
 
 
-def test_300mb_allocation_shows_peak_of_at_least_300mb(monitor, make_cgroup):
+def test_300mb_allocation_shows_peak_of_at_least_300mb(monitor_with_faults, make_cgroup):
     cg = make_cgroup()
-    monitor.watch(cg.id)
+    monitor_with_faults.watch(cg.id)
     try:
         cg.run([PY, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"], check=True)
-        c = monitor.counters(cg.id)
+        c = monitor_with_faults.counters(cg.id)
         assert c.rss_peak_bytes >= 300 * 10**6
         assert c.rss_bytes < c.rss_peak_bytes  # the process is gone; its RSS went with it
         assert c.page_faults > 300 * 10**6 // 4096 // 2  # bytearray touches every page
     finally:
-        monitor.forget(cg.id)
+        monitor_with_faults.forget(cg.id)
 
 
-def test_rss_threshold_event_once_per_crossing_and_rearm(monitor, make_cgroup):
+def test_rss_threshold_event_once_per_crossing_and_rearm(monitor_with_faults, make_cgroup):
     cg = make_cgroup()
-    monitor.watch(cg.id, rss_threshold_bytes=100 * MiB)
+    monitor_with_faults.watch(cg.id, rss_threshold_bytes=100 * MiB)
     try:
         script = ("import sys\nfor _ in range(3):\n    b = bytearray(150 * 2**20); del b\n")
         cg.run([PY, "-c", script], check=True)
-        events = drain(monitor, lambda e: False, timeout_s=0.3)
+        events = drain(monitor_with_faults, lambda e: False, timeout_s=0.3)
         crossings = [e for e in events if isinstance(e, RssThresholdEvent) and e.cgroup_id == cg.id]
         # freed below the threshold in between: re-armed, so one event per allocation
         assert len(crossings) == 3
         assert all(e.rss_bytes >= e.threshold_bytes == 100 * MiB for e in crossings)
         assert all(e.monotonic_s <= time.monotonic() for e in crossings)
-        monitor.set_rss_threshold(cg.id, None)
+        monitor_with_faults.set_rss_threshold(cg.id, None)
         cg.run([PY, "-c", "b = bytearray(150 * 2**20)"], check=True)
-        assert not [e for e in drain(monitor, lambda e: False, 0.2) if isinstance(e, RssThresholdEvent)]
+        assert not [e for e in drain(monitor_with_faults, lambda e: False, 0.2) if isinstance(e, RssThresholdEvent)]
     finally:
-        monitor.forget(cg.id)
+        monitor_with_faults.forget(cg.id)
 
 
-def test_rss_threshold_rearms_only_clearly_below(monitor, make_cgroup):
+def test_rss_threshold_rearms_only_clearly_below(monitor_with_faults, make_cgroup):
     """RSS that dips just under the threshold (above 7/8 of it) and rises again is one
     crossing; only a fall clearly below re-arms the event."""
     cg = make_cgroup()
-    monitor.watch(cg.id, rss_threshold_bytes=100 * MiB)
+    monitor_with_faults.watch(cg.id, rss_threshold_bytes=100 * MiB)
     try:
         script = ("a = bytearray(85 * 2**20)\n"
                   "b = bytearray(25 * 2**20); del b\n"     # ~119 MiB: fires; back to ~94 MiB
@@ -73,11 +73,11 @@ def test_rss_threshold_rearms_only_clearly_below(monitor, make_cgroup):
                   "del a\n"                                 # ~9 MiB: re-armed
                   "a = bytearray(100 * 2**20)\n")           # ~109 MiB: fires again
         cg.run([PY, "-c", script], check=True)
-        events = drain(monitor, lambda e: False, timeout_s=0.3)
+        events = drain(monitor_with_faults, lambda e: False, timeout_s=0.3)
         crossings = [e for e in events if isinstance(e, RssThresholdEvent) and e.cgroup_id == cg.id]
         assert len(crossings) == 2, crossings
     finally:
-        monitor.forget(cg.id)
+        monitor_with_faults.forget(cg.id)
 
 
 def test_fork_storm_stays_accounted_and_exec_carries_ppid(monitor, make_cgroup):
@@ -198,19 +198,19 @@ def test_direct_io_bytes_are_charged_to_the_issuing_cgroup(monitor, make_cgroup,
         monitor.forget(cg.id)
 
 
-def test_forget_leaves_no_map_entry(monitor, make_cgroup):
-    before = monitor.live_entries()
+def test_forget_leaves_no_map_entry(monitor_with_faults, make_cgroup):
+    before = monitor_with_faults.live_entries()
     cg = make_cgroup()
-    monitor.watch(cg.id, rss_threshold_bytes=10 * MiB)
+    monitor_with_faults.watch(cg.id, rss_threshold_bytes=10 * MiB)
     cg.run(["/bin/sh", "-c", f"{PY} -c 'b = bytearray(20 * 2**20)' & /bin/true; wait"], check=True)
-    monitor.poll(0)
-    during = monitor.live_entries()
+    monitor_with_faults.poll(0)
+    during = monitor_with_faults.live_entries()
     assert during["watched"] == before["watched"] + 1 and during["counters"] == before["counters"] + 1
-    final = monitor.forget(cg.id)
+    final = monitor_with_faults.forget(cg.id)
     assert final.execs >= 2 and final.rss_peak_bytes >= 20 * MiB
-    assert monitor.live_entries() == before
+    assert monitor_with_faults.live_entries() == before
     with pytest.raises(InvalidInput, match="not watched"):
-        monitor.counters(cg.id)
+        monitor_with_faults.counters(cg.id)
 
 
 def test_removed_cgroup_entries_are_deleted_and_final_counters_kept(monitor, make_cgroup):
@@ -283,8 +283,8 @@ def test_unknown_concern_and_closed_monitor():
 
     with pytest.raises(InvalidInput, match="unknown"):
         BpfMonitor(concerns=("network",))
-    with pytest.raises(InvalidInput, match="memory needs the concern process"):
-        BpfMonitor(concerns=("memory", "sched"))
+    with pytest.raises(InvalidInput, match="faults needs the concern process"):
+        BpfMonitor(concerns=("memory", "faults"))
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
     mon = BpfMonitor(concerns=("process",))
@@ -298,7 +298,12 @@ def test_stats_report_no_losses(monitor):
     stats = monitor.stats()
     assert stats.ringbuf_full == 0 and stats.decode_errors == 0
     assert set(stats.map_full.values()) == {0}
-    assert {p.tracepoint for p in stats.programs} >= {"kmem:rss_stat", "sched:sched_switch", "oom:mark_victim"}
+    assert {p.tracepoint for p in stats.programs} >= {"sched:sched_process_exit", "oom:mark_victim"}
+    # the per-fault and per-switch programs are opt-in; the hot ones are raw tracepoints
+    assert not ({"kmem:rss_stat", "exceptions:page_fault_user", "sched:sched_switch", "sched:sched_wakeup"}
+                & {p.tracepoint for p in stats.programs})
+    raw = {p.tracepoint for p in stats.programs if p.raw}
+    assert raw >= {"sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask"}
 
 
 def _state(pid: int) -> str:
@@ -337,7 +342,7 @@ def test_stop_at_exec_holds_the_process_until_sigcont(monitor, make_cgroup, tmp_
         monitor.forget(cg.id)
 
 
-def test_a_child_forked_from_a_big_parent_is_not_charged_its_parents_pages(monitor, make_cgroup):
+def test_a_child_forked_from_a_big_parent_is_not_charged_its_parents_pages(monitor_with_faults, make_cgroup):
     """A child joins the watched cgroup before exec, while its mm is still a copy of the
     (big) parent's: eBPF RSS must count only what it gains there, not the parent's pages,
     and an exec'd program's memory all counts. Without the base rule this cgroup would show
@@ -346,19 +351,19 @@ def test_a_child_forked_from_a_big_parent_is_not_charged_its_parents_pages(monit
     for i in range(0, len(ballast), 4096):
         ballast[i] = 1
     cg = make_cgroup()
-    monitor.watch(cg.id)
+    monitor_with_faults.watch(cg.id)
     try:
         assert cg.run(["/bin/true"]).returncode == 0
-        assert monitor.counters(cg.id).rss_peak_bytes < 32 * MiB
+        assert monitor_with_faults.counters(cg.id).rss_peak_bytes < 32 * MiB
         # a forked child that never execs is charged its own growth
         script = "import os\nb = bytearray(120 * 2**20)\npid = os.fork()\n" \
                  "if pid == 0:\n    c = bytearray(100 * 2**20)\n    os._exit(0)\nos.waitpid(pid, 0)\n"
-        before = monitor.counters(cg.id).rss_peak_bytes
+        before = monitor_with_faults.counters(cg.id).rss_peak_bytes
         assert cg.run([PY, "-c", script]).returncode == 0
-        peak = monitor.counters(cg.id).rss_peak_bytes
+        peak = monitor_with_faults.counters(cg.id).rss_peak_bytes
         assert peak >= 220 * MiB, peak          # python's 120 MiB plus the child's own 100 MiB
         assert peak < 220 * MiB + 120 * MiB, peak  # not the parent's 120 MiB a second time
         assert before < 32 * MiB
     finally:
-        monitor.forget(cg.id)
+        monitor_with_faults.forget(cg.id)
         del ballast

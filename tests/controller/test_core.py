@@ -107,7 +107,7 @@ def test_ring_buffer_fd_wakes_epoll_on_an_rss_threshold_event(cgroup_tree):
     from agentcg.bpf.monitor import BpfMonitor
 
     cgroup_tree.create("sb")
-    with BpfMonitor(concerns=("process", "memory")) as mon:
+    with BpfMonitor(concerns=("process", "faults")) as mon:   # RSS thresholds: the opt-in per-fault concern
         cgroup_id = cgroup_tree.cgroup_id("sb")
         mon.watch(cgroup_id, rss_threshold_bytes=32 * MiB)
         epoll = select.epoll()

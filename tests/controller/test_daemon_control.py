@@ -130,7 +130,7 @@ def test_an_ebpf_threshold_crossing_wakes_the_daemon_and_the_freeze_follows_it()
     policy = {"name": "agentcg", "tick_s": 5.0, "throttle_at": 0.8, "freeze_at": 0.8, "kill_at": 0.99,
               "relax_below": 0.5, "lookahead_s": 0}
     with daemon_process(policy=policy, psi={"enabled": False},
-                        ebpf={"mode": "on", "concerns": ["process", "memory"]}) as d:
+                        ebpf={"mode": "on", "concerns": ["process", "memory", "faults"]}) as d:   # RSS thresholds: opt-in
         assert "ebpf-ringbuf-epoll" in d.result("state")["reaction"]
         d.result("sandbox.create", name="A", memory_budget_bytes=256 * MiB)
         begun = d.result("toolcall.begin", sandbox="A", tool="alloc")

@@ -94,8 +94,9 @@ def test_tool_call_pauses_the_sandboxes_requests_and_its_end_prefetches():
     _admit(link)
     _admit(link, "other", sandbox="T", ctx=100, gpu=100)
     out = link.tool_call_began("S", "pytest", "tc-1", 2.0)
-    # agentcg, nothing learned yet (1 s predicted): keep on the GPU and write a host copy behind it
-    assert out == [Directive("r1", Action.KEEP), Directive("r1", Action.SWAP_TO_HOST, keep_gpu_copy=True)]
+    # agentcg, nothing learned yet (1 s predicted): pin 1 s x 4 + 1 s on the GPU and, the host
+    # pool being roomy, write a host copy behind it
+    assert out == [Directive("r1", Action.KEEP, ttl_s=5.0), Directive("r1", Action.SWAP_TO_HOST, keep_gpu_copy=True)]
     assert link.requests["r1"].state is State.PAUSED and link.requests["other"].state is State.RUNNING
     link.on_message(KvUsage("r1", 0.0, gpu_tokens=0, host_tokens=600), 2.5)     # the engine dropped the GPU copy
     out = link.tool_call_ended("tc-1", 3.0)
@@ -227,11 +228,13 @@ def test_a_frozen_call_is_decided_on_again_as_a_long_one():
     link.learn_history([{"sandbox": "S", "tool": "pytest", "call_id": f"old{i}", "duration_s": 0.05,
                          "start_monotonic_s": 0.0} for i in range(3)])
     _admit(link)
-    # learned: pytest takes 50 ms here, shorter than any copy is worth: keep the KV where it is
-    assert hub.tool_call_began("S", "pytest", "pytest -q", "tc-1", 2.0) == [(link, [Directive("r1", Action.KEEP)])]
+    # learned: pytest takes 50 ms here, shorter than any copy is worth: keep the KV where it is,
+    # pinned 50 ms x 4 + 1 s
+    assert hub.tool_call_began("S", "pytest", "pytest -q", "tc-1", 2.0) == [
+        (link, [Directive("r1", Action.KEEP, ttl_s=pytest.approx(1.2))])]
     assert hub.tool_signal("tc-1", "thaw", 2.1) == []                          # nothing to decide again
     assert hub.tool_signal("tc-1", "protect", 2.1) == []                       # not a call signal
-    # a sandbox policy froze it: it lasts until thawed, so write a host copy now
+    # a sandbox policy froze it: it lasts until thawed (pinned until then), so write a host copy now
     assert hub.tool_signal("tc-1", "freeze", 2.2) == [
         (link, [Directive("r1", Action.KEEP), Directive("r1", Action.SWAP_TO_HOST, keep_gpu_copy=True)])]
 

@@ -44,7 +44,7 @@ def test_human_record_and_ebpf(env):
     out = agentcg(env, "run", "--sandbox", "s1", "--", sys.executable, "-c", "b = bytearray(32 << 20)")
     assert out.returncode == 0
     assert "agentcg: s1/tc-" in out.stderr and "python" in out.stderr and "ok (exit 0)" in out.stderr
-    assert "rss -" not in out.stderr, "eBPF is loaded by default"
+    assert "runq p50/p99 -" not in out.stderr and "runq p50/p99" in out.stderr, "eBPF is loaded by default"
 
 
 def test_missing_program_exits_127_with_a_record(env):

@@ -137,7 +137,9 @@ def test_bad_input(mgr):
 def test_ebpf_and_cgroup_both_see_300mb(bpf_mgr, monitor):
     record = run_call(bpf_mgr, [PY, "-c", "import time; b = bytearray(300 << 20); time.sleep(0.05)"])
     assert record.exit_code == 0
-    assert record.peak_rss_bytes >= 300 << 20, record
+    # RSS from page faults is the opt-in concern faults (tests/bpf/test_faults.py); by
+    # default the kernel's own per-cgroup peak is the figure
+    assert record.peak_rss_bytes is None, record
     assert record.peak_memory_bytes >= 300 << 20, record
     assert record.runq_latency_p50_s is not None and record.processes >= 1 and record.reclaim_stall_s is not None
     assert record.block_read_bytes is not None

@@ -16,9 +16,12 @@ def test_bench_runs_small_and_cleans_up(capsys):
         result = run_bench(d, block_sizes=(64 * 1024,), total_bytes=4 * 2**20, repeats=1)
         assert list(Path(d).iterdir()) == []
         assert result.integrity_ok and result.device_kind in ("cpu", "cuda")
-        assert [r.op for r in result.rows] == ["swap_out", "swap_in", "offload", "load"]
+        assert [r.op for r in result.rows] == ["swap_out", "swap_in", "offload", "load"] * 2
+        assert [r.layout for r in result.rows] == ["contiguous"] * 4 + ["scattered"] * 4
         assert all(r.bytes == 4 * 2**20 and r.ratio > 0 for r in result.rows)
-        assert [r.target_ratio for r in result.rows] == [0.9, 0.9, 0.8, 0.8]
+        assert [r.target_ratio for r in result.rows] == [0.9, 0.9, 0.8, 0.8] + [0.8] * 4
+        assert "memcpy loop" in result.rows[0].ceiling or result.device_kind == "cuda"
+        assert "fio-like" in result.rows[2].ceiling
         text = format_result(result)
         assert "ceiling" in text and "memory" in text and "disk" in text
         out = Path(d) / "report.txt"

@@ -59,8 +59,10 @@ def test_short_calls_keep_their_kv_long_calls_also_write_a_host_copy(kv):
     policy = AgentcgPolicy()
     _learn(policy, "Read", [0.02, 0.03, 0.04])
     _learn(policy, "Bash:pytest", [8.0, 9.0, 10.0])
-    for tool, expected in (("Read", (Directive("A", Action.KEEP),)),
-                           ("Bash:pytest", (Directive("A", Action.KEEP),
+    # Pinned for the predicted remaining time x 4 + 1 s: Read's median 0.03 s gives 1.12 s;
+    # pytest's 9 s gives 37 s, and 9 s > MIN_COPY_S (5 s) and a round trip, so a host copy too.
+    for tool, expected in (("Read", (Directive("A", Action.KEEP, ttl_s=pytest.approx(1.12)),)),
+                           ("Bash:pytest", (Directive("A", Action.KEEP, ttl_s=37.0),
                                             Directive("A", Action.SWAP_TO_HOST, keep_gpu_copy=True)))):
         policy.observe(RequestEvent("A", "A", EventKind.PAUSED, 100.0, 40_000, sandbox="sb", tool=tool))
         a = kv.view("A", gpu_tokens=40_000, tool=tool, sandbox="sb", paused_s=100.0)
@@ -82,12 +84,18 @@ def test_pressure_frees_backed_copies_of_the_longest_calls_first(kv):
     assert decision.directives == (Directive("long", Action.DISCARD, tier=Tier.GPU),)
 
 
-def test_unbacked_paused_kv_is_swapped_not_recomputed(kv):
-    policy = AgentcgPolicy()
+@pytest.mark.parametrize("swap, expected", [
+    # swapping under pressure: the copy frees the GPU when it lands, a round trip < the call
+    (True, (Directive("P", Action.SWAP_TO_HOST),)),
+    # the default: nothing else runs, so the kept KV of the longest call goes to the prefix cache
+    (False, (Directive("P", Action.KEEP, ttl_s=0.0),)),
+])
+def test_unbacked_paused_kv_under_pressure(kv, swap, expected):
+    policy = AgentcgPolicy(swap_under_pressure=swap, min_copy_s=0.2)
     views = [kv.view("P", tool="Read", gpu_tokens=5000, pinned=True, paused_s=99.0),
              kv.view("R", State.RUNNING, admitted_s=1.0)]
     decision = policy.decide(kv.snap(Trigger.PRESSURE, "R", views, need_tokens=4000))
-    assert decision.directives == (Directive("P", Action.SWAP_TO_HOST),)
+    assert decision.directives == expected
 
 
 def test_a_waiting_request_never_preempts_a_running_one(kv):
@@ -152,10 +160,10 @@ def _host_full(kv, tokens: int) -> dict:
       ("H1", State.RUNNING, 2000, 1000), ("H2", State.RUNNING, 2000, 1000)], 2000, 5000,
      (Directive("H1", Action.DISCARD, tier=Tier.HOST), Directive("B", Action.SWAP_TO_HOST),
       Directive("H2", Action.DISCARD, tier=Tier.HOST), Directive("C", Action.SWAP_TO_HOST),
-      Directive("D", Action.KEEP, ttl_s=0.0), Directive("H1", Action.PREEMPT, tier=Tier.GPU))),
+      Directive("H2", Action.PREEMPT, tier=Tier.GPU))),   # then the latest admitted (ties: by id)
 ])
 def test_pressure_never_frees_both_copies_or_the_same_host_copy_twice(kv, views, host_tokens, need, expected):
-    policy = AgentcgPolicy()
+    policy = AgentcgPolicy(swap_under_pressure=True, min_copy_s=0.2)
     built = [kv.view(rid, state, gpu_tokens=g, host_tokens=h, pinned=state is State.PAUSED,
                      paused_s=99.0 if state is State.PAUSED else None, admitted_s=1.0 if state is State.RUNNING else None)
              for rid, state, g, h in views]

@@ -185,6 +185,22 @@ def test_cli_simulates_a_trace(tmp_path, capsys):
     assert "raise --gpu-kv" in capsys.readouterr().err
 
 
+def test_cli_sweeps_and_writes_a_heat_map(tmp_path, capsys):
+    path = write_trace(_trace(False), tmp_path / "t")
+    png = tmp_path / "sweep.png"
+    assert main(["kv", "sweep", str(path), "--fractions", "0.5", "--png", str(png)]) == 2   # one call cannot fit
+    assert "raise --gpu-kv" in capsys.readouterr().err
+    assert main(["kv", "sweep", str(path), "--fractions", "2,4", "--spacings", "0", "--budgets", "8GiB",
+                 "--workers", "1", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "best baseline" in out and "over 2 points" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["kv", "sweep", str(path), "--fractions", "0", "--png", str(png)]) == 2
+    assert main(["kv", "sweep", str(path), "--budgets", "lots", "--png", str(png)]) == 2
+    assert main(["kv", "simulate", str(path), "--policies", "vllm-v1-offload:roomy"]) == 2
+    assert "unknown KV policy vllm-v1-offload:roomy" in capsys.readouterr().err
+
+
 def test_cli_real_runs_the_reference_engine_on_scaled_sessions(tmp_path, capsys):
     """The reference engine on this host's CPU (a GPU is used where torch sees one)."""
     pytest.importorskip("agentcg.gpu.engine.run")

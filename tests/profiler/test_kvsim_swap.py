@@ -18,7 +18,7 @@ MODEL = EngineModel(COST, BPT, 1e9, 1e9, 1e8, 2e8, "test model")
 def _paused(ctx: int, host: tuple[int, int] | None = None) -> tuple[Simulator, object]:
     cfg = SimConfig(MODEL, 100_000 * BPT, 10_000 * BPT, 10_000 * BPT)
     sim = Simulator([SimSession("a", "a", (SimTurn(ctx, 10, "Bash", 1.0), SimTurn(ctx + 100, 10, None, 0.0)))],
-                    "vllm-v1", cfg)
+                    "infercept", cfg)   # a policy with a host pool
     s = sim.by_id["a"]
     s.state, s.ctx, s.hwm = PAUSED, ctx, ctx
     sim._gpu_set(s, ctx if host is None else host[0])
