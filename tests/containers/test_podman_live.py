@@ -52,7 +52,8 @@ def test_adopt_three_execs_become_records_with_kernel_peaks_and_release_restores
     big = by_tool["python3"]["peak_memory_bytes"]
     assert 200 * MiB <= big < 260 * MiB, big
     assert by_tool["sh"]["peak_memory_bytes"] < 20 * MiB and by_tool["ls"]["peak_memory_bytes"] < 20 * MiB
-    assert by_tool["python3"]["peak_rss_bytes"] >= 200 * MiB
+    # eBPF RSS needs the opt-in `faults` concern (docs/ebpf.md); by default it is not measured
+    assert all(r["peak_rss_bytes"] is None for r in by_tool.values())
     for record in by_tool.values():
         extra = record["extra"]
         assert record["sandbox"] == "C" and extra["container_id"] == cid[:12] and extra["from_exec"] == 1
