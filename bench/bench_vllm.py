@@ -178,7 +178,7 @@ def main() -> int:
             os.environ["PYTHONPATH"] = str(REPO / "tests" / "vllm") + os.pathsep + os.environ.get("PYTHONPATH", "")
             daemon = DaemonProcess({"daemon": {"socket_path": str(sock)}, "engine": {"kv_policy": policy}})
             daemon.socket_path = sock
-            daemon.start()
+            daemon.start()       # on failure the finally below cleans it up
             if server is acg:
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and not daemon.result("state")["engines"]:

@@ -86,7 +86,11 @@ class Daemon:
         os.environ["PYTHONPATH"] = str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")
         self.d = DaemonProcess({"daemon": {"socket_path": str(socket_path)}, "engine": {"kv_policy": policy}})
         self.d.socket_path = socket_path          # the servers' socket, not the default one
-        self.d.start()
+        try:
+            self.d.start()
+        except BaseException:
+            self.d.cleanup()                      # a daemon that did not answer is not left running
+            raise
 
     def engine(self) -> dict:
         engines = self.d.result("state")["engines"]
