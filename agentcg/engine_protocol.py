@@ -1,4 +1,4 @@
-"""The engine protocol, version 1: messages between an inference engine and agentcg.
+"""The engine protocol, version 2: messages between an inference engine and agentcg.
 
 The engine registers its KV geometry, tier capacities, transfer bandwidths and compute
 costs (`Register`), reports request events (`RequestEvent`: admitted, paused for a tool
@@ -8,9 +8,15 @@ time-to-live, swap to host, offload to SSD, discard, prefetch back, preempt), an
 engine acknowledges each one (`DirectiveResult`), refusing for example a directive for a
 request it does not know.
 
+Version 2 adds what a real engine (vLLM, through agentcg.gpu.vllm) reports besides:
+`LlmRequest` (one LLM call of a session, when it finished: tokens, cache hits, times),
+`KvTransfer` (one measured move of a session's KV between tiers) and `EngineStats`
+(engine-wide counters scraped from the engine, e.g. vLLM's /metrics). A version-1 line is
+still accepted (its messages are unchanged); the version-2 types need `"v": 2`.
+
 Wire format: JSON lines, one object per line, at most `MAX_LINE_BYTES`, each carrying
-`"v": 1` and `"type"`; the other keys are the dataclass fields. `decode` refuses anything
-else with `ProtocolError`. The socket side belongs to the daemon; this module only defines
+`"v": 1` or `2` and `"type"`; the other keys are the dataclass fields. `decode` refuses
+anything else with `ProtocolError`. The socket side belongs to the daemon; this module only defines
 the messages and their codec (docs/kv-policies.md, "Engine protocol").
 """
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any, Union
 
 from agentcg.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_LINE_BYTES = 64 * 1024
 MAX_STRING_CHARS = 1024
 
@@ -150,7 +157,58 @@ class DirectiveResult:
     reason: str | None = None
 
 
-Message = Union[Register, RequestEvent, KvUsage, Directive, DirectiveResult]
+@dataclass(frozen=True)
+class LlmRequest:
+    """v2: one LLM call (one engine request) of session `session_id`, sent when it ended.
+    Times are seconds of the engine's monotonic clock; None: not measured."""
+
+    request_id: str                  # the engine's id of this call
+    session_id: str                  # the protocol request (the session's KV) it extends
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int               # prompt tokens found in the engine's own prefix cache
+    loaded_tokens: int = 0           # prompt tokens agentcg loaded back from host or SSD
+    preemptions: int = 0
+    sandbox: str | None = None
+    arrival_s: float | None = None
+    first_token_s: float | None = None
+    end_s: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class KvTransfer:
+    """v2: one measured move of session `request_id`'s KV (done or failed)."""
+
+    request_id: str
+    op: str                          # swap_out, offload, load, save, ...
+    src: Tier
+    dst: Tier
+    blocks: int
+    bytes: int
+    seconds: float
+    ok: bool = True
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """v2: engine-wide figures (vLLM: its /metrics); None: the engine does not give it."""
+
+    at_s: float
+    kv_usage_frac: float | None = None       # GPU KV blocks in use / all of them
+    gpu_blocks: int | None = None
+    held_blocks: int | None = None           # blocks agentcg keeps for paused sessions
+    running: int | None = None
+    waiting: int | None = None
+    preemptions_total: int | None = None
+    prefix_cache_queries: int | None = None  # tokens
+    prefix_cache_hits: int | None = None     # tokens
+    source: str | None = None                # where the figures came from (a URL)
+
+
+Message = Union[Register, RequestEvent, KvUsage, Directive, DirectiveResult, LlmRequest, KvTransfer, EngineStats]
 
 MESSAGE_TYPES: dict[str, type] = {
     "register": Register,
@@ -158,7 +216,11 @@ MESSAGE_TYPES: dict[str, type] = {
     "kv_usage": KvUsage,
     "directive": Directive,
     "directive_result": DirectiveResult,
+    "llm_request": LlmRequest,
+    "kv_transfer": KvTransfer,
+    "engine_stats": EngineStats,
 }
+V2_TYPES = frozenset({"llm_request", "kv_transfer", "engine_stats"})
 _TYPE_NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
 
 
@@ -186,12 +248,15 @@ def decode(line: bytes | str) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
     version = data.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"engine protocol version {version!r} is not supported; this agentcg speaks v{PROTOCOL_VERSION}")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(f"engine protocol version {version!r} is not supported; this agentcg speaks "
+                            f"v{PROTOCOL_VERSION} (and reads v1)")
     name = data.pop("type", None)
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {name!r}; expected one of {', '.join(MESSAGE_TYPES)}")
+    if version < 2 and name in V2_TYPES:
+        raise ProtocolError(f"message type {name!r} needs engine protocol v2; this line says v{version}")
     return _from_json(cls, data, name)
 
 

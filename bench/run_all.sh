@@ -33,5 +33,6 @@ want gpu        && run gpu-bench-cpu bench/bench_gpu.py
 want kv         && run kv-simulate bench/bench_kv_simulate.py
 want engine     && run engine-cpu bench/bench_engine.py --threads 1
 want replay     && run replay bench/bench_replay.py
+want vllm       && run vllm-cpu bench/bench_vllm.py
 want containers && run container-exec bench/bench_container_exec.py
 exit 0

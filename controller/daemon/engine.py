@@ -17,6 +17,7 @@ A KV policy that raises is counted, and vllm-v1 decides instead (the engine's de
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -27,14 +28,15 @@ from typing import Any, Callable, Iterable
 
 from agentcg.controller.daemon import engine_state as es
 from agentcg.engine_protocol import (
-    Directive, DirectiveResult, EventKind, KvUsage, Message, Register, RequestEvent,
+    Directive, DirectiveResult, EngineStats, EventKind, KvTransfer, KvUsage, LlmRequest, Message, Register,
+    RequestEvent,
 )
 from agentcg.errors import InvalidInput, ProtocolError
 from agentcg.policies.kv import POLICY_NAMES
 from agentcg.policies.kv.agentcg import HostMemoryBudget
+from agentcg.policies.kv.harness import KvDecider
 from agentcg.policies.kv.predictor import ToolSignal, tool_key
-from agentcg.policies.kv.types import Decision, State, Trigger
-from agentcg.policies.kv.vllm_v1 import VllmV1Policy
+from agentcg.policies.kv.types import State, Trigger
 from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon.engine")
@@ -75,6 +77,8 @@ def make_kv_policy(name: str) -> Any:
 
 
 CallsOf = Callable[[str], list[tuple[str, ToolSignal | None]]]   # sandbox -> [(call id, signal)], newest last
+# The daemon's event log (CONTRACTS interface 4): append(kind, sandbox, call_id, detail).
+AppendEvent = Callable[[str, "str | None", "str | None", dict], None]
 
 
 @dataclass
@@ -90,6 +94,14 @@ class EngineCounters:
     protocol_errors: int = 0
     unknown_usage: int = 0
     links_attached: int = 0
+    # v2 (real engines): per sandbox ("" = none given) and per move
+    preemptions: dict[str, int] = field(default_factory=dict)              # sandbox
+    llm_requests: dict[str, int] = field(default_factory=dict)             # sandbox
+    llm_tokens: dict[tuple[str, str], int] = field(default_factory=dict)   # (sandbox, prompt|cached|loaded|output)
+    moves: dict[tuple[str, str, str, str], int] = field(default_factory=dict)        # (op, src, dst, ok|failed)
+    moved_bytes: dict[tuple[str, str, str], int] = field(default_factory=dict)       # (op, src, dst), ok only
+    move_seconds: dict[tuple[str, str, str], float] = field(default_factory=dict)    # (op, src, dst), ok only
+    unknown_sandbox: int = 0            # requests naming a sandbox the daemon does not have
 
     @staticmethod
     def bump(table: dict, key: Any, n: int = 1) -> None:
@@ -100,13 +112,18 @@ class EngineLink:
     """One attached engine: its registration, requests, KV policy and what it was sent."""
 
     def __init__(self, link_id: int, fd: int, policy_name: str, counters: EngineCounters, max_requests: int,
-                 calls_of: CallsOf | None = None) -> None:
+                 calls_of: CallsOf | None = None, append: AppendEvent | None = None,
+                 known_sandbox: Callable[[str], bool] | None = None) -> None:
         self.link_id, self.fd = link_id, fd
         self.calls_of = calls_of         # the daemon's running tool calls of a sandbox
+        self.append = append             # the daemon's event log, when it has one
+        self.known_sandbox = known_sandbox
+        self.stats: EngineStats | None = None        # the engine's last EngineStats (v2)
+        self.stats_at_s: float | None = None
+        self._unknown_sandboxes: dict[str, None] = {}
         self.policy_name = policy_name
         self.policy_label = policy_name if policy_name in POLICY_NAMES else CUSTOM
-        self.policy = make_kv_policy(policy_name)
-        self.fallback = VllmV1Policy()
+        self.decider = KvDecider(make_kv_policy(policy_name), min_wake_s=MIN_WAKE_S)   # the one harness
         self.counters = counters
         self.max_requests = max_requests
         self.registration: Register | None = None
@@ -119,8 +136,16 @@ class EngineLink:
         self.failures = 0
 
     @property
+    def policy(self) -> Any:
+        return self.decider.policy
+
+    @policy.setter
+    def policy(self, policy: Any) -> None:
+        self.decider.policy = policy
+
+    @property
     def shares_host_memory(self) -> bool:
-        return bool(getattr(self.policy, "shares_host_memory", False))
+        return self.decider.shares_host_memory
 
     # ---- engine messages ------------------------------------------------------------
     def on_message(self, message: Message, now_s: float) -> list[Directive]:
@@ -147,11 +172,79 @@ class EngineLink:
                 self.refused += 1
                 log.debug("engine link %d refused %s for %s: %s", self.link_id, message.action.value,
                           message.request_id, message.reason)
+            r = self.requests.get(message.request_id)
+            self._append("kv_directive", r.sandbox if r else None,
+                         {"engine_id": self.registration.engine_id, "request_id": message.request_id,
+                          "action": message.action.value, "ok": message.ok, "reason": message.reason})
+            return []
+        if isinstance(message, LlmRequest):
+            self._on_llm_request(message)
+            return []
+        if isinstance(message, KvTransfer):
+            c, key = self.counters, (message.op, message.src.value, message.dst.value)
+            c.bump(c.moves, key + ("ok" if message.ok else "failed",))
+            if message.ok:
+                c.bump(c.moved_bytes, key, message.bytes)
+                c.move_seconds[key] = c.move_seconds.get(key, 0.0) + message.seconds
+            return []
+        if isinstance(message, EngineStats):
+            self.stats, self.stats_at_s = message, now_s
             return []
         raise ProtocolError(f"an engine does not send {type(message).__name__} messages; directives go from "
                             "the daemon to the engine")
 
+    def _sandbox_of(self, sandbox: str | None) -> str | None:
+        """The sandbox an engine named. One the daemon does not have (yet: `agentcg run`
+        creates a sandbox at its first tool call) is kept as a name and counted once; its
+        requests are tracked, and a tool call there pauses them once it exists."""
+        if sandbox is None or self.known_sandbox is None or sandbox in self._unknown_sandboxes:
+            return sandbox
+        try:
+            known = self.known_sandbox(sandbox)
+        except Exception:   # the daemon's lookup failing must not drop an engine line
+            log.exception("sandbox lookup for engine link %d failed", self.link_id)
+            return sandbox
+        if not known:
+            self.counters.unknown_sandbox += 1
+            self._unknown_sandboxes[sandbox] = None
+            while len(self._unknown_sandboxes) > MAX_LINKED_CALLS:
+                del self._unknown_sandboxes[next(iter(self._unknown_sandboxes))]
+            log.info("engine link %d: sandbox %r is not one of the daemon's (yet); its requests are tracked "
+                     "and paused by its tool calls once it exists", self.link_id, sandbox)
+        return sandbox
+
+    def _on_llm_request(self, m: LlmRequest) -> None:
+        c = self.counters
+        r = self.requests.get(m.session_id)
+        sandbox = (r.sandbox if r is not None else None) or self._sandbox_of(m.sandbox)
+        label = sandbox or ""
+        c.bump(c.llm_requests, label)
+        for part, n in (("prompt", m.prompt_tokens), ("cached", m.cached_tokens), ("loaded", m.loaded_tokens),
+                        ("output", m.output_tokens)):
+            c.bump(c.llm_tokens, (label, part), n)
+        ttft = m.first_token_s - m.arrival_s if m.first_token_s is not None and m.arrival_s is not None else None
+        e2e = m.end_s - m.arrival_s if m.end_s is not None and m.arrival_s is not None else None
+        self._append("llm_request", sandbox, {
+            "engine_id": self.registration.engine_id if self.registration else None, "request_id": m.request_id,
+            "session_id": m.session_id, "input_tokens": m.prompt_tokens, "context_tokens": m.prompt_tokens,
+            "output_tokens": m.output_tokens, "cached_tokens": m.cached_tokens, "loaded_tokens": m.loaded_tokens,
+            "preemptions": m.preemptions, "finish_reason": m.finish_reason, "arrival_s": m.arrival_s,
+            "start_s": m.arrival_s, "first_token_s": m.first_token_s, "end_s": m.end_s, "ttft_s": ttft, "e2e_s": e2e,
+            "duration_s": e2e, "model": self.registration.model if self.registration else None})
+
+    def _append(self, kind: str, sandbox: str | None, detail: dict) -> None:
+        if self.append is None:
+            return
+        try:
+            self.append(kind, sandbox, None, detail)
+        except Exception:   # the event log must never break the engine link
+            log.exception("engine link %d: appending a %s event failed", self.link_id, kind)
+
     def _on_event(self, event: RequestEvent, now_s: float) -> list[Directive]:
+        self._sandbox_of(event.sandbox)
+        if event.kind is EventKind.PREEMPTED:
+            known = self.requests.get(event.request_id)
+            self.counters.bump(self.counters.preemptions, (known.sandbox if known else event.sandbox) or "")
         if event.request_id not in self.requests and event.kind is not EventKind.FINISHED \
                 and len(self.requests) >= self.max_requests:
             raise ProtocolError(f"more than {self.max_requests} live requests on one engine link (max_requests); "
@@ -286,18 +379,16 @@ class EngineLink:
         snap = es.build_snapshot(self.registration, self.requests.values(), now_s, trigger, subject,
                                  need_tokens, need_bytes, self.host_share_bytes)
         self.counters.bump(self.counters.decisions, trigger.value)
-        try:
-            decision = self.policy.decide(snap)
-            if not isinstance(decision, Decision) or not all(isinstance(d, Directive) for d in decision.directives):
-                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision of Directives")
-        except Exception:
-            log.exception("KV policy %s failed on %s; vllm-v1 decides instead", self.policy_name, trigger.value)
+        errors, fallbacks = self.decider.errors, self.decider.fallbacks
+        decision = self.decider.decide(snap)        # never raises; vllm-v1 decides for a failing policy
+        if self.decider.errors > errors:
+            log.error("KV policy %s failed on %s (%s); vllm-v1 decides instead", self.policy_name, trigger.value,
+                      self.decider.last_error)
             self._failed()
+        if self.decider.fallbacks > fallbacks:
             self.counters.bump(self.counters.fallbacks, self.policy_label)
-            decision = self.fallback.decide(snap)
-        wake = decision.wake_at_s
-        if wake is not None and math.isfinite(wake):
-            wake = max(wake, now_s + MIN_WAKE_S)
+        wake = decision.wake_at_s                   # clamped by the harness
+        if wake is not None:
             self.wake_at_s = wake if self.wake_at_s is None else min(self.wake_at_s, wake)
         directives = list(decision.directives[:MAX_DIRECTIVES_PER_DECISION])
         for d in directives:
@@ -313,10 +404,11 @@ class EngineLink:
         return self._decide(Trigger.PRESSURE, now_s, subject=r.request_id, need_tokens=need)
 
     def _observe(self, event: RequestEvent) -> None:
-        try:
-            self.policy.observe(event)
-        except Exception:
-            log.exception("KV policy %s failed to observe %s", self.policy_name, event.kind.value)
+        errors = self.decider.errors
+        self.decider.observe(event)
+        if self.decider.errors > errors:
+            log.error("KV policy %s failed to observe %s (%s)", self.policy_name, event.kind.value,
+                      self.decider.last_error)
             self._failed()
 
     def _signal(self, r: es.EngineRequest, signal: ToolSignal) -> None:
@@ -349,7 +441,19 @@ class EngineLink:
         return {"link_id": self.link_id, "engine_id": reg.engine_id if reg else None,
                 "model": reg.model if reg else None, "kv_policy": self.policy_name,
                 "requests": states, "kv_tokens": tokens, "directives_sent": self.sent,
-                "directives_refused": self.refused, "policy_failures": self.failures, "wake_at_s": self.wake_at_s}
+                "directives_refused": self.refused, "policy_failures": self.failures, "wake_at_s": self.wake_at_s,
+                "kv_tokens_by_sandbox": self.tokens_by_sandbox(),
+                "engine_stats": dataclasses.asdict(self.stats) if self.stats is not None else None}
+
+    def tokens_by_sandbox(self) -> dict[str, dict[str, int]]:
+        """KV tokens per sandbox ("" = none) and tier, as the engine reported them."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.requests.values():
+            t = out.setdefault(r.sandbox or "", {"gpu": 0, "host": 0, "ssd": 0})
+            t["gpu"] += r.gpu_tokens
+            t["host"] += r.host_tokens
+            t["ssd"] += r.ssd_tokens
+        return out
 
 
 def _at(event: RequestEvent, now_s: float, sandbox: str | None) -> RequestEvent:
@@ -364,9 +468,12 @@ class EngineHub:
     [(link, directives)] for the daemon to send."""
 
     def __init__(self, policy_name: str, max_links: int, max_requests: int,
-                 host_reserve_bytes: int = 0, kv_floor_bytes: int = 0, calls_of: CallsOf | None = None) -> None:
+                 host_reserve_bytes: int = 0, kv_floor_bytes: int = 0, calls_of: CallsOf | None = None,
+                 append: AppendEvent | None = None, known_sandbox: Callable[[str], bool] | None = None) -> None:
         self.policy_name = check_policy_name(policy_name)
         self.calls_of = calls_of
+        self.append = append                 # the daemon's event log (set by the daemon when it has one)
+        self.known_sandbox = known_sandbox
         self.max_links, self.max_requests = max_links, max_requests
         self.host_reserve_bytes, self.kv_floor_bytes = host_reserve_bytes, kv_floor_bytes
         self.links: dict[int, EngineLink] = {}
@@ -375,7 +482,8 @@ class EngineHub:
 
     def attach(self, fd: int, history: Callable[[], Iterable[dict[str, Any]]] | None = None) -> EngineLink:
         self._next_id += 1
-        link = EngineLink(self._next_id, fd, self.policy_name, self.counters, self.max_requests, self.calls_of)
+        link = EngineLink(self._next_id, fd, self.policy_name, self.counters, self.max_requests, self.calls_of,
+                          append=self.append, known_sandbox=self.known_sandbox)
         if history is not None:
             link.learn_history(history())
         self.links[fd] = link

@@ -14,6 +14,7 @@ from typing import Iterable
 
 from agentcg.engine_protocol import ComputeCost, EventKind, KvUsage, Register, RequestEvent, Tier
 from agentcg.errors import ProtocolError
+from agentcg.policies.kv.harness import build_snapshot as harness_snapshot
 from agentcg.policies.kv.types import KvSnapshot, RequestView, State, Trigger
 
 # An engine that registers no cost model: the policies then see transfers and recompute
@@ -70,7 +71,9 @@ def view_of(r: EngineRequest) -> RequestView:
         turn=r.turn, context_tokens=r.context_tokens, gpu_tokens=r.gpu_tokens, host_tokens=r.host_tokens,
         ssd_tokens=r.ssd_tokens, pinned=r.pinned, arrival_s=r.arrival_s, session_start_s=r.session_start_s,
         admitted_s=r.admitted_s, paused_s=r.paused_s, preempted_s=r.preempted_s,
-        tool=r.tool if r.state is State.PAUSED else None)
+        tool=r.tool if r.state is State.PAUSED else None,
+        # past prefill: the engine reported KV for its whole context since it was admitted
+        decoding=r.state is State.RUNNING and r.context_tokens > 0 and r.gpu_tokens >= r.context_tokens)
 
 
 def gpu_tokens(reg: Register, requests: Iterable[EngineRequest]) -> tuple[int, int, int]:
@@ -104,22 +107,17 @@ def build_snapshot(reg: Register, requests: Iterable[EngineRequest], now_s: floa
                    host_capacity_bytes: int | None = None) -> KvSnapshot:
     """The KvSnapshot a policy decides on. `host_capacity_bytes`: the host pool's share of
     the host memory budget when that is smaller than what the engine registered."""
-    reqs = sorted(requests, key=lambda r: r.request_id)
-    bpt = reg.geometry.bytes_per_token
+    reqs = list(requests)
     capacity, free, evictable = gpu_tokens(reg, reqs)
     host_used, _ = host_bytes(reg, reqs)
-    host_capacity = capacity_bytes(reg, Tier.HOST)
-    if host_capacity_bytes is not None:
-        host_capacity = min(host_capacity, host_capacity_bytes)
-    running = [r for r in reqs if r.state is State.RUNNING]
-    return KvSnapshot(
-        now_s=now_s, trigger=trigger, subject=subject, bytes_per_token=bpt,
+    bpt = reg.geometry.bytes_per_token
+    return harness_snapshot(
+        now_s=now_s, trigger=trigger, subject=subject, views=(view_of(r) for r in reqs), bytes_per_token=bpt,
         gpu_capacity_tokens=capacity, gpu_free_tokens=free, gpu_evictable_tokens=evictable,
-        host_capacity_bytes=host_capacity, host_used_bytes=host_used,
+        host_capacity_bytes=capacity_bytes(reg, Tier.HOST), host_used_bytes=host_used,
         ssd_capacity_bytes=capacity_bytes(reg, Tier.SSD), ssd_used_bytes=sum(r.ssd_tokens for r in reqs) * bpt,
-        bandwidths=reg.bandwidths, cost=reg.cost or DEFAULT_COST,
-        running_batch_tokens=len(running), running_kv_tokens=sum(r.gpu_tokens for r in running),
-        requests=tuple(view_of(r) for r in reqs), need_tokens=need_tokens, need_bytes=need_bytes)
+        bandwidths=reg.bandwidths, cost=reg.cost or DEFAULT_COST, need_tokens=need_tokens, need_bytes=need_bytes,
+        host_share_bytes=host_capacity_bytes)
 
 
 def apply_event(requests: dict[str, EngineRequest], event: RequestEvent, now_s: float) -> EngineRequest | None:

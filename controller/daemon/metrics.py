@@ -260,6 +260,8 @@ class DaemonCollector(Collector):
                                       "does not know (ignored).")
         unknown.add_metric([], c.unknown_usage)
         yield unknown
+        from agentcg.controller.daemon.engine_metrics import engine_families
+        yield from engine_families(hub)
 
     def _sandboxes(self) -> Iterator[Any]:
         d = self.daemon

@@ -114,7 +114,8 @@ class Daemon(ClientConnections, EngineLinks):
         self._observed_at: float | None = None
         e = config.engine
         self.engines = EngineHub(e.kv_policy, e.max_links, e.max_requests, e.host_reserve_bytes, e.kv_floor_bytes,
-                                 calls_of=self._calls_of)
+                                 calls_of=self._calls_of, known_sandbox=lambda name: name in self.state.sandboxes,
+                                 append=self.events.append)
 
     # ---- lifecycle ----------------------------------------------------------------
     def run(self) -> int:

@@ -3,6 +3,8 @@
 The engine's messages (register, request events, KV usage, directive results) go out on the
 link as they happen; a reader thread submits the daemon's directives to the engine's inbox
 (a bounded deque: appends are thread-safe), which the engine applies at its next iteration.
+While attached the engine is passive: its own KV policy neither decides nor observes (two
+policies never decide on the same KV); only its vLLM rule under memory pressure remains.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class DaemonDriver:
         self.engine = engine
         answer = self.link.attach(engine.register())
         engine.listener = self._send
+        engine.passive = True        # the daemon's policy decides; the engine's own stays out
         self._reader = threading.Thread(target=self._read_loop, name="agentcg-engine-link", daemon=True)
         self._reader.start()
         return answer
@@ -57,3 +60,4 @@ class DaemonDriver:
             self._reader.join(timeout=5)
         if self.engine is not None:
             self.engine.listener = None
+            self.engine.passive = False

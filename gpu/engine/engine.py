@@ -37,7 +37,8 @@ from agentcg.gpu.engine.paged import PagedKV, blocks_for
 from agentcg.gpu.engine.turns import EngineSession, TurnResult, turn_input_tokens
 from agentcg.gpu.kvgeometry import KVTierFull, TransferRecord
 from agentcg.gpu.kvstore import TieredKVStore, Transfer
-from agentcg.policies.kv.types import Decision, KvPolicy, KvSnapshot, RequestView, State, Trigger
+from agentcg.policies.kv.harness import KvDecider, build_snapshot, is_decoding
+from agentcg.policies.kv.types import KvPolicy, KvSnapshot, RequestView, State, Trigger
 from agentcg.policies.kv.vllm_v1 import VllmV1Policy
 
 PENDING, WAITING, RUNNING, PAUSED, DONE = "pending", "waiting", "running", "paused", "done"
@@ -132,6 +133,8 @@ class Engine:
         self.clock = clock
         self.t0 = clock()
         self.fallback = VllmV1Policy()
+        self.decider = KvDecider(policy, fallback=self.fallback)   # the one KV decision harness
+        self.passive = False     # True while a daemon decides for this engine (DaemonDriver): no local policy
         self.stats = EngineStats()
         self.reqs: dict[str, _Req] = {}
         self.running: list[_Req] = []
@@ -192,7 +195,8 @@ class Engine:
             tool_call = f"{r.rid}/{r.turn}"
         event = RequestEvent(r.rid, r.rid, kind, self.now(), len(r.tokens), sandbox=sandbox, tool=tool,
                              tool_call_id=tool_call, cached_tokens=cached)
-        self.policy.observe(event)
+        if not self.passive:
+            self.decider.observe(event)
         self._emit(event)
 
     def _usage(self, r: _Req) -> None:
@@ -314,7 +318,8 @@ class Engine:
                 continue
             if (len(self.running), self._free_blocks()) == before:
                 self.stats.fallbacks += 1
-                for d in self.fallback.decide(self._snapshot(Trigger.PRESSURE, r, need * self.T)).directives:
+                # the engine's own rule (vLLM's), also when passive: nothing else frees blocks now
+                for d in self.decider.decide_fallback(self._snapshot(Trigger.PRESSURE, r, need * self.T)).directives:
                     self._apply(d)
                 if r.state != RUNNING:
                     return False
@@ -337,33 +342,30 @@ class Engine:
             pinned=r.pinned, copy_to_host_pending=False, arrival_s=r.arrival_s, session_start_s=r.start_s,
             admitted_s=r.admitted_s, paused_s=r.paused_s, preempted_s=r.preempted_s,
             tool=turns[r.turn].tool if r.state == PAUSED else None, is_last_step=r.turn == len(turns) - 1,
-            tool_remaining_s=remaining)
+            tool_remaining_s=remaining,
+            # past prefill: every token but the one sampled last step has its KV
+            decoding=r.state == RUNNING and is_decoding(r.kv_tokens, len(r.tokens) - 1))
 
     def _snapshot(self, trigger: Trigger, subject: _Req | None, need_tokens: int = 0) -> KvSnapshot:
         usage = self.store.usage()
         live = [r for r in self.reqs.values() if r.state in (RUNNING, WAITING, PAUSED)]
         evictable = sum(self._tier_tokens(r)[0] for r in live if r.evictable_since is not None)
-        return KvSnapshot(
+        return build_snapshot(
             now_s=self.now(), trigger=trigger, subject=subject.rid if subject else None,
-            bytes_per_token=self.bytes_per_token, gpu_capacity_tokens=usage.device.capacity_blocks * self.T,
-            gpu_free_tokens=usage.device.free_blocks * self.T, gpu_evictable_tokens=evictable,
-            host_capacity_bytes=usage.host.capacity_bytes, host_used_bytes=usage.host.used_bytes,
-            ssd_capacity_bytes=usage.ssd.capacity_bytes, ssd_used_bytes=usage.ssd.used_bytes,
-            bandwidths=self.bandwidths, cost=self.cost,
-            running_batch_tokens=sum(1 for r in self.running if r.kv_tokens == len(r.tokens) - 1),
-            running_kv_tokens=sum(r.kv_tokens for r in self.running),
-            requests=tuple(self._view(r) for r in live), need_tokens=need_tokens)
+            views=(self._view(r) for r in live), bytes_per_token=self.bytes_per_token,
+            gpu_capacity_tokens=usage.device.capacity_blocks * self.T, gpu_free_tokens=usage.device.free_blocks * self.T,
+            gpu_evictable_tokens=evictable, host_capacity_bytes=usage.host.capacity_bytes,
+            host_used_bytes=usage.host.used_bytes, ssd_capacity_bytes=usage.ssd.capacity_bytes,
+            ssd_used_bytes=usage.ssd.used_bytes, bandwidths=self.bandwidths, cost=self.cost, need_tokens=need_tokens)
 
     def _ask(self, trigger: Trigger, subject: _Req | None, need_tokens: int = 0) -> None:
+        if self.passive:
+            return       # the daemon decides; its directives arrive through submit()
         snap = self._snapshot(trigger, subject, need_tokens)
-        try:
-            decision = self.policy.decide(snap)
-            if not isinstance(decision, Decision):
-                raise TypeError(f"decide() returned {type(decision).__name__}, not a Decision")
-        except Exception:  # a broken policy must not stop the engine: vllm-v1 decides, counted
-            self.stats.policy_errors += 1
-            decision = self.fallback.decide(snap)
-        if decision.wake_at_s is not None and math.isfinite(decision.wake_at_s):
+        errors = self.decider.errors
+        decision = self.decider.decide(snap)   # never raises: vllm-v1 decides for a failing policy
+        self.stats.policy_errors += self.decider.errors - errors
+        if decision.wake_at_s is not None:     # clamped by the harness
             self.wake_at = decision.wake_at_s if self.wake_at is None else min(self.wake_at, decision.wake_at_s)
         for d in decision.directives:
             self._apply(d)
@@ -475,7 +477,8 @@ class Engine:
             self._ask(Trigger.TICK, None)
 
     def _admit(self) -> None:
-        keys = {r.rid: self.policy.waiting_key(self._view(r)) for r in self.waiting}
+        keys = {r.rid: (r.arrival_s, r.rid) if self.passive else self.decider.waiting_key(self._view(r))
+                for r in self.waiting}
         self.waiting.sort(key=lambda r: keys[r.rid])
         for r in list(self.waiting):
             if len(self.running) >= self.limits.max_running:

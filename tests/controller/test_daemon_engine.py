@@ -139,8 +139,8 @@ def test_malformed_engine_lines_close_only_that_link():
             with pytest.raises(EOFError):
                 bad.line()
             unknown = FakeEngine(d)                 # the bad link's slot is free again
-            unknown.sock.sendall(b'{"v": 2, "type": "register"}\n')
-            assert "version 2" in json.loads(unknown.line())["error"]["message"]
+            unknown.sock.sendall(b'{"v": 3, "type": "register"}\n')
+            assert "version 3" in json.loads(unknown.line())["error"]["message"]
             unknown.close()
             huge = FakeEngine(d)
             huge.sock.sendall(b"x" * (70 * 1024))

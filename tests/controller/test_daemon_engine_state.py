@@ -237,3 +237,49 @@ def test_a_frozen_call_is_decided_on_again_as_a_long_one():
     # a sandbox policy froze it: it lasts until thawed (pinned until then), so write a host copy now
     assert hub.tool_signal("tc-1", "freeze", 2.2) == [
         (link, [Directive("r1", Action.KEEP), Directive("r1", Action.SWAP_TO_HOST, keep_gpu_copy=True)])]
+
+
+def test_v2_messages_feed_the_counters_and_the_event_log():
+    from agentcg.engine_protocol import EngineStats, KvTransfer, LlmRequest
+
+    appended = []
+    link = EngineLink(1, 3, "vllm-v1", EngineCounters(), 16, append=lambda *a: appended.append(a),
+                      known_sandbox=lambda name: name == "S")
+    link.on_message(REG, 0.0)
+    link.on_message(RequestEvent("vllm:a", "a", EventKind.ADMITTED, 1.0, 100, sandbox="S"), 1.0)
+    link.on_message(RequestEvent("vllm:b", "b", EventKind.ADMITTED, 1.0, 100, sandbox="ghost"), 1.0)
+    link.on_message(RequestEvent("vllm:b", "b", EventKind.PAUSED, 1.0, 100, sandbox="ghost"), 1.0)
+    link.on_message(RequestEvent("vllm:a", "a", EventKind.PREEMPTED, 2.0, 100, sandbox="S"), 2.0)
+    link.on_message(LlmRequest("cmpl-1", "vllm:a", 3.0, prompt_tokens=100, output_tokens=8, cached_tokens=64,
+                               loaded_tokens=32, sandbox="S", arrival_s=2.0, first_token_s=2.5, end_s=3.0), 3.0)
+    link.on_message(KvTransfer("vllm:a", "swap_out", Tier.GPU, Tier.HOST, 2, 4096, 0.001), 3.0)
+    link.on_message(KvTransfer("vllm:a", "load", Tier.HOST, Tier.GPU, 2, 0, 0.0, ok=False, reason="x"), 3.0)
+    link.on_message(DirectiveResult("vllm:a", Action.KEEP, False, "no GPU KV held"), 3.0)
+    link.on_message(EngineStats(4.0, kv_usage_frac=0.25, gpu_blocks=64, preemptions_total=1), 4.0)
+    c = link.counters
+    assert c.preemptions == {"S": 1}
+    assert c.unknown_sandbox == 1                       # "ghost", counted once, still tracked by name
+    assert link.requests["vllm:b"].sandbox == "ghost"
+    assert c.llm_requests == {"S": 1}
+    assert c.llm_tokens[("S", "cached")] == 64 and c.llm_tokens[("S", "loaded")] == 32
+    assert c.moved_bytes == {("swap_out", "gpu", "host"): 4096}
+    assert c.moves[("load", "host", "gpu", "failed")] == 1
+    (llm,) = [a for a in appended if a[0] == "llm_request"]
+    assert llm[1] == "S" and llm[3]["ttft_s"] == 0.5 and llm[3]["cached_tokens"] == 64
+    (kv,) = [a for a in appended if a[0] == "kv_directive"]
+    assert kv[3]["action"] == "keep" and kv[3]["ok"] is False
+    summary = link.summary()
+    assert summary["engine_stats"]["kv_usage_frac"] == 0.25
+    assert summary["kv_tokens_by_sandbox"]["S"] == {"gpu": 0, "host": 0, "ssd": 0}
+
+
+def test_a_failing_event_log_never_breaks_the_link():
+    from agentcg.engine_protocol import LlmRequest
+
+    def broken(*a):
+        raise RuntimeError("log full")
+
+    link = EngineLink(1, 3, "vllm-v1", EngineCounters(), 16, append=broken)
+    link.on_message(REG, 0.0)
+    link.on_message(LlmRequest("c", "s", 1.0, prompt_tokens=1, output_tokens=1, cached_tokens=0), 1.0)
+    assert link.counters.llm_requests == {"": 1}

@@ -7,7 +7,7 @@ import pytest
 
 from agentcg.engine_protocol import (
     LLAMA3_8B_BF16, MAX_LINE_BYTES, MESSAGE_TYPES, Action, Bandwidth, ComputeCost, Directive,
-    DirectiveResult, EventKind, KvUsage, Register, RequestEvent, Tier, TierCapacity, decode, encode,
+    DirectiveResult, EngineStats, EventKind, KvTransfer, KvUsage, LlmRequest, Register, RequestEvent, Tier, TierCapacity, decode, encode,
 )
 from agentcg.errors import ProtocolError
 
@@ -26,7 +26,16 @@ SAMPLES = [
     Directive("r1", Action.SWAP_TO_HOST, tokens=480, keep_gpu_copy=True),
     Directive("r1", Action.PREEMPT, tier=Tier.NONE),
     DirectiveResult("r9", Action.DISCARD, ok=False, reason="unknown request r9"),
+    LlmRequest("cmpl-1", "s1", 30.0, prompt_tokens=900, output_tokens=32, cached_tokens=640, loaded_tokens=256,
+               sandbox="sb1", arrival_s=29.0, first_token_s=29.5, end_s=30.0, finish_reason="length"),
+    KvTransfer("s1", "swap_out", Tier.GPU, Tier.HOST, blocks=4, bytes=1 << 20, seconds=0.002),
+    EngineStats(31.0, kv_usage_frac=0.5, gpu_blocks=512, preemptions_total=3, source="http://127.0.0.1:8000/metrics"),
 ]
+
+
+def test_a_v1_line_of_a_v1_type_is_still_read():
+    line = encode(Directive("r1", Action.KEEP)).replace(b'"v":2', b'"v":1')
+    assert decode(line) == Directive("r1", Action.KEEP)
 
 
 def test_every_message_type_is_sampled():
@@ -53,7 +62,12 @@ def _line(**body):
     (b"not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
     (_line(type="directive", request_id="r", action="keep"), "version"),
-    (_line(v=2, type="directive", request_id="r", action="keep"), "version 2"),
+    (_line(v=3, type="directive", request_id="r", action="keep"), "version 3"),
+    (_line(v=True, type="directive", request_id="r", action="keep"), "version True"),
+    (_line(v=1, type="kv_transfer", request_id="r", op="load", src="host", dst="gpu", blocks=1, bytes=1,
+           seconds=0.1), "needs engine protocol v2"),
+    (_line(v=2, type="llm_request", request_id="r", session_id="s", at_s=1, prompt_tokens=-1, output_tokens=0,
+           cached_tokens=0), "non-negative"),
     (_line(v=1, type="teleport"), "unknown message type"),
     (_line(v=1, type="directive", action="keep"), "missing field 'request_id'"),
     (_line(v=1, type="directive", request_id="r", action="melt"), "not one of"),
