@@ -11,6 +11,9 @@ Two modes behind one API (`Client(mode="auto")` picks):
   daemon comes back in time, or the call was already ended by the daemon, `finish()` still
   returns a record, built here from what the client knows and marked `extra.unconfirmed`;
   the daemon's records file has the measured one (or the next daemon writes it).
+  `toolcall.begin` carries a random `request_key`, so a begin whose answer was lost
+  (daemon killed meanwhile) is resent with the same back-off: the daemon that has the
+  call (the same one, or the next, which adopted it) answers with it, never a second.
   `grace_s` goes to the daemon with `toolcall.begin`; `records_path` gets the daemon's
   record appended, as in local mode.
 - local: no socket and we are root; the client drives a ToolCallManager in this process
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -225,8 +229,16 @@ class Client:
         if self.grace_s is not None:
             args["grace_s"] = self.grace_s
         start_monotonic_s, start_wall_s = time.monotonic(), time.time()
-        # a begin that reached a daemon is never sent again (it would make a second call)
-        result = self.request(Method.TOOLCALL_BEGIN, args, retry="unsent")
+        # the key makes a resent begin answer with the same call (docs/daemon-protocol.md),
+        # so a begin lost in a daemon restart is sent again to the next daemon
+        args["request_key"] = secrets.token_urlsafe(16)
+        try:
+            result = self.request(Method.TOOLCALL_BEGIN, args, retry="any")
+        except InvalidInput as exc:
+            if "request_key" not in str(exc):
+                raise
+            del args["request_key"]    # a daemon older than the key: a begin that reached it is not resent
+            result = self.request(Method.TOOLCALL_BEGIN, args, retry="unsent")
         try:
             call_id = str(result["call_id"])
             procs = [Path(p) for p in result["cgroup_procs"]]

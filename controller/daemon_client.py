@@ -9,9 +9,10 @@ code to.
 `DaemonLink` keeps one connection and, when asked to, retries across a daemon restart:
 bounded exponential back-off (50 ms doubling to 2 s, for at most `reconnect_s`), and one
 line on stderr when it starts waiting. Which requests may be retried is the caller's
-choice: `retry="unsent"` only when nothing reached the daemon (toolcall.begin must not
+choice: `retry="unsent"` only when nothing reached the daemon (a request that must not
 be sent twice), `retry="any"` also after a broken connection (toolcall.end may: ending a
-call that already returned changes nothing).
+call that already returned changes nothing; toolcall.begin may when it carries a
+`request_key`, which makes the daemon answer a repeat with the same call).
 """
 from __future__ import annotations
 

@@ -7,7 +7,9 @@
 The agent's tool calls are the daemon's: its policy acts on them, /metrics counts them and
 their records go to the daemon's records file (`--records` cannot get them here: the
 client says where they are). A daemon restart while the agent runs does not stop the
-agent; exec_end then finds no watch and the client says so.
+agent, nor its detection: the next daemon re-establishes the watch (exec_watch.py) and
+exec_end, resent with back-off, reaches it. Only when no daemon has the watch any more
+(its state directory was lost) does exec_end find none, and the client says so.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any, Callable, Protocol
 
+from agentcg.controller.daemon.begin_keys import BeginKeys
 from agentcg.controller.daemon.server import ApiError, Connection, PeerCred, Request
 from agentcg.controller.daemon.state import CallEntry, SandboxEntry
 from agentcg.controller.reaper import process_start_ticks
@@ -119,6 +120,7 @@ def peer_sandbox(peer_pid: int, root: str) -> str | None:
 class Api:
     def __init__(self, daemon: ApiHost) -> None:
         self.d = daemon
+        self.keys = BeginKeys(daemon, DEFERRED)
         self.ops: dict[str, Callable[[Connection, Request], Any]] = {
             "ping": self.ping, "state": self.state,
             "sandbox.create": self.sandbox_create, "sandbox.remove": self.sandbox_remove,
@@ -258,9 +260,13 @@ class Api:
         priority = parse_priority(a.str("priority", required=False, default="normal"))
         pid = a.int("pid", 1, 2**22)
         grace_s = a.number("grace_s", 0.0, 3600.0)
+        key = self.keys.read(req.op, a.raw) if a.has("request_key") else None
         a.done()
         peer, d = conn.peer, self.d
         self._may_act_on(peer, sandbox, req.op)
+        again = self.keys.repeated(conn, req, sandbox, key) if key is not None else None
+        if again is not None:        # a resent begin (begin_keys.py): the same call
+            return again
         if sandbox not in d.state.sandboxes and not peer.is_root:
             raise ApiError("not_found", f"no sandbox {sandbox!r}; root creates it with sandbox.create")
         if len(d.calls.running()) >= d.config.limits.max_running_calls:
@@ -285,6 +291,7 @@ class Api:
             start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, priority=priority,
             mem_hint_bytes=mem_hint, grace_s=call.grace_s, created_sandbox=call.created_sandbox,
             owner_pid=peer.pid, owner_start_ticks=process_start_ticks(peer.pid) or 0, owner_uid=peer.uid)
+        self.keys.remember(call.call_id, key)
         d.save()
         result = {"call_id": call.call_id, "cgroup_procs": [str(p) for p in call.procs_files],
                   "cgroup_id": call.cgroup_id, "limits": limits}

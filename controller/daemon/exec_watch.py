@@ -17,21 +17,31 @@ event arrives. The detected calls are begun on the daemon's own ToolCallManager,
 daemon's `finish_due` records them and counts them in /metrics like any other call.
 
 Root only (the client must be able to spawn into the agent cgroup and the detector moves
-its processes). A client that dies ends its watch as if the agent exited; a daemon restart
-ends every watch (the calls already moved are adopted like any other; the agent's later
-commands stay in its agent cgroup).
+its processes). A client that dies ends its watch as if the agent exited.
+
+A daemon restart keeps the watches: each is saved in `<state_dir>/exec_watches.json`
+(rewritten whole with rename at exec_begin, when the agent's pid becomes known, and at the
+watch's end; a clean stop keeps it) and the next daemon re-establishes it at start-up,
+before it accepts connections: same watch id, same tools and grace, the agent's pid, the
+client's pid and start time (a client gone meanwhile ends its watch at the first
+housekeeping pass). Execs the dead daemon's detector had stopped are resumed. So the
+agent's later commands are the new daemon's calls, and the client's exec_end goes to it;
+the calls already moved are in the daemon's state (owned by the watch's client, entered
+once they were resumed), so the next daemon adopts them, and the restored watch tracks
+them again until they exit (the earlier daemon's spares are dropped).
+Only the exec events of the downtime itself are missed (those commands run in the agent
+cgroup). The daemon re-establishes rather than the client re-registering: no window
+between the new daemon's start and a client noticing it, and older clients need nothing.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import logging
-import os
 import select
-import signal
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agentcg.controller.autodetect import DEFAULT_TOOL_GLOBS, ExecDetector, ToolMatcher, parse_globs
+from agentcg.controller.daemon.exec_watch_saved import MAX_WATCHES, SavedWatches, Watch, sigcont as _sigcont
 from agentcg.controller.daemon.server import ApiError, Connection, Request
 from agentcg.controller.daemon.state import SandboxEntry
 from agentcg.controller.sandbox import agent_path, ensure_sandbox, procs_files, sandbox_lock, validate_name
@@ -40,7 +50,6 @@ from agentcg.errors import AgentcgError, BpfError, InvalidInput
 from agentcg.procfs import PROC
 
 log = logging.getLogger("agentcg.daemon.exec_watch")
-MAX_WATCHES = 64
 MAX_GLOB_ITEMS = 256
 EXEC_CONCERNS = ("process", "exit_codes")
 
@@ -86,19 +95,7 @@ class DaemonExecDetector(ExecDetector):
                 pass
 
 
-@dataclass
-class Watch:
-    watch_id: int
-    sandbox: str
-    client_pid: int
-    client_ticks: int | None
-    created_sandbox: bool
-    detector: DaemonExecDetector | None
-    ending: bool = False
-    result: dict[str, Any] = field(default_factory=dict)
-
-
-class ExecWatch:
+class ExecWatch(SavedWatches):
     """The daemon's exec watches; `ops()` for the API, `on_housekeeping()` from its loop."""
 
     def __init__(self, daemon: Any, load_monitor: Callable[[], Any] | None = None) -> None:
@@ -108,6 +105,7 @@ class ExecWatch:
         self._ring_fd: int | None = None
         self.watches: dict[int, Watch] = {}
         self._next_id = 1
+        self._saved_text: str | None = None
 
     def ops(self) -> dict[str, Callable[[Connection, Request], Any]]:
         return {Method.SANDBOX_EXEC_BEGIN: self.exec_begin, Method.SANDBOX_EXEC_END: self.exec_end}
@@ -131,6 +129,17 @@ class ExecWatch:
                                         "`agentcg sandbox exec` as root")
         if len(self.watches) >= MAX_WATCHES:
             raise ApiError("busy", f"{MAX_WATCHES} agents are watched already; end one first")
+        created = self._ensure_sandbox(sandbox)
+        detector = self._detector(sandbox, matcher, grace_s, conn.peer.pid, 0) if detect else None
+        watch = Watch(self._next_id, sandbox, conn.peer.pid, PROC.start_ticks(conn.peer.pid), created, detector,
+                      matcher, grace_s, detect)
+        self._next_id += 1
+        self.watches[watch.watch_id] = watch
+        self._save()
+        return {"watch_id": watch.watch_id, "detect": detector is not None,
+                "agent_procs": [str(p) for p in procs_files(self.d.tree, agent_path(sandbox))]}
+
+    def _ensure_sandbox(self, sandbox: str) -> bool:
         d = self.d
         created = False
         if sandbox not in d.state.sandboxes:
@@ -140,22 +149,22 @@ class ExecWatch:
         else:
             with sandbox_lock(d.tree, sandbox, d.config.daemon.state_dir):
                 ensure_sandbox(d.tree, sandbox)     # an adopted sandbox may lack agent/
-        detector = None
-        if detect:
-            self._ensure_monitor()
-            detector = DaemonExecDetector(d.calls, self.monitor, sandbox, agent_pid=0, matcher=matcher,
-                                          parent_pid=conn.peer.pid, grace_s=grace_s, daemon=d)
-            try:
-                detector.prepare()
-            except BaseException:
-                detector.close(grace_s=0.0)
-                self._release_monitor()
-                raise
-        watch = Watch(self._next_id, sandbox, conn.peer.pid, PROC.start_ticks(conn.peer.pid), created, detector)
-        self._next_id += 1
-        self.watches[watch.watch_id] = watch
-        return {"watch_id": watch.watch_id, "detect": detector is not None,
-                "agent_procs": [str(p) for p in procs_files(d.tree, agent_path(sandbox))]}
+        return created
+
+    def _detector(self, sandbox: str, matcher: ToolMatcher, grace_s: float | None, parent_pid: int,
+                  agent_pid: int) -> DaemonExecDetector:
+        self._ensure_monitor()
+        detector = DaemonExecDetector(self.d.calls, self.monitor, sandbox, agent_pid=agent_pid, matcher=matcher,
+                                      parent_pid=parent_pid, grace_s=grace_s, daemon=self.d)
+        if agent_pid:
+            detector.agent_execs = 1    # the agent started under an earlier daemon: its next exec is a command
+        try:
+            detector.prepare()
+        except BaseException:
+            detector.close(grace_s=0.0)
+            self._release_monitor()
+            raise
+        return detector
 
     def exec_end(self, conn: Connection, req: Request) -> dict[str, Any]:
         args = _args(req, {"watch_id", "exit_code", "signal"})
@@ -187,6 +196,7 @@ class ExecWatch:
                 self._guard(watch.detector.housekeeping)
             if watch.ending:
                 self._settle(watch)
+        self._save()      # spares refilled (no write when nothing changed)
 
     def close(self) -> None:
         """Daemon shutdown: stop detecting (the calls stay for the next daemon)."""
@@ -212,6 +222,8 @@ class ExecWatch:
                     _sigcont(event.pid)
         for detector in detectors:
             self._guard(detector.housekeeping)
+        self._enter_calls()
+        self._save()      # when the agent's pid, the spares or the moved calls changed (else no write)
 
     # ---- internals ----------------------------------------------------------------
     def _end(self, watch: Watch, returncode: int | None) -> None:
@@ -224,6 +236,7 @@ class ExecWatch:
             for call in detector.tracked_calls():
                 self.d.calls.returned(call)          # the daemon finishes them after their grace period
             self.d.finish_due()
+        self._save()
         watch.result = {"calls": (detector.finished + len(detector.tracked_calls())) if detector else 0,
                         "missed": detector.missed if detector else 0,
                         "running": len(detector.tracked_calls()) if detector else 0,
@@ -343,11 +356,3 @@ def _ring_fd(monitor: Any) -> int | None:
         return fd if fd >= 0 else None
     except (AttributeError, OSError, BpfError):
         return None
-
-
-def _sigcont(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
-

@@ -129,6 +129,7 @@ class Daemon(ClientConnections, EngineLinks):
         for name in self.state.sandboxes:
             self._triggers.arm(name)
         self.reactor.arm_scopes(self.control.sandbox_budgets())
+        self.exec_watch.restore()     # `sandbox exec` agents watched by an earlier daemon
         gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
         self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
         self._register(self._listener.fileno(), _IN, self._on_accept)

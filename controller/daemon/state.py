@@ -60,6 +60,7 @@ class CallEntry:
     owner_pid: int = 0            # the peer that began the call; 0: none (adopted unknown)
     owner_start_ticks: int = 0
     owner_uid: int = 0
+    request_key: str | None = None    # the client's idempotency key (daemon/begin_keys.py)
     returned_monotonic_s: float | None = None
     returned_wall_s: float | None = None
     exit_code: int | None = None

@@ -126,3 +126,66 @@ def test_no_daemon_within_the_bound_still_exits_with_the_status(tmp_path):
         assert json.loads(text.splitlines()[-1])["extra"]["unconfirmed"] is True
         d.start()    # the next daemon adopts the call (its owner is gone) and records it once
         assert wait_until(lambda: len(d.records()) == 1, timeout_s=30), d.log()
+
+
+MiB = 1 << 20
+
+
+def test_a_begin_lost_in_a_kill9_is_resent_and_the_command_runs_once(tmp_path):
+    """The daemon is killed while the call's toolcall.begin waits for admission (it reached
+    the daemon, which never answered): the client resends the begin with its request_key
+    to the next daemon, which answers with the adopted call; the command runs exactly once
+    and the client exits with its status."""
+    marker = tmp_path / "ran"
+    gate = tmp_path / "gate"
+    gate.touch()
+    with _daemon(policy={"name": "agentcg", "tick_s": 0.1, "max_wait_s": 50, "lookahead_s": 0}) as d:
+        d.result("sandbox.create", name="s1", memory_budget_bytes=64 * MiB)
+        client = _run(d, gate, f"echo ran >> {marker}; exit 7", "--mem-hint", "200M")
+        try:
+            assert wait_until(lambda: d.result("state")["pending_calls"], timeout_s=60), d.log()
+            [pending] = d.result("state")["pending_calls"]
+            d.kill9()
+            assert client.poll() is None and not marker.exists()     # it never started
+            d.start()
+            # the next daemon adopted the call; the resent begin waits for room there too
+            assert wait_until(lambda: d.result("state")["pending_calls"], timeout_s=60), d.log()
+            assert [c["call_id"] for c in d.result("state")["running_calls"]] == [pending["call_id"]]
+            d.result("sandbox.update", name="s1", memory_budget_bytes=1024 * MiB)   # room now
+            _, err = client.communicate(timeout=120)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert client.returncode == 7, err.decode()
+        assert marker.read_text() == "ran\n"                    # exactly once
+        record = json.loads(err.decode().splitlines()[-1])
+        assert record["call_id"] == pending["call_id"] and record["exit_code"] == 7
+        assert not record.get("extra", {}).get("unconfirmed"), record
+        assert "retrying" in err.decode()
+        assert [r["call_id"] for r in d.records()] == [pending["call_id"]]      # one call, recorded once
+
+
+def test_a_repeated_begin_is_the_same_call_and_bad_keys_are_refused():
+    with _daemon() as d:
+        d.result("sandbox.create", name="s1")
+        d.result("sandbox.create", name="s2")
+        first = d.result("toolcall.begin", sandbox="s1", tool="t", request_key="k" * 22)
+        again = d.result("toolcall.begin", sandbox="s1", tool="t", request_key="k" * 22)
+        assert again["call_id"] == first["call_id"] and again["repeated"] is True
+        assert again["cgroup_procs"] == first["cgroup_procs"] and "repeated" not in first
+        assert len(d.result("state")["running_calls"]) == 1
+        other = d.request("toolcall.begin", sandbox="s2", tool="t", request_key="k" * 22)
+        assert other["error"]["code"] == "invalid_input" and "sandbox" in other["error"]["message"]
+        for bad in ("short", "x" * 65, "has space!", 5):
+            refused = d.request("toolcall.begin", sandbox="s1", request_key=bad)
+            assert refused["error"]["code"] == "invalid_input" and "request_key" in refused["error"]["message"]
+        # without a key a begin is a new call, as for clients older than the key
+        plain = d.result("toolcall.begin", sandbox="s1", tool="t")
+        assert plain["call_id"] != first["call_id"]
+        d.result("toolcall.end", call_id=plain["call_id"], exit_code=0)
+        d.result("toolcall.end", call_id=first["call_id"], exit_code=0)
+        # the key of an ended call names no running call any more: a new call
+        fresh = d.result("toolcall.begin", sandbox="s1", tool="t", request_key="k" * 22)
+        assert fresh["call_id"] != first["call_id"]
+        d.result("toolcall.end", call_id=fresh["call_id"], exit_code=0)

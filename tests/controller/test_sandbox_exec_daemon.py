@@ -78,3 +78,47 @@ def test_bad_arguments_are_refused(daemon):
     refused = daemon.request("sandbox.exec_begin", sandbox="ag1", tools=["a/b"])
     assert refused["error"]["code"] == "invalid_input" and "glob" in refused["error"]["message"]
     assert daemon.request("sandbox.exec_end", watch_id=99)["error"]["code"] == "not_found"
+
+
+def test_a_watch_outlives_a_daemon_kill9(daemon, tmp_path):
+    """`sandbox exec` through the daemon, the daemon killed with SIGKILL and started again:
+    the new daemon re-establishes the watch, so the agent's next command is a tool call in
+    its state and records, and the client's exec_end reaches it."""
+    d = daemon
+    first, second, done = tmp_path / "first", tmp_path / "second", tmp_path / "done"
+    wait_for = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.02)"
+    script = (f"{PY} -c '{wait_for}' {first}; "
+              f"while [ ! -e {second} ]; do sleep 0.05; done; "
+              f"{PY} -c '{wait_for}' {done}; exit 4")
+    agent = _exec(d, tmp_path, script, "--tools", os.path.basename(PY))
+    try:
+        assert wait_until(lambda: _calls(d, os.path.basename(PY)), timeout_s=60), (d.result("state"), d.log())
+        [moved] = _calls(d, os.path.basename(PY))
+        d.kill9()           # while the first command runs
+        d.start()
+        assert "re-established 1 exec watch" in d.log(), d.log()
+        # the moved command is adopted under its own name; the dead daemon's spares are gone
+        assert [c["call_id"] for c in _calls(d, os.path.basename(PY))] == [moved["call_id"]], d.log()
+        assert not _calls(d, "unknown"), d.result("state")
+        first.touch()
+        assert wait_until(lambda: not _calls(d, os.path.basename(PY)), timeout_s=60), d.result("state")
+        second.touch()      # the agent's next command runs under the new daemon
+        assert wait_until(lambda: _calls(d, os.path.basename(PY)), timeout_s=60), (d.result("state"), d.log())
+        [call] = _calls(d, os.path.basename(PY))
+        assert str(done) in call["command"]
+    finally:
+        for gate in (first, second, done):
+            gate.touch()
+    _, err = agent.communicate(timeout=60)
+    assert agent.returncode == 4, err
+    assert "through the daemon" in err and "no longer watches" not in err, err
+    assert wait_until(lambda: any(r["call_id"] == call["call_id"] for r in d.records()), timeout_s=30), d.records()
+    record = next(r for r in d.records() if r["call_id"] == call["call_id"])
+    assert record["exit_code"] == 0 and record["tool"] == os.path.basename(PY)
+    assert wait_until(lambda: not [s for s in d.result("state")["sandboxes"] if s["name"] == "ag1"], timeout_s=30)
+    # the first command, moved by the killed daemon, is recorded once under its own name
+    mine = [r for r in d.records() if r["sandbox"] == "ag1"]
+    assert sorted(r["call_id"] for r in mine) == sorted([moved["call_id"], call["call_id"]]), mine
+    assert [r["tool"] for r in mine] == [os.path.basename(PY)] * 2, mine
+    assert str(first) in next(r for r in mine if r["call_id"] == moved["call_id"])["command"]
+    assert next(r for r in mine if r["call_id"] == moved["call_id"])["exit_code"] == 0   # its exit seen by the new daemon
