@@ -9,20 +9,22 @@
 are compiled as one bcc module, so the maps are shared. A program is attached to the
 tracepoint named by its argument type (`struct tracepoint__<category>__<event>`). Only
 cgroups passed to `watch()` are tracked; map sizes are the constants below, passed as
--D defines. bcc comes from the distribution package python3-bpfcc.
+-D defines. bcc comes from the distribution package python3-bpfcc. What it reads back
+(`CgroupCounters`, `MonitorStats`, ...) is defined in counters.py.
 """
 from __future__ import annotations
 
 import collections
 import ctypes as ct
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agentcg.bpf import events as ev
 from agentcg.bpf.btf import kernel_offsets
+from agentcg.bpf.counters import (  # noqa: F401  (cgroup_id_of: importable from here, as before)
+    BlockDeviceCounters, CgroupCounters, MonitorStats, ProgramStats, cgroup_id_of, runq_percentile_s,
+)
 from agentcg.errors import AgentcgError, BpfError, InvalidInput, ProcessGone
 from agentcg.procfs import PROC
 
@@ -62,87 +64,6 @@ _PROGRAM_RE = re.compile(r"^int (acg_\w+?__(\w+?)__(\w+))\((struct tracepoint__\
                          r"struct bpf_raw_tracepoint_args \*ctx)\)", re.M)
 _ERROR_NAMES = {ev.ERR_TASKS_FULL: "tasks", ev.ERR_MMS_FULL: "mms",
                 ev.ERR_BLOCK_FULL: "block_stats", ev.ERR_INFLIGHT_FULL: "io_inflight"}
-
-
-@dataclass(frozen=True)
-class BlockDeviceCounters:
-    major: int
-    minor: int
-    read_bytes: int
-    write_bytes: int
-    read_ios: int
-    write_ios: int
-    read_latency_s: float    # sum over the reads; divide by read_ios for the mean
-    write_latency_s: float
-
-
-@dataclass(frozen=True)
-class CgroupCounters:
-    """What the programs counted for one cgroup. A field is None when its concern is not
-    loaded (not measured), never zero."""
-
-    cgroup_id: int
-    rss_bytes: int | None
-    rss_peak_bytes: int | None
-    page_faults: int | None
-    reclaim_s: float | None
-    reclaim_count: int | None
-    oom_kills: int | None
-    cpu_s: float | None
-    runq_samples: int | None
-    runq_latency_p50_s: float | None
-    runq_latency_p99_s: float | None
-    runq_histogram: tuple[int, ...] | None   # slot i: waits in [2**i, 2**(i+1)) ns
-    forks: int | None
-    threads: int | None
-    execs: int | None
-    exits: int | None
-    block_read_bytes: int | None
-    block_write_bytes: int | None
-    block_devices: tuple[BlockDeviceCounters, ...] | None
-
-
-@dataclass(frozen=True)
-class ProgramStats:
-    name: str
-    tracepoint: str
-    run_count: int | None     # None unless BPF run-time stats are on (BPF_ENABLE_STATS)
-    run_time_s: float | None
-    raw: bool = False         # attached as a raw tracepoint
-
-
-@dataclass(frozen=True)
-class MonitorStats:
-    concerns: tuple[str, ...]
-    watched: int
-    events_received: int
-    ringbuf_full: int                 # events lost: the ring buffer had no room
-    map_full: dict[str, int]          # map name -> inserts refused because it was full
-    decode_errors: int
-    programs: tuple[ProgramStats, ...]
-
-
-def cgroup_id_of(path: str | os.PathLike) -> int:
-    """The cgroup id of a v2 cgroup directory (its inode number)."""
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        raise InvalidInput(f"cgroup {path} does not exist; create it first") from None
-
-
-def runq_percentile_s(histogram: tuple[int, ...], q: float) -> float | None:
-    """The q-quantile (0..1) of a log2 histogram, interpolated linearly inside its slot."""
-    total = sum(histogram)
-    if total == 0:
-        return None
-    target = q * total
-    seen = 0
-    for slot, count in enumerate(histogram):
-        if count and seen + count >= target:
-            low = float(2**slot)
-            return (low + (target - seen) / count * low) / 1e9
-        seen += count
-    return float(2 ** len(histogram)) / 1e9
 
 
 def load_bcc() -> Any:

@@ -23,7 +23,9 @@ share of each step times the running requests' KV, as InferCept counts it), reco
 tokens, bytes moved per link, peak host KV memory.
 
 Host memory (the sandboxes' recorded curves, fixed or following pools, OOM kills) is in
-`kvsim_host.py`; the shared prefix is held once per tier (`strip_shared_prefix`); every
+`kvsim_host.py`; where KV lives and how it moves in `kvsim_tiers.py`; views, snapshots and
+directives in `kvsim_directives.py`; the configuration, result and request state in
+`kvsim_state.py`; the shared prefix is held once per tier (`strip_shared_prefix`); every
 decision goes through the one harness (`agentcg.policies.kv.harness`).
 
 Steps whose batch does not change are advanced together (their times form an arithmetic
@@ -36,159 +38,28 @@ import heapq
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
-from agentcg.engine_protocol import Action, Bandwidth, Directive, EventKind, RequestEvent, Tier
+from agentcg.engine_protocol import Bandwidth, EventKind, RequestEvent, Tier
 from agentcg.errors import InvalidInput
 from agentcg.policies.kv import make_policy
 from agentcg.policies.kv.agentcg import HostMemoryBudget
 from agentcg.policies.kv.infercept import InferceptParams
-from agentcg.policies.kv.harness import KvDecider, build_snapshot, is_decoding
-from agentcg.policies.kv.types import KvPolicy, KvSnapshot, RequestView, State, Trigger
+from agentcg.policies.kv.harness import KvDecider
+from agentcg.policies.kv.types import KvPolicy, Trigger
 from agentcg.policies.kv.vllm_v1 import prefix_hit_tokens
-from agentcg.profiler.kvsim_cost import EngineModel
+from agentcg.profiler.kvsim_directives import PolicyBridge
 from agentcg.profiler.kvsim_host import HostMemory
 from agentcg.profiler.kvsim_sessions import SimSession
+from agentcg.profiler.kvsim_state import (
+    DONE, GB, PAUSED, PENDING, RUNNING, WAITING, PolicyResult, SimConfig, _Link, _Sess)
+from agentcg.profiler.kvsim_tiers import KvTiers
 
-GB = 1e9
-_new_view = tuple.__new__
 MAX_PRESSURE_ROUNDS = 512
 MAX_STEPS_PER_ADVANCE = 1_000_000
 MAX_SPINS_AT_ONE_TIME = 10_000
 
-PENDING, WAITING, RUNNING, PAUSED, DONE = "pending", "waiting", "running", "paused", "done"
 
-
-@dataclass(frozen=True)
-class SimConfig:
-    model: EngineModel
-    gpu_kv_bytes: int
-    host_memory_bytes: int          # the host budget shared by sandboxes and the host KV pool
-    host_kv_static_bytes: int       # the fixed host KV pool of policies that do not share
-    ssd_bytes: int = 0
-    block_tokens: int = 16
-    arrival_interval_s: float = 0.0
-    host_reserve_bytes: int = 0
-    shared_prefix_tokens: int = 0   # a system prompt every session starts with, stored once per tier
-    sandbox_memory: bool = True     # sandboxes follow their recorded memory (kvsim_host.py)
-    max_kills_per_call: int = 3
-    host_pool: str = "safe"         # how the fixed pool was sized (a label)
-
-
-@dataclass
-class PolicyResult:
-    policy: str
-    sessions: int
-    jct_s: list[float]
-    gpu_kv_waste_gbs: float = 0.0
-    idle_held_gbs: float = 0.0
-    recompute_gbs: float = 0.0
-    recomputed_tokens: int = 0
-    prefilled_tokens: int = 0
-    bytes_moved: dict[str, int] = field(default_factory=dict)
-    peak_host_kv_bytes: int = 0
-    peak_host_total_bytes: int = 0   # host KV + sandboxes
-    peak_sandbox_bytes: int = 0      # all sandboxes together
-    makespan_s: float = 0.0
-    preemptions: int = 0
-    policy_errors: int = 0
-    fallbacks: int = 0
-    refused_directives: int = 0
-    unknown_directives: int = 0
-    stall_s: float = 0.0
-    wall_s: float = 0.0
-    label: str = ""                  # the policy and its host pool
-    host_pool_bytes: int = 0         # fixed pool (0 for none, or for a pool that follows the sandboxes)
-    ttft_resumed_s: list[float] = field(default_factory=list)   # first token of calls after a tool gap
-    sandbox_oom_kills: int = 0
-    failed_calls: int = 0
-    forced_spill_bytes: int = 0
-    host_idle_gibs: float = 0.0      # host memory neither sandboxes nor KV hold, integrated
-
-    @property
-    def host_idle_mean_bytes(self) -> float:
-        return self.host_idle_gibs * (1 << 30) / self.makespan_s if self.makespan_s > 0 else math.nan
-
-    def ttft_quantile(self, q: float) -> float:
-        return _quantile(self.ttft_resumed_s, q)
-
-    def jct_quantile(self, q: float) -> float:
-        return _quantile(self.jct_s, q)
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-class _Link:
-    def __init__(self, name: str, bytes_per_s: float) -> None:
-        self.name, self.bytes_per_s, self.free_at, self.moved = name, bytes_per_s, 0.0, 0
-
-    def send(self, now: float, nbytes: int) -> float:
-        if self.bytes_per_s <= 0:
-            return math.inf
-        start = max(now, self.free_at)
-        self.free_at = start + nbytes / self.bytes_per_s
-        self.moved += nbytes
-        return self.free_at
-
-
-@dataclass
-class _Sess:
-    spec: SimSession
-    index: int
-    start_s: float
-    state: str = PENDING
-    turn: int = 0
-    ctx: int = 0                # tokens of the session's KV chain (computed)
-    hwm: int = 0                # tokens of the chain ever computed (for recompute counting)
-    g: int = 0                  # GPU prefix [0, g)
-    pinned: bool = False
-    evictable: bool = False
-    ttl_deadline: float | None = None
-    host: tuple[int, int] | None = None
-    ssd: tuple[int, int] | None = None
-    host_ready: float = 0.0     # when the host copy lands
-    gpu_ready: float = 0.0      # when a transfer back to the GPU lands
-    epoch: int = 0              # bumps when the KV is dropped, invalidating transfers in flight
-    pending_release: int = 0    # GPU tokens freed when a swap-out lands
-    # the current LLM call
-    prompt: int = 0
-    out: int = 0
-    prefilled: int = 0
-    decoded: int = 0
-    recompute_upto: int = 0     # prefill positions below this are recomputation
-    arrival_s: float = 0.0
-    admitted_s: float | None = None
-    paused_s: float | None = None
-    preempted_s: float | None = None
-    loading: bool = False
-    alloc: int = 0              # this step's prefill chunk
-    first_token: bool = False   # the current call has sampled its first token
-    # the sandbox (kvsim_host.py)
-    sandbox: int = 0
-    gap_epoch: int = 0          # bumps when a tool call (re)starts, invalidating its events
-    gap_start_s: float = 0.0
-    mem_steps: tuple = ()
-    mem_idx: int = 0
-    kills: int = 0
-    give_up: bool = False
-
-    @property
-    def rid(self) -> str:
-        return self.spec.session_id
-
-    @property
-    def turn_spec(self):
-        return self.spec.turns[self.turn]
-
-
-class Simulator(HostMemory):
+class Simulator(HostMemory, KvTiers, PolicyBridge):
     def __init__(self, sessions: list[SimSession], policy: "str | KvPolicy", config: SimConfig, **policy_params) -> None:
         if not sessions:
             raise InvalidInput("no sessions to simulate")
@@ -278,96 +149,6 @@ class Simulator(HostMemory):
             if s.host is not None and s.ssd is not None:
                 self._set_host(s, None)
 
-    # -- GPU memory -----------------------------------------------------------------
-    def _free(self) -> int:
-        return self.cap - self.gpu_used
-
-    def _gpu_set(self, s: _Sess, g: int) -> None:
-        delta = g - s.g
-        self.gpu_used += delta
-        if s.evictable:
-            self.evictable_tokens += delta
-        s.g = g
-        if g == 0:
-            self._unevict(s)
-            s.pinned, s.ttl_deadline = False, None
-
-    def _gpu_drop_tail(self, s: _Sess, tokens: int) -> None:
-        self._gpu_set(s, max(0, s.g - tokens))
-
-    def _make_evictable(self, s: _Sess) -> None:
-        s.pinned, s.ttl_deadline = False, None
-        if s.g > 0 and not s.evictable:
-            s.evictable = True
-            self.evictable_tokens += s.g
-            self.lru[s.rid] = s
-            self.lru.move_to_end(s.rid)
-
-    def _unevict(self, s: _Sess) -> None:
-        if s.evictable:
-            s.evictable = False
-            self.evictable_tokens -= s.g
-            self.lru.pop(s.rid, None)
-
-    def _pin(self, s: _Sess, deadline: float | None) -> None:
-        self._unevict(s)
-        s.pinned, s.ttl_deadline = True, deadline
-        if deadline is not None:
-            self._push(deadline, "ttl", s)
-
-    def _alloc(self, tokens: int) -> bool:
-        """Make `tokens` free, evicting prefix-cache KV LRU, tail blocks first."""
-        if tokens <= self._free():
-            return True
-        if tokens > self._free() + self.evictable_tokens:
-            return False
-        while tokens > self._free() and self.lru:
-            rid, victim = next(iter(self.lru.items()))
-            take = min(victim.g, tokens - self._free())
-            self._gpu_set(victim, victim.g - take)
-        return tokens <= self._free()
-
-    # -- host and SSD ---------------------------------------------------------------
-    def _host_capacity_tokens(self) -> int:
-        if self.decider.shares_host_memory:
-            return self.budget.kv_capacity_bytes(self.sandbox_bytes) // self.bpt
-        return self.pool_bytes // self.bpt
-
-    def _set_host(self, s: _Sess, seg: tuple[int, int] | None) -> None:
-        old = s.host[1] - s.host[0] if s.host else 0
-        new = seg[1] - seg[0] if seg else 0
-        self.host_used += new - old + self._tier_holders("host", s.host, seg)
-        s.host = seg
-        self._note_host()
-
-    def _set_ssd(self, s: _Sess, seg: tuple[int, int] | None) -> None:
-        old = s.ssd[1] - s.ssd[0] if s.ssd else 0
-        new = seg[1] - seg[0] if seg else 0
-        self.ssd_used += new - old + self._tier_holders("ssd", s.ssd, seg)
-        s.ssd = seg
-
-    def _note_host(self) -> None:
-        kv = self.host_used * self.bpt
-        self.result.peak_host_kv_bytes = max(self.result.peak_host_kv_bytes, kv)
-        self.result.peak_host_total_bytes = max(self.result.peak_host_total_bytes, kv + self.sandbox_bytes)
-        self.result.peak_sandbox_bytes = max(self.result.peak_sandbox_bytes, self.sandbox_bytes)
-
-    def _recoverable(self, s: _Sess) -> int:
-        p = s.g
-        for _ in range(2):
-            for seg in (s.host, s.ssd):
-                if seg and seg[0] <= p < seg[1]:
-                    p = seg[1]
-        return min(p, s.ctx)
-
-    def _drop_all(self, s: _Sess) -> None:
-        self._unevict(s)
-        self._gpu_set(s, 0)
-        self._set_host(s, None)
-        self._set_ssd(s, None)
-        s.pinned, s.ttl_deadline, s.pending_release = False, None, 0
-        s.epoch += 1
-
     # -- sessions -------------------------------------------------------------------
     def _arrive(self, s: _Sess) -> None:
         turn = s.turn_spec
@@ -434,220 +215,6 @@ class Simulator(HostMemory):
         self._make_evictable(s)                # the engine's default: the prefix cache
         self._ask(Trigger.PAUSE, s)
         self._start_gap(s, turn)
-
-    def _ask_host_pressure(self, need_bytes: int) -> None:
-        self._ask(Trigger.HOST_PRESSURE, None, need_bytes=need_bytes)
-
-    # -- policy ---------------------------------------------------------------------
-    def _view(self, s: _Sess) -> RequestView:
-        now = self.now
-        turns = s.spec.turns
-        st = s.state
-        if st == PAUSED:
-            state, last, prev = State.PAUSED, s.turn - 1, turns[s.turn - 1]
-            remaining = max(0.0, s.gap_start_s + prev.tool_s - now)     # a repeated call started later
-            tool, ctx, decoding = prev.tool, s.ctx, False
-        else:
-            running = st == RUNNING
-            state = State.RUNNING if running else State.WAITING
-            last, remaining, tool = s.turn, None, None
-            ctx = s.prefilled + s.decoded if running else s.ctx
-            decoding = running and is_decoding(s.prefilled, s.prompt)
-        host, ssd = s.host, s.ssd
-        rid = s.spec.session_id
-        # tuple.__new__: this runs for every live request on every decision (the hot path).
-        return _new_view(RequestView, (
-            rid, rid, s.spec.sandbox, state, last, ctx, s.g,
-            host[1] - host[0] if host else 0, ssd[1] - ssd[0] if ssd else 0,
-            s.pinned and not s.evictable, host is not None and s.host_ready > now,
-            s.arrival_s, s.start_s, s.admitted_s, s.paused_s, s.preempted_s, tool,
-            last == len(turns) - 1, remaining, s.index, decoding))
-
-    def _snapshot(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> KvSnapshot:
-        live = [s for s in self.sess if s.state in (RUNNING, WAITING, PAUSED)]
-        return build_snapshot(
-            now_s=self.now, trigger=trigger, subject=subject.rid if subject else None,
-            views=[self._view(s) for s in live], bytes_per_token=self.bpt, gpu_capacity_tokens=self.cap,
-            gpu_free_tokens=self._free(), gpu_evictable_tokens=self.evictable_tokens,
-            host_capacity_bytes=self._host_capacity_tokens() * self.bpt, host_used_bytes=self.host_used * self.bpt,
-            ssd_capacity_bytes=self.cfg.ssd_bytes, ssd_used_bytes=self.ssd_used * self.bpt,
-            bandwidths=self.bandwidths, cost=self.cost, need_tokens=need_tokens, need_bytes=need_bytes)
-
-    def _ask(self, trigger: Trigger, subject: _Sess | None, need_tokens: int = 0, need_bytes: int = 0) -> int:
-        decision = self.decider.decide(self._snapshot(trigger, subject, need_tokens, need_bytes))
-        wake = self.decider.wake_at_s
-        if decision.wake_at_s is not None and wake is not None and wake != self.wake_at:
-            self.wake_at = wake
-            self._push(wake, "wake", None)
-        return sum(self._apply(d) for d in decision.directives)
-
-    def _refuse(self) -> int:
-        self.result.refused_directives += 1
-        return 0
-
-    def _apply(self, d: Directive) -> int:
-        """Carry out one directive; returns the GPU tokens it freed at once."""
-        s = self.by_id.get(d.request_id) if isinstance(d, Directive) else None
-        if s is None or s.state in (PENDING, DONE):
-            self.result.unknown_directives += 1
-            return 0
-        a = d.action
-        if a is Action.KEEP:
-            if s.state == RUNNING or s.g == 0:
-                return self._refuse()
-            if d.ttl_s is not None and d.ttl_s <= 0:
-                before = self._free() + self.evictable_tokens
-                self._make_evictable(s)
-                return self._free() + self.evictable_tokens - before
-            self._pin(s, None if d.ttl_s is None else self.now + d.ttl_s)
-            return 0
-        if a is Action.SWAP_TO_HOST:
-            return self._swap_out(s, d)
-        if a is Action.OFFLOAD_TO_SSD:
-            if s.host is None:
-                return self._refuse()
-            size = s.host[1] - s.host[0]
-            old = (s.ssd[1] - s.ssd[0]) if s.ssd else 0
-            if (self.ssd_used - old + size + self._prefix_extra("ssd", s.host)) * self.bpt > self.cfg.ssd_bytes:
-                return self._refuse()
-            self._set_ssd(s, s.host)
-            done = self.links["host_to_ssd"].send(max(self.now, s.host_ready), size * self.bpt)
-            self._push(done, "ssd_done", s, s.epoch)
-            return 0
-        if a is Action.DISCARD:
-            if s.state == RUNNING and d.tier in (None, Tier.GPU):
-                return self._refuse()
-            if d.tier in (None, Tier.GPU):
-                freed = self._discard_gpu(s, backed=d.tier is Tier.GPU)
-                if d.tier is None:
-                    self._set_host(s, None)
-                    self._set_ssd(s, None)
-                    s.epoch += 1
-                return freed
-            if d.tier is Tier.HOST:
-                self._set_host(s, None)
-            elif d.tier is Tier.SSD:
-                self._set_ssd(s, None)
-            return 0
-        if a is Action.PREFETCH:
-            if s.state != PAUSED:
-                return self._refuse()
-            return -self._bring_back(s)
-        if a is Action.PREEMPT:
-            if s.state != RUNNING:
-                return self._refuse()
-            return self._preempt(s, d.tier or Tier.GPU)
-        return self._refuse()
-
-    def _discard_gpu(self, s: _Sess, backed: bool) -> int:
-        if s.g == 0:
-            return 0
-        if backed and s.host is not None and s.host_ready > self.now:
-            # The host copy is still on its way: the GPU copy goes when it lands.
-            s.pending_release = s.g
-            self._push(s.host_ready, "release", s, s.epoch)
-            return 0
-        freed = s.g
-        self._unevict(s)
-        self._gpu_set(s, 0)
-        s.pinned, s.ttl_deadline = False, None
-        return freed
-
-    def _swap_out(self, s: _Sess, d: Directive) -> int:
-        if s.state == RUNNING or s.g == 0:
-            return self._refuse()
-        if d.keep_gpu_copy:
-            lo = s.host[1] if s.host and s.host[0] == 0 else 0
-            seg = (0, s.g)
-            moved = max(0, s.g - lo)
-        else:
-            k = s.g if d.tokens is None else max(0, min(d.tokens, s.g))
-            lo = s.g - k
-            if s.host and s.host[0] <= s.g and s.host[1] >= lo:
-                # The host copy touches or overlaps [lo, g): keep it and move only what it lacks
-                # (after a partial swap the host copy starts at g, so the next one merges).
-                seg = (min(lo, s.host[0]), max(s.host[1], s.g))
-                moved = k - max(0, min(s.g, s.host[1]) - max(lo, s.host[0]))
-            else:
-                seg = (lo, s.g)
-                moved = k
-        size = seg[1] - seg[0]
-        old = (s.host[1] - s.host[0]) if s.host else 0
-        if self.host_used - old + size + self._prefix_extra("host", seg) > self._host_capacity_tokens():
-            return self._refuse()
-        self._set_host(s, seg)
-        s.host_ready = self.links["gpu_to_host"].send(self.now, moved * self.bpt) if moved else max(self.now, s.host_ready)
-        if not d.keep_gpu_copy:
-            if s.host_ready <= self.now:
-                self._gpu_drop_tail(s, k)
-                return k
-            s.pending_release = k
-            self._push(s.host_ready, "release", s, s.epoch)
-        return 0
-
-    def _bring_back(self, s: _Sess) -> int:
-        """Start moving the recoverable KV back to the GPU; returns tokens allocated, or
-        refuses (0) when the GPU has no room."""
-        target = self._recoverable(s)
-        want = target - s.g
-        if want <= 0:
-            return 0
-        was_evictable = s.evictable
-        self._unevict(s)                        # its own cached prefix must not make the room
-        if not self._alloc(want):
-            if was_evictable:
-                self._make_evictable(s)
-            self._refuse()
-            return 0
-        from_host = 0
-        if s.host and s.host[0] <= s.g < s.host[1]:
-            from_host = min(s.host[1], target) - s.g
-        from_ssd = want - from_host
-        done = self.now
-        if from_host:
-            done = max(done, self.links["host_to_gpu"].send(max(self.now, s.host_ready), from_host * self.bpt))
-        if from_ssd:
-            done = max(done, self.links["ssd_to_gpu"].send(self.now, from_ssd * self.bpt))
-        self._unevict(s)
-        self._gpu_set(s, target)
-        s.pinned = True
-        s.gpu_ready = max(s.gpu_ready, done)
-        if done > self.now:
-            self._push(done, "loaded", s)      # wakes the scheduler; nothing else to do
-        return want
-
-    def _preempt(self, s: _Sess, tier: Tier) -> int:
-        self.running.remove(s)
-        self.result.preemptions += 1
-        computed = s.prefilled + s.decoded
-        s.ctx = computed
-        s.hwm = max(s.hwm, computed)
-        # vLLM: num_computed_tokens = 0; what was generated becomes part of the prompt.
-        s.prompt, s.out = s.prompt + s.decoded, s.out - s.decoded
-        s.prefilled = s.decoded = 0
-        s.state = WAITING
-        s.preempted_s = self.now
-        s.admitted_s = None
-        self._event(EventKind.PREEMPTED, s)
-        self.waiting.append(s)
-        self.waiting_dirty = True
-        freed = 0
-        held = s.host[1] - s.host[0] if s.host else 0
-        if tier is Tier.HOST and s.g \
-                and self.host_used - held + s.g + self._prefix_extra("host", (0, s.g)) <= self._host_capacity_tokens():
-            s.pinned = True
-            self._set_host(s, (0, s.g))
-            s.host_ready = self.links["gpu_to_host"].send(self.now, s.g * self.bpt)
-            s.pending_release = s.g
-            self._push(s.host_ready, "release_waiting", s, s.epoch)
-        elif tier is Tier.NONE:
-            freed = s.g
-            self._drop_all(s)
-        else:
-            before = self._free() + self.evictable_tokens
-            self._make_evictable(s)
-            freed = self._free() + self.evictable_tokens - before
-        return freed
 
     # -- scheduling -----------------------------------------------------------------
     def _order_waiting(self) -> None:
