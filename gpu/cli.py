@@ -93,8 +93,9 @@ def _sizes(text: str) -> tuple[int, ...]:
               help="Also write the report to this file.")
 @click.option("--kernel-view/--no-kernel-view", default=True, show_default=True,
               help="Also compare the store's SSD bytes with the block I/O BPF charged to its cgroup.")
+@click.option("--fail-on-miss", is_flag=True, help="Say NOT met and exit 1 when a row misses its target ratio.")
 def bench(ssd_dir: Path | None, block_sizes: str, total: str, repeats: int, device: str, output: Path | None,
-          kernel_view: bool) -> None:
+          kernel_view: bool, fail_on_miss: bool) -> None:
     """Measure copy and SSD ceilings and the KV store's swap/offload/load bandwidth beside them."""
     from agentcg.gpu.bench import format_result, run_bench
 
@@ -107,6 +108,11 @@ def bench(ssd_dir: Path | None, block_sizes: str, total: str, repeats: int, devi
         atomic_write(output, text + "\n", 0o644)
     if not result.integrity_ok:
         raise AgentcgError("gpu bench: data read back differs from data written (see the notes above)")
+    missed = sum(r.meets_target is False for r in result.rows)
+    rated = sum(r.meets_target is not None for r in result.rows)
+    click.echo(f"targets: NOT met ({missed} of {rated} rows below their ratio)" if missed else "targets: met")
+    if missed and fail_on_miss:
+        raise SystemExit(1)
 
 
 @gpu.command()
