@@ -163,12 +163,23 @@ def test_fatal_signal_sent_to_a_worker_thread_is_reported_with_that_signal(monit
     assert monitor.live_entries()["exits"] == 0
 
 
+_TWO_LOOPS_ON_ONE_CPU = (
+    "import os, time\n"
+    "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+    "child = os.fork()\n"
+    "t = time.process_time()\n"
+    "while time.process_time() - t < 0.2: pass\n"
+    "if child: os.waitpid(child, 0)\n"
+    "else: os._exit(0)\n")
+
+
 def test_cpu_time_and_runq_latency_of_a_busy_loop(monitor, make_cgroup):
     cg = make_cgroup()
     monitor.watch(cg.id)
     try:
-        cg.run([PY, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"],
-               check=True)
+        # two busy loops sharing one CPU, so each must wait on the run queue: a lone loop on
+        # an idle host may never be switched out, and then has no wait to count
+        cg.run([PY, "-c", _TWO_LOOPS_ON_ONE_CPU], check=True)
         c = monitor.counters(cg.id)
         assert 0.35 <= c.cpu_s <= 5
         assert c.runq_samples > 0 and sum(c.runq_histogram) == c.runq_samples
