@@ -41,7 +41,13 @@ def test_passes_stdin_stdout_exit_code_and_writes_the_record(env, cgroup_tree, t
 
 
 def test_human_record_and_ebpf(env):
-    out = agentcg(env, "run", "--sandbox", "s1", "--", sys.executable, "-c", "b = bytearray(32 << 20)")
+    # two short busy loops sharing one CPU: each waits on the run queue, which only eBPF
+    # measures (a lone short process on an idle host may never wait, and has no wait to show)
+    code = ("import os, time\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "b = bytearray(32 << 20)\nchild = os.fork()\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.1: pass\n"
+            "if child: os.waitpid(child, 0)\nelse: os._exit(0)\n")
+    out = agentcg(env, "run", "--sandbox", "s1", "--", sys.executable, "-c", code)
     assert out.returncode == 0
     assert "agentcg: s1/tc-" in out.stderr and "python" in out.stderr and "ok (exit 0)" in out.stderr
     assert "runq p50/p99 -" not in out.stderr and "runq p50/p99" in out.stderr, "eBPF is loaded by default"
