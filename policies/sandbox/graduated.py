@@ -13,8 +13,15 @@ fractions of the budget:
                     stops growing, so the projection no longer holds)
     <  relax_below  thaw frozen calls (one per step), then relax throttled ones
 
-A call frozen for `grace_s` while the pressure does not pass is killed: it cannot run
-again without breaching. Victims are tool calls only, never an agent: lowest priority
+A frozen call is killed when the budget would otherwise be breached (above), when it has
+been frozen `grace_s` and the budget is still at freeze_at (thawed, it would only be
+frozen again), or when it has been frozen twice `grace_s` and the budget is still at
+throttle_at (the pressure did not pass). Below freeze_at nothing is in danger while it
+stays frozen, so it gets the longer wait: killing loses its work, waiting only delays it.
+Thawed when the budget falls below relax_below, or below throttle_at after 2 x grace_s.
+The growth rate is measured over at least `rate_interval_s` (steps may come a few ms
+apart: on a kernel event, a PSI trigger, an admission; over such a gap a few MiB read as
+GiB/s). Victims are tool calls only, never an agent: lowest priority
 first, then the largest. High-priority sandboxes get memory.low and a larger cpu.weight
 (`protect`). Every action carries its reason; kills carry the agent's message.
 Pending calls are admitted or deferred on their declared or observed need (`hints`): a
@@ -50,6 +57,7 @@ class GraduatedConfig:
     grace_s: float = 5.0           # how long a call may stay frozen while pressure persists
     step_s: float = 0.2            # least time between two escalations in one budget
     lookahead_s: float = 0.3       # growth projection horizon
+    rate_interval_s: float = 0.05  # the shortest interval the growth rate is measured over
     throttle_steps: tuple[float, ...] = (1.0, 0.95, 0.9)       # memory.high = usage * step
     throttle_cpu_cores: tuple[float, ...] = (0.5, 0.2, 0.05)   # cpu.max fallback per step
     protect_fraction: float = 0.5  # memory.low of a high-priority sandbox, of its budget
@@ -70,6 +78,8 @@ class GraduatedConfig:
         for name in ("grace_s", "step_s", "max_wait_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"policy {name} must be a positive number of seconds, got {getattr(self, name)!r}")
+        if not self.rate_interval_s >= 0:
+            raise InvalidInput(f"policy rate_interval_s must be >= 0 seconds, got {self.rate_interval_s!r}")
         if self.lookahead_s < 0 or self.hint_margin < 0 or not 0 <= self.protect_fraction <= 1:
             raise InvalidInput("policy lookahead_s and hint_margin must be >= 0, protect_fraction in 0..1")
         if not self.throttle_steps or len(self.throttle_steps) != len(self.throttle_cpu_cores):
@@ -88,6 +98,7 @@ class GraduatedState:
     last_usage: dict[str, tuple[float, int]] = field(default_factory=dict)  # budget -> (time, bytes)
     last_step: dict[str, float] = field(default_factory=dict)               # budget -> time
     last_call_usage: dict[CallKey, int] = field(default_factory=dict)
+    last_rate: dict[str, float] = field(default_factory=dict)                # budget -> bytes/s
 
 
 @dataclass(frozen=True)
@@ -142,13 +153,14 @@ class _Tick:
         self.last_usage = dict(state.last_usage)
         self.last_step = dict(state.last_step)
         self.last_call_usage = {k: v for k, v in state.last_call_usage.items() if k in live}
+        self.last_rate = dict(state.last_rate)
         self.acted: set[CallKey] = set()
         self.actions: list[Action] = []
 
     def next_state(self) -> GraduatedState:
         usage = {(sb.name, call.call_id): call.usage_bytes for sb in self.snap.sandboxes for call in sb.calls}
         return GraduatedState(frozenset(self.protected), self.throttled, self.frozen_since, frozenset(self.killed),
-                              self.peaks, self.last_usage, self.last_step, usage)
+                              self.peaks, self.last_usage, self.last_step, usage, self.last_rate)
 
     def add(self, action: Action) -> None:
         self.actions.append(action)
@@ -186,12 +198,15 @@ class _Tick:
         if dying:
             b = _Budget(b.name, b.limit_name, b.budget_bytes, max(0, b.usage_bytes - dying), b.calls)
         used = b.usage_bytes / b.budget_bytes
-        rate = 0.0
-        if b.name in self.last_usage:
+        rate = self.last_rate.get(b.name, 0.0)
+        if b.name not in self.last_usage:
+            touch(self.last_usage, b.name, (self.now, b.usage_bytes))
+        else:
             t0, u0 = self.last_usage[b.name]
-            if self.now > t0:
+            if self.now - t0 >= max(c.rate_interval_s, 1e-9):
                 rate = (b.usage_bytes - u0) / (self.now - t0)
-        touch(self.last_usage, b.name, (self.now, b.usage_bytes))
+                touch(self.last_usage, b.name, (self.now, b.usage_bytes))
+                touch(self.last_rate, b.name, rate)
         projected_bytes = b.usage_bytes + max(0.0, rate) * c.lookahead_s
         projected = projected_bytes / b.budget_bytes
         state = f"{b.limit_name} {format_bytes(b.budget_bytes)} at {used:.0%}"
@@ -287,23 +302,40 @@ class _Tick:
             excess -= call.usage_bytes
 
     def expire(self, b: _Budget, used: float, state: str) -> None:
-        """A call frozen for the grace period is killed if the pressure is still there, or
-        thawed to try again if it is lower (it is frozen again if it grows)."""
+        """A call frozen for the grace period is killed if the budget is still at the freeze
+        threshold; one frozen twice the grace period if it is still at the throttle
+        threshold; else it is thawed to try again (it is frozen again if it grows)."""
         for sb, call in b.calls:
             key = (sb.name, call.call_id)
             since = self.frozen_since.get(key)
             if since is None or key in self.acted or self.now - since < self.c.grace_s:
                 continue
-            if used >= self.c.throttle_at:
-                self.kill(b, sb, call, f"{state}: frozen {self.now - since:.1f} s (grace {self.c.grace_s:g} s) "
-                          "and the pressure did not pass", state)
+            waited = self.now - since
+            if used >= self.c.freeze_at or (used >= self.c.throttle_at and waited >= 2 * self.c.grace_s):
+                level = "freeze" if used >= self.c.freeze_at else "throttle"
+                why = (f"frozen {waited:.1f} s (grace {self.c.grace_s:g} s) and the pressure did not pass "
+                       f"(still at the {level} threshold)")
+                victim = self.largest_frozen(b) or (sb, call)
+                if victim[1].call_id != call.call_id or victim[0].name != sb.name:
+                    why = (f"{call.tool} call {call.call_id} of {sb.name} {why}; the frozen call that frees "
+                           "the most goes first")
+                self.kill(b, victim[0], victim[1], f"{state}: {why}", state)
                 return
-            if self.now - since >= 2 * self.c.grace_s:
+            if waited >= 2 * self.c.grace_s:
                 del self.frozen_since[key]
                 self.add(Action(THAW, sb.name, call.call_id, None,
                                 f"{state}: pressure eased below the throttle threshold; thaw {call.tool} call "
                                 f"after {self.now - since:.1f} s frozen"))
                 return
+
+    def largest_frozen(self, b: _Budget) -> tuple[SandboxView, CallView] | None:
+        """The frozen call whose kill frees the most: lowest priority first, then largest.
+        Killing a small frozen call because its wait ran out first would leave the
+        pressure where it was and cost a second kill."""
+        frozen = [(sb, call) for sb, call in b.calls if (sb.name, call.call_id) in self.frozen_since
+                  and (sb.name, call.call_id) not in self.acted and call.usage_bytes >= self.c.min_victim_bytes]
+        frozen.sort(key=lambda pair: (PRIORITY_RANK[pair[0].priority], -pair[1].usage_bytes))
+        return frozen[0] if frozen else None
 
     def kill(self, b: _Budget, sb: SandboxView, call: CallView, reason: str, state: str) -> None:
         key = (sb.name, call.call_id)

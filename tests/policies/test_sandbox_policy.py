@@ -57,6 +57,25 @@ CASES = {
          (1.2, 930, [("c1", 530)], []),
          (2.3, 930, [("c1", 530)], [])],          # 2.1 s frozen, still 91%: kill
         [[], [("freeze", "lo", "c1")], [], [("kill", "lo", "c1")]]),
+    "frozen past the grace period below the freeze threshold: waits twice the grace, then killed": (
+        [(0, 700, [("c1", 300)], []),
+         (0.2, 930, [("c1", 530)], []),           # freeze
+         (2.3, 870, [("c1", 530)], []),           # 2.1 s frozen at 85%: nothing in danger, it waits
+         (4.3, 870, [("c1", 530)], [])],          # 4.1 s frozen, still 85%: the pressure did not pass
+        [[], [("freeze", "lo", "c1")], [], [("kill", "lo", "c1")]]),
+    "frozen past the grace period below the freeze threshold, then the pressure passes: thawed": (
+        [(0, 700, [("c1", 300)], []),
+         (0.2, 930, [("c1", 530)], []),           # freeze
+         (2.3, 870, [("c1", 530)], []),           # waits
+         (3.0, 700, [("c1", 530)], [])],          # 68%: thaw, never killed
+        [[], [("freeze", "lo", "c1")], [], [("thaw", "lo", "c1")]]),
+    "a small frozen call's wait runs out first: the largest frozen call is killed, once": (
+        [(0, 700, [("c1", 50), ("c2", 300)], []),
+         (0.2, 930, [("c1", 60), ("c2", 305)], []),    # c1 grows most: frozen
+         (0.4, 935, [("c1", 60), ("c2", 315)], []),    # then c2
+         (2.3, 935, [("c1", 60), ("c2", 315)], []),    # c1's grace is over at 91%: c2 frees the most
+         (2.4, 935, [("c1", 60), ("c2", 315)], [])],   # c2 is dying: 60% without it, c1 thawed
+        [[], [("freeze", "lo", "c1")], [("freeze", "lo", "c2")], [("kill", "lo", "c2")], [("thaw", "lo", "c1")]]),
     "a high-priority burst is not throttled: the low call that grows is": (
         [(0, 700, [("l1", 50)], [("h1", 100)]),
          (0.2, 850, [("l1", 60)], [("h1", 240)])],
@@ -228,3 +247,16 @@ def test_memory_of_a_killed_call_still_exiting_is_not_freed_twice():
     assert [(a.kind, a.call_id) for a in first if a.kind == "kill"] == [("kill", "l2")]
     second, _ = policy.decide(snap(0.4, 1000, [("l1", 100), ("l2", 300)], [("h1", 400)]), state)
     assert not [a for a in second if a.kind == "kill"], second
+
+
+def test_growth_rate_is_measured_over_the_rate_interval_not_a_few_ms():
+    """Two steps 2 ms apart, 40 MiB between them, read as a rate, would be 20 GiB/s: with
+    a 0.3 s look-ahead, 'breach ahead' at 60 % of the budget. Measured over at least
+    rate_interval_s (here from the step 0.2 s earlier: 0.5 GiB/s), nothing is near."""
+    config = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                             step_s=0.1, lookahead_s=0.3, rate_interval_s=0.05)
+    steps = [snap(0, 500, [("c1", 100)]), snap(0.2, 560, [("c1", 160)]), snap(0.202, 600, [("c1", 200)])]
+    assert run(steps, config) == [[], [], []]
+    hasty = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                            step_s=0.1, lookahead_s=0.3, rate_interval_s=0.0)
+    assert ("freeze", "lo", "c1") in run(steps, hasty)[2]    # the 2 ms reading, taken as a rate
