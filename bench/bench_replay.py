@@ -1,29 +1,37 @@
-"""Replay recorded sessions whose bursts overlap under a host budget: none, static, agentcg.
+"""Replay recorded sessions whose bursts overlap past a host budget: none, static, agentcg.
 
-Scenario (agentcgroup-swe-local): the three sessions whose largest tool call is largest,
-each cut to a 40 s window of its recording that starts 5 s before that call, so the three
-bursts start together (time-aligned; `agentcg replay --session ID=PRIO@FROM:TO`):
-  pydicom__pydicom-2065 (high)                          pytest to ~1.9 GiB
-  dask__dask-5510 (low)                                 pytest to ~1.3 GiB
-  Aarhus-Psychiatry-Research__timeseriesflattener-186 (low)  ~0.8 GiB for ~58 s
-Together ~4 GiB against a 3 GiB budget; each fits alone, so something has to be done.
-  none     only the kernel: memory.max of the replay's parent, the OOM killer picks
-  static   each sandbox capped at budget / 3 (1 GiB) with memory.max, like `docker run -m`
-  agentcg  the graduated policy (throttle, freeze the low-priority calls, thaw later)
-Each run first replays once unconstrained (policy none, no budget) as the reference of the
-same run. --runs runs per policy (default 5), mean ± sd (min, max).
+Scenario, built from agentcgroup-swe-local at every run (profiler/replay_scenario.py):
+  picked   the SESSIONS sessions whose memory stays highest for 20 s (the 20 % quantile of
+           the sandbox's memory over its best 20 s stretch; of all 113 sessions), so that
+           their bursts last and overlap even when the replay runs late. The highest is
+           high priority, the others low.
+  aligned  each session is cut to a window of its recording in which its largest tool
+           call ends at the same moment (`agentcg replay --session ID=PRIO@FROM:TO`):
+           these calls grow to their end, so the ends stack their peaks.
+  budget   --budget (default 2 GiB): below what they hold together (recorded ~2.85 GiB,
+           measured by the unconstrained reference), above what any one holds (<= 0.8 GiB).
+  none     only the kernel: memory.max of the replay's parent; its OOM killer picks
+  static   each sandbox capped at budget / N with memory.max, like `docker run -m`
+  agentcg  the graduated policy (throttle, freeze the low-priority calls, thaw, kill last)
+Each run first replays once unconstrained (policy none; memory.max at twice the budget
+only as a safety cap, which it must not reach) as the reference of the same run, then the
+three policies. --runs runs (default 5), mean ± sd (min, max).
 Measures: sessions survived, tool calls killed (OOM + policy), high-priority slowdown
 (completion / unconstrained completion), P95 allocation latency of the high-priority
 session (time per 8 MiB chunk mapped and faulted in, replay_workload.py), memory peak.
+The scenario must stress: in every run `none` loses a session or a call to the OOM
+killer and `static` kills a call, else "NOT met: the scenario failed to stress".
 Targets (agentcg): no session lost, fewer calls killed than static, high-priority
-slowdown <= 1.05x. Exit 1 and "NOT met" on a miss.
+slowdown <= 1.05x. Anchors (AgentCgroup): survival 66 % -> 100 %, P95 allocation
+latency -29 %. Exit 1 and "NOT met" on a miss.
 
-    sudo .venv/bin/python bench/bench_replay.py [--runs 5] [--speed 5] [--budget 3GiB]
+    sudo .venv/bin/python bench/bench_replay.py [--runs 5] [--speed 12] [--budget 2GiB] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -31,41 +39,50 @@ import sys
 import time
 from pathlib import Path
 
-SESSIONS = [("pydicom__pydicom-2065", "high"), ("dask__dask-5510", "low"),
-            ("Aarhus-Psychiatry-Research__timeseriesflattener-186", "low")]
-LEAD_S = 5.0           # recorded seconds of each session before its largest call
-WINDOW_S = 40.0        # recorded seconds replayed per session
-# The three sessions' recorded CPU together exceeds this host's 2 cores; memory is what is
-# studied here, so the CPU they burn is scaled down (agentcg replay --cpu-scale).
+SESSIONS = 4
+STRETCH_S = 20.0       # the sustained level's stretch
+LEAD_S = 3.0           # recorded seconds before the longest aligned call starts
+TAIL_S = 5.0           # recorded seconds after the aligned ends
+# Their recorded CPU is not what is studied (memory is), and with four sessions on 2 cores
+# it would make the replay CPU-bound: scaled down (agentcg replay --cpu-scale).
 CPU_SCALE = 0.25
+REFERENCE_CAP = 2      # the reference's safety memory.max, in budgets
 AGENTCG = str(Path(sys.executable).with_name("agentcg"))
 POLICIES = ("none", "static", "agentcg")
+GiB = 1 << 30
 
 
-def windows() -> list[str]:
-    """ID=PRIORITY@FROM:TO with FROM = the largest call's start - LEAD_S (recorded seconds)."""
+def scenario(count: int) -> tuple[list[str], list[str]]:
+    """The `--session` arguments, and the lines that say how they were chosen."""
     from agentcg.controller.replay_session import load_trace
     from agentcg.profiler.importers.agentcgroup import default_dataset_dir
+    from agentcg.profiler.replay_scenario import align_call_ends, stacked_peak_bytes, sustained_levels
 
-    trace = load_trace(default_dataset_dir(), [s for s, _ in SESSIONS])
-    out = []
-    for session_id, priority in SESSIONS:
-        calls = trace.toolcalls[trace.toolcalls["session_id"] == session_id]
-        start = float(trace.sessions.set_index("session_id").loc[session_id, "start_s"])
-        top = calls.sort_values("peak_memory_bytes", ascending=False).iloc[0]
-        begin = max(0.0, float(top["start_wall_s"]) - start - LEAD_S)
-        out.append(f"{session_id}={priority}@{begin:.1f}:{begin + WINDOW_S:.1f}")
-    return out
+    trace = load_trace(default_dataset_dir())
+    levels = sustained_levels(trace, stretch_s=STRETCH_S)
+    picks = levels[:count]
+    windows = align_call_ends(trace, [p.session_id for p in picks], lead_s=LEAD_S, tail_s=TAIL_S)
+    choices = [w.choice("high" if i == 0 else "low") for i, w in enumerate(windows)]
+    lines = [f"scenario: the {count} of {len(levels)} sessions whose memory stays highest for {STRETCH_S:g} s "
+             f"(next: {levels[count].session_id} {levels[count].level_bytes / GiB:.2f} GiB)" if len(levels) > count
+             else f"scenario: all {len(levels)} sessions"]
+    for level, window, choice in zip(picks, windows, choices):
+        call = window.call
+        lines.append(f"  {choice}  holds {level.level_bytes / GiB:.2f} GiB for {STRETCH_S:g} s; largest call "
+                     f"{call.tool} {call.call_id[:8]} {call.start_s:.0f}-{call.end_s:.0f} s peaks "
+                     f"{call.peak_bytes / GiB:.2f} GiB")
+    lines.append(f"  windows of {windows[0].to_s - windows[0].from_s:.0f} recorded s, the largest calls ending together "
+                 f"at {windows[0].call.end_s - windows[0].from_s:.0f} s; together they held "
+                 f"{stacked_peak_bytes(trace, windows) / GiB:.2f} GiB at most, as recorded")
+    return choices, lines
 
 
-def replay(choices: list[str], policy: str, budget: str | None, speed: float) -> dict:
+def replay(choices: list[str], policy: str, budget_bytes: int, speed: float) -> dict:
     argv = [AGENTCG, "replay", "--policy", policy, "--speed", str(speed), "--json", "--cpu-scale", str(CPU_SCALE),
-            "--cgroup-root", f"agentcg-bench-{secrets.token_hex(4)}"]
+            "--budget", str(budget_bytes), "--cgroup-root", f"agentcg-bench-{secrets.token_hex(4)}"]
     for choice in choices:
         argv += ["--session", choice]
-    if budget:
-        argv += ["--budget", budget]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         sys.exit(f"bench: {' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout)
@@ -79,60 +96,113 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
            f"max {fmt.format(max(values))})"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--speed", type=float, default=5.0)
-    parser.add_argument("--budget", default="3GiB")
-    args = parser.parse_args()
-    started = time.monotonic()
-    choices = windows()
-    rows: dict[str, list[dict]] = {p: [] for p in POLICIES}
-    for i in range(args.runs):
-        ref = replay(choices, "none", None, args.speed)
-        ref_high = next(s for s in ref["sessions"] if s["priority"] == "high")
+def _high(result: dict) -> dict:
+    return next(s for s in result["sessions"] if s["priority"] == "high")
+
+
+def measure(choices: list[str], budget_bytes: int, speed: float, runs: int) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {p: [] for p in ("reference",) + POLICIES}
+    for i in range(runs):
+        ref = replay(choices, "none", REFERENCE_CAP * budget_bytes, speed)
+        if ref["oom_kills"] or not all(s["survived"] for s in ref["sessions"]):
+            sys.exit(f"bench: the unconstrained reference reached its safety cap ({REFERENCE_CAP} x the budget) "
+                     "and lost calls; lower the budget or the number of sessions")
+        ref_high = _high(ref)
+        rows["reference"].append({"peak": ref["host_peak_bytes"] / budget_bytes, "alloc_p95": ref_high["alloc_p95_s"],
+                                  "completion": ref_high["completion_s"]})
+        print(f"run {i + 1} unconstrained peak / budget {rows['reference'][-1]['peak']:.2f}, high {ref_high['completion_s']:.2f} s, "
+              f"high alloc P95 {ref_high['alloc_p95_s']}", flush=True)
         for policy in POLICIES:
-            out = replay(choices, policy, args.budget, args.speed)
-            high = next(s for s in out["sessions"] if s["priority"] == "high")
+            out = replay(choices, policy, budget_bytes, speed)
+            high = _high(out)
+            lost = [s["session_id"] for s in out["sessions"] if not s["survived"]]
             rows[policy].append({
-                "survived": sum(s["survived"] for s in out["sessions"]), "sessions": len(out["sessions"]),
-                "killed": out["calls_killed"], "oom": out["oom_kills"],
+                "survived": len(out["sessions"]) - len(lost), "sessions": len(out["sessions"]),
+                "killed": out["calls_killed"], "oom": out["oom_kills"], "lost": lost,
                 "slowdown": (high["completion_s"] / ref_high["completion_s"])
                 if high["completion_s"] and ref_high["completion_s"] else None,
-                "alloc_p95": high.get("alloc_p95_s"), "ref_alloc_p95": ref_high.get("alloc_p95_s"),
-                "peak": out["host_peak_bytes"] / out["budget_bytes"], "actions": out["actions"],
-                "ref_peak": ref["host_peak_bytes"] / out["budget_bytes"],
+                "alloc_p95": high.get("alloc_p95_s"), "peak": out["host_peak_bytes"] / budget_bytes,
+                "actions": out["actions"],
             })
             r = rows[policy][-1]
-            print(f"run {i + 1} {policy:8s} survived {r['survived']}/{r['sessions']} killed {r['killed']} "
-                  f"(oom {r['oom']}) high {high['completion_s']} s vs unconstrained {ref_high['completion_s']} s, "
-                  f"high alloc P95 {r['alloc_p95']}, actions {out['actions']}", flush=True)
-    print(f"\nbench_replay: {len(SESSIONS)} sessions time-aligned at their largest call "
-          f"({', '.join(choices)}), budget {args.budget}, speed {args.speed:g}x, {args.runs} runs per policy, "
-          f"{time.monotonic() - started:.0f} s")
-    print(f"unconstrained peak / budget: {spread([r['ref_peak'] for r in rows['none']])}; unconstrained high-priority "
-          f"alloc P95 {spread([r['ref_alloc_p95'] * 1e3 for r in rows['none'] if r['ref_alloc_p95']], '{:.1f}')} ms")
-    for policy, runs in rows.items():
+            print(f"run {i + 1} {policy:8s} survived {r['survived']}/{r['sessions']}"
+                  + (f" (lost {', '.join(lost)})" if lost else "")
+                  + f" killed {r['killed']} (oom {r['oom']}) high {high['completion_s'] and round(high['completion_s'], 2)} s, "
+                  f"slowdown {r['slowdown'] and round(r['slowdown'], 3)}, high alloc P95 {r['alloc_p95']}, "
+                  f"peak / budget {r['peak']:.2f}, actions {out['actions']}", flush=True)
+    return rows
+
+
+def report(rows: dict[str, list[dict]]) -> list[tuple[str, bool, str]]:
+    ref = rows["reference"]
+    ref_p95 = [r["alloc_p95"] * 1e3 for r in ref if r["alloc_p95"] is not None]
+    print(f"unconstrained peak / budget {spread([r['peak'] for r in ref])}; unconstrained high-priority alloc P95 "
+          f"{spread(ref_p95, '{:.1f}')} ms")
+    for policy in POLICIES:
+        runs = rows[policy]
         slow = [r["slowdown"] for r in runs if r["slowdown"] is not None]
         alloc = [r["alloc_p95"] * 1e3 for r in runs if r["alloc_p95"] is not None]
+        total = sum(r["sessions"] for r in runs)
         print(f"{policy}:")
-        print(f"  sessions survived      {spread([r['survived'] for r in runs], '{:.1f}')} of {runs[0]['sessions']}")
+        print(f"  sessions survived      {spread([r['survived'] for r in runs], '{:.1f}')} of {runs[0]['sessions']} "
+              f"({100 * sum(r['survived'] for r in runs) / total:.0f} %)")
         print(f"  tool calls killed      {spread([r['killed'] for r in runs], '{:.1f}')}  (by the OOM killer "
               f"{spread([r['oom'] for r in runs], '{:.1f}')})")
         print(f"  high-priority slowdown {spread(slow, '{:.3f}')}x vs unconstrained"
               + (f"  ({len(runs) - len(slow)} runs lost it)" if len(slow) < len(runs) else ""))
-        print(f"  high-priority alloc P95 {spread(alloc, '{:.1f}')} ms")
+        print(f"  high-priority alloc P95 {spread(alloc, '{:.1f}')} ms"
+              + (f"  ({len(runs) - len(alloc)} runs: none completed)" if len(alloc) < len(runs) else ""))
         print(f"  memory peak / budget   {spread([r['peak'] for r in runs])}")
-    a, s = rows["agentcg"], rows["static"]
+    a, s, n = rows["agentcg"], rows["static"], rows["none"]
+    p95 = {p: [r["alloc_p95"] for r in rows[p] if r["alloc_p95"] is not None] for p in ("none", "agentcg")}
+    if p95["none"] and p95["agentcg"]:
+        change = statistics.median(p95["agentcg"]) / statistics.median(p95["none"]) - 1
+        print(f"high-priority alloc P95, agentcg vs none: {change:+.0%} (medians; AgentCgroup's anchor: -29 %)")
+    survival = {p: 100 * sum(r["survived"] for r in rows[p]) / sum(r["sessions"] for r in rows[p]) for p in POLICIES}
+    print(f"survival none {survival['none']:.0f} % -> agentcg {survival['agentcg']:.0f} % "
+          f"(AgentCgroup's anchor: 66 % -> 100 %)")
+    stressed = [r for r in n if r["oom"] or r["survived"] < r["sessions"]]
+    static_killed = [r for r in s if r["killed"]]
     lost = sum(r["sessions"] - r["survived"] for r in a)
     slow = [r["slowdown"] for r in a if r["slowdown"] is not None]
     killed_a, killed_s = statistics.mean(r["killed"] for r in a), statistics.mean(r["killed"] for r in s)
-    targets = [
+    return [
+        ("the scenario stresses: none loses a session or a call to the OOM killer in every run",
+         len(stressed) == len(n), f"{len(stressed)} of {len(n)} runs"
+         + ("" if len(stressed) == len(n) else "; the scenario failed to stress")),
+        ("the scenario stresses: static kills a call in every run", len(static_killed) == len(s),
+         f"{len(static_killed)} of {len(s)} runs" + ("" if len(static_killed) == len(s) else
+                                                     "; the scenario failed to stress")),
         ("agentcg loses no session", lost == 0, f"{lost} lost"),
         ("agentcg kills fewer calls than static", killed_a < killed_s, f"{killed_a:.1f} vs {killed_s:.1f}"),
         ("high-priority slowdown <= 1.05x", bool(slow) and len(slow) == len(a) and statistics.mean(slow) <= 1.05,
          f"mean {statistics.mean(slow):.3f}x" if slow else "lost"),
     ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one run per policy (a check, not a measurement)")
+    parser.add_argument("--speed", type=float, default=12.0)
+    parser.add_argument("--budget", default="2GiB")
+    parser.add_argument("--sessions", type=int, default=SESSIONS)
+    args = parser.parse_args()
+    from agentcg.units import format_bytes, parse_size
+
+    runs = 1 if args.quick else args.runs
+    if runs < 1 or args.sessions < 2:
+        parser.error("--runs must be >= 1 and --sessions >= 2")
+    budget_bytes = parse_size(args.budget, what="--budget")
+    started = time.monotonic()
+    choices, lines = scenario(args.sessions)
+    print("\n".join(lines), flush=True)
+    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    rows = measure(choices, budget_bytes, args.speed, runs)
+    print(f"\nbench_replay: {len(choices)} sessions, budget {format_bytes(budget_bytes)}, speed {args.speed:g}x, "
+          f"cpu scale {CPU_SCALE:g}, {runs} runs per policy, {time.monotonic() - started:.0f} s, load after: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    targets = report(rows)
     for name, met, value in targets:
         print(f"target {name}: {'met' if met else 'NOT met'} ({value})")
     return 0 if all(met for _, met, _ in targets) else 1
