@@ -37,9 +37,11 @@ def _trace(sessions: dict[str, list[tuple[str, float, float, list[tuple[float, i
     return trace
 
 
-# hi holds 200 MiB until 1.5 s; lo grows 20 MiB per 0.1 s to 240 MiB and holds it to 2.5 s.
+# hi holds 200 MiB until 2.5 s; lo grows 20 MiB per 0.1 s to 240 MiB and holds it to 2.5 s.
+# hi holds as long as lo runs, so that the two overlap even when a loaded host runs lo's
+# steps late (hi's end is a timer; lo's growth is CPU work).
 BURST = {
-    "hi": [("a", 0.0, 1.5, [(0.0, 200), (1.4, 200)])],
+    "hi": [("a", 0.0, 2.5, [(0.0, 200), (2.4, 200)])],
     "lo": [("b", 0.0, 2.5, [(0.1 * i, min(240, 20 * i)) for i in range(1, 24)])],
 }
 CHOICES = [SessionChoice("hi", "high"), SessionChoice("lo", "low")]
@@ -67,7 +69,7 @@ def test_bad_choices_are_refused():
 
 def test_burst_past_the_budget_is_frozen_then_thawed_not_killed(cgroup_tree):
     """lo's burst pushes the host past the freeze threshold while hi holds 200 MiB; hi
-    ends (1.5 s) well before the grace period does (5 s, headroom for a loaded CI host, where
+    ends (2.5 s) well before the grace period does (5 s, headroom for a loaded CI host, where
     touching 200 MiB takes seconds), so lo is thawed and completes: nothing killed."""
     plans = plan_sessions(_trace(BURST, 3.0), CHOICES, speed=1.0)
     config = ReplayConfig(policy="agentcg", budget_bytes=480 * MiB, grace_s=5.0)
