@@ -57,7 +57,7 @@ class GraduatedConfig:
     grace_s: float = 5.0           # how long a call may stay frozen while pressure persists
     step_s: float = 0.2            # least time between two escalations in one budget
     lookahead_s: float = 0.3       # growth projection horizon
-    rate_interval_s: float = 0.05  # the shortest interval the growth rate is measured over
+    rate_interval_s: float = 0.03  # the shortest interval the growth rate is measured over (< a 50 ms tick)
     throttle_steps: tuple[float, ...] = (1.0, 0.95, 0.9)       # memory.high = usage * step
     throttle_cpu_cores: tuple[float, ...] = (0.5, 0.2, 0.05)   # cpu.max fallback per step
     protect_fraction: float = 0.5  # memory.low of a high-priority sandbox, of its budget
