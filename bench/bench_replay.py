@@ -8,8 +8,11 @@ Scenario, built from agentcgroup-swe-local at every run (profiler/replay_scenari
   aligned  each session is cut to a window of its recording in which its largest tool
            call ends at the same moment (`agentcg replay --session ID=PRIO@FROM:TO`):
            these calls grow to their end, so the ends stack their peaks.
-  budget   --budget (default 2 GiB): below what they hold together (recorded ~2.85 GiB,
-           measured by the unconstrained reference), above what any one holds (<= 0.8 GiB).
+  budget   --budget (default 2.25 GiB): below what they hold together (recorded 2.85 GiB,
+           measured by the unconstrained reference), above what any one holds (<= 0.8 GiB),
+           and with room for the high-priority session plus the others' agents at their
+           aligned moment (~1.83 GiB recorded, 81 %): agents are never a policy's victims,
+           so a budget they fill with the high-priority call could be met only by killing it.
   none     only the kernel: memory.max of the replay's parent; its OOM killer picks
   static   each sandbox capped at budget / N with memory.max, like `docker run -m`
   agentcg  the graduated policy (throttle, freeze the low-priority calls, thaw, kill last)
@@ -25,7 +28,7 @@ Targets (agentcg): no session lost, fewer calls killed than static, high-priorit
 slowdown <= 1.05x. Anchors (AgentCgroup): survival 66 % -> 100 %, P95 allocation
 latency -29 %. Exit 1 and "NOT met" on a miss.
 
-    sudo .venv/bin/python bench/bench_replay.py [--runs 5] [--speed 12] [--budget 2GiB] [--quick]
+    sudo .venv/bin/python bench/bench_replay.py [--runs 5] [--speed 12] [--budget 2.25GiB] [--quick]
 """
 from __future__ import annotations
 
@@ -123,11 +126,13 @@ def measure(choices: list[str], budget_bytes: int, speed: float, runs: int) -> d
                 if high["completion_s"] and ref_high["completion_s"] else None,
                 "alloc_p95": high.get("alloc_p95_s"), "peak": out["host_peak_bytes"] / budget_bytes,
                 "actions": out["actions"],
+                "victims": [f"{c['session_id'].split('__')[-1]}/{c['call']} {c['outcome'].split('_')[0]}"
+                            for c in out["killed_calls"]],
             })
             r = rows[policy][-1]
             print(f"run {i + 1} {policy:8s} survived {r['survived']}/{r['sessions']}"
                   + (f" (lost {', '.join(lost)})" if lost else "")
-                  + f" killed {r['killed']} (oom {r['oom']}) high {high['completion_s'] and round(high['completion_s'], 2)} s, "
+                  + f" killed {r['killed']} (oom {r['oom']}{'; ' + ', '.join(r['victims']) if r['victims'] else ''}) high {high['completion_s'] and round(high['completion_s'], 2)} s, "
                   f"slowdown {r['slowdown'] and round(r['slowdown'], 3)}, high alloc P95 {r['alloc_p95']}, "
                   f"peak / budget {r['peak']:.2f}, actions {out['actions']}", flush=True)
     return rows
@@ -185,7 +190,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one run per policy (a check, not a measurement)")
     parser.add_argument("--speed", type=float, default=12.0)
-    parser.add_argument("--budget", default="2GiB")
+    parser.add_argument("--budget", default="2.25GiB")
     parser.add_argument("--sessions", type=int, default=SESSIONS)
     args = parser.parse_args()
     from agentcg.units import format_bytes, parse_size

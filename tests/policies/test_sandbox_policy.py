@@ -76,6 +76,10 @@ CASES = {
          (2.3, 935, [("c1", 60), ("c2", 315)], []),    # c1's grace is over at 91%: c2 frees the most
          (2.4, 935, [("c1", 60), ("c2", 315)], [])],   # c2 is dying: 60% without it, c1 thawed
         [[], [("freeze", "lo", "c1")], [("freeze", "lo", "c2")], [("kill", "lo", "c2")], [("thaw", "lo", "c1")]]),
+    "the usage itself at kill_at with only the high call to take: it is killed": (
+        [(0, 800, [], [("h1", 300)]),
+         (0.2, 1000, [], [("h1", 500)])],               # 98%: the kernel would kill anyway
+        [[], [("kill", "hi", "h1")]]),
     "a high-priority burst is not throttled: the low call that grows is": (
         [(0, 700, [("l1", 50)], [("h1", 100)]),
          (0.2, 850, [("l1", 60)], [("h1", 240)])],
@@ -260,3 +264,16 @@ def test_growth_rate_is_measured_over_the_rate_interval_not_a_few_ms():
     hasty = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
                             step_s=0.1, lookahead_s=0.3, rate_interval_s=0.0)
     assert ("freeze", "lo", "c1") in run(steps, hasty)[2]    # the 2 ms reading, taken as a rate
+
+
+def test_a_breach_only_projected_spares_the_high_call():
+    """91 % and growing 650 MiB/s (the high call's burst): 98 % projected 0.3 s ahead. The
+    low call is killed (it frees room); the high call is not, though nothing else is left:
+    the projection is a guess and the high call may be finishing its burst. At 98 % used
+    (the case above) it is killed: the kernel would kill someone anyway."""
+    config = GraduatedConfig(throttle_at=0.80, freeze_at=0.90, kill_at=0.97, relax_below=0.75, grace_s=2.0,
+                             step_s=0.1, lookahead_s=0.3)
+    steps = [snap(0, 800, [("l1", 50)], [("h1", 300)]), snap(0.2, 930, [("l1", 50)], [("h1", 430)])]
+    assert run(steps, config) == [[], [("kill", "lo", "l1")]]
+    alone = [snap(0, 800, [], [("h1", 300)]), snap(0.2, 930, [], [("h1", 430)])]
+    assert run(alone, config) == [[], []]
