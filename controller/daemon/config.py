@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
+from agentcg.controller.daemon.engine_policy import check_policy_name
 from agentcg.daemon_protocol import MAX_MESSAGE_BYTES  # noqa: F401  one request line, shared with clients
 from agentcg.daemon_protocol import REQUEST_TIMEOUT_S
 from agentcg.errors import HostUnsupported, InvalidInput
@@ -357,8 +358,6 @@ def _policy(f: _Fields) -> PolicySection:
 
 
 def _engine(f: _Fields) -> EngineSection:
-    from agentcg.controller.daemon.engine import check_policy_name
-
     uids = f.get("uids", list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 for u in uids) or len(uids) > 64:
         raise InvalidInput(f"{f.where}: uids must be a list of at most 64 user ids (integers), got {uids!r}")
