@@ -40,6 +40,7 @@ log = logging.getLogger("agentcg.daemon.engine")
 MAX_DIRECTIVES_PER_DECISION = 1024
 MAX_LINKED_CALLS = 4096              # tool calls remembered per link as "paused a request"
 MIN_WAKE_S = 0.01                    # a policy's wake-up is never sooner than this after now
+TIERS = ("gpu", "host", "ssd")       # the KV tiers a request's tokens are reported in
 
 CallsOf = Callable[[str], list[tuple[str, ToolSignal | None]]]   # sandbox -> [(call id, signal)], newest last
 # The daemon's event log (CONTRACTS interface 4): append(kind, sandbox, call_id, detail).
@@ -362,23 +363,22 @@ class EngineLink:
     def summary(self) -> dict[str, Any]:
         reg = self.registration
         states: dict[str, int] = {}
-        tokens = {"gpu": 0, "host": 0, "ssd": 0}
         for r in self.requests.values():
             states[r.state.value] = states.get(r.state.value, 0) + 1
-            for tier, n in (("gpu", r.gpu_tokens), ("host", r.host_tokens), ("ssd", r.ssd_tokens)):
-                tokens[tier] += n
+        by_sandbox = self.tokens_by_sandbox()
+        tokens = {tier: sum(t[tier] for t in by_sandbox.values()) for tier in TIERS}
         return {"link_id": self.link_id, "engine_id": reg.engine_id if reg else None,
                 "model": reg.model if reg else None, "kv_policy": self.policy_name,
                 "requests": states, "kv_tokens": tokens, "directives_sent": self.sent,
                 "directives_refused": self.refused, "policy_failures": self.failures, "wake_at_s": self.wake_at_s,
-                "kv_tokens_by_sandbox": self.tokens_by_sandbox(),
+                "kv_tokens_by_sandbox": by_sandbox,
                 "engine_stats": dataclasses.asdict(self.stats) if self.stats is not None else None}
 
     def tokens_by_sandbox(self) -> dict[str, dict[str, int]]:
         """KV tokens per sandbox ("" = none) and tier, as the engine reported them."""
         out: dict[str, dict[str, int]] = {}
         for r in self.requests.values():
-            t = out.setdefault(r.sandbox or "", {"gpu": 0, "host": 0, "ssd": 0})
+            t = out.setdefault(r.sandbox or "", dict.fromkeys(TIERS, 0))
             t["gpu"] += r.gpu_tokens
             t["host"] += r.host_tokens
             t["ssd"] += r.ssd_tokens
