@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
-from agentcg.controller.autodetect import _command_of
+from agentcg.controller.autodetect import _command_of, _continue   # the SIGCONT of a process stopped at exec
 from agentcg.controller.container import ns_pids
 from agentcg.controller.container_nest import AGENT
 from agentcg.controller.container_state import PROC, Adopted
@@ -273,11 +272,3 @@ def _ppid(pid: int) -> int | None:
         return PROC.stat(pid).ppid
     except AgentcgError:
         return None
-
-
-def _continue(event: Any) -> None:
-    if getattr(event, "stopped", False):
-        try:
-            os.kill(event.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
