@@ -1,7 +1,7 @@
 """Replay recorded sessions whose bursts overlap past a host budget: none, static, agentcg.
 
 Scenario, built from agentcgroup-swe-local at every run (profiler/replay_scenario.py):
-  picked   the SESSIONS sessions whose memory stays highest for 20 s (the 20 % quantile of
+  picked   the four sessions whose memory stays highest for 20 s (the 20 % quantile of
            the sandbox's memory over its best 20 s stretch; of all 113 sessions), so that
            their bursts last and overlap even when the replay runs late. The highest is
            high priority, the others low.
@@ -109,7 +109,7 @@ def measure(choices: list[str], budget_bytes: int, speed: float, runs: int) -> d
         ref = replay(choices, "none", REFERENCE_CAP * budget_bytes, speed)
         if ref["oom_kills"] or not all(s["survived"] for s in ref["sessions"]):
             sys.exit(f"bench: the unconstrained reference reached its safety cap ({REFERENCE_CAP} x the budget) "
-                     "and lost calls; lower the budget or the number of sessions")
+                     "and lost calls: raise --budget")
         ref_high = _high(ref)
         rows["reference"].append({"peak": ref["host_peak_bytes"] / budget_bytes, "alloc_p95": ref_high["alloc_p95_s"],
                                   "completion": ref_high["completion_s"]})
@@ -191,16 +191,19 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one run per policy (a check, not a measurement)")
     parser.add_argument("--speed", type=float, default=12.0)
     parser.add_argument("--budget", default="2.25GiB")
-    parser.add_argument("--sessions", type=int, default=SESSIONS)
     args = parser.parse_args()
+    from agentcg.errors import AgentcgError
     from agentcg.units import format_bytes, parse_size
 
     runs = 1 if args.quick else args.runs
-    if runs < 1 or args.sessions < 2:
-        parser.error("--runs must be >= 1 and --sessions >= 2")
-    budget_bytes = parse_size(args.budget, what="--budget")
+    if runs < 1 or not args.speed > 0:
+        parser.error("--runs must be >= 1 and --speed > 0")
     started = time.monotonic()
-    choices, lines = scenario(args.sessions)
+    try:
+        budget_bytes = parse_size(args.budget, what="--budget")
+        choices, lines = scenario(SESSIONS)
+    except AgentcgError as exc:
+        parser.error(str(exc))
     print("\n".join(lines), flush=True)
     print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows = measure(choices, budget_bytes, args.speed, runs)
