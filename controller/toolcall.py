@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from agentcg.controller.cgroup import CgroupTree
+from agentcg.controller.cgroup.parked import Parked, supports as parked_supports
 from agentcg.controller.cgroup.spawner import helper_path, spawn_with_fds
 from agentcg.controller.reaper import CallOwner, process_start_ticks, remove_owner, write_owner
 from agentcg.controller.sandbox import (
@@ -77,9 +78,20 @@ class ToolCall:
     policy_action: str | None = None   # what a policy last did to the call (see note())
     policy_message: str | None = None  # what the agent is told about it
     join_fds: list[int] = field(default_factory=list, repr=False)   # a spare's open cgroup.procs fds
+    parked: "Parked | None" = field(default=None, repr=False)        # a spare's helper, joined already
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-        """Start argv in the call's cgroup (it joins before exec: it never runs outside)."""
+        """Start argv in the call's cgroup (it joins before exec: it never runs outside).
+        A spare's parked helper execs it (no fork, no migration: cgroup/parked.py)."""
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            if parked_supports(popen_kwargs) and parked.alive():
+                try:
+                    return parked.spawn(argv, **popen_kwargs)
+                except BaseException:
+                    parked.release()
+                    raise
+            parked.release()   # it must not keep the cgroup populated
         if self.join_fds and popen_kwargs.get("preexec_fn") is None and popen_kwargs.get("executable") is None \
                 and helper_path() is not None:
             popen_kwargs.pop("preexec_fn", None)
@@ -94,7 +106,13 @@ class ToolCall:
 
     def attach(self, pid: int) -> None:
         """Move a running process (all its threads) into the call's cgroup."""
+        self.release_parked()
         self._tree.attach(self.path, pid)
+
+    def release_parked(self) -> None:
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            parked.release()
 
     @property
     def has_returned(self) -> bool:
@@ -194,13 +212,15 @@ class ToolCallManager:
                         list(command) if not isinstance(command, str) else command), path=spare.path,
                         cgroup_id=spare.cgroup_id, procs_files=spare.procs_files, priority=priority,
                         mem_hint_bytes=mem_hint_bytes, start_monotonic_s=start_mono, start_wall_s=start_wall,
-                        created_sandbox=False, _tree=self.tree, grace_s=grace_s, join_fds=spare.join_fds)
+                        created_sandbox=False, _tree=self.tree, grace_s=grace_s, join_fds=spare.join_fds,
+                        parked=spare.parked)
         try:
             if priority != "normal":
                 set_priority(self.tree, spare.path, priority)
             if self.monitor is not None:
                 self.monitor.watch(spare.cgroup_id)
         except BaseException:
+            call.release_parked()
             self._discard(call.sandbox, call.call_id, call.path, False, call.cgroup_id, call.join_fds)
             raise
         return self._started(call)
@@ -254,6 +274,7 @@ class ToolCallManager:
         if call.has_returned:
             return
         _check_status(exit_code, signal)
+        call.release_parked()   # never used: it would keep the cgroup populated
         call.exit_code, call.signal = exit_code, signal
         now = time.monotonic()
         at = now if at_monotonic_s is None else min(at_monotonic_s, now)
@@ -290,6 +311,7 @@ class ToolCallManager:
         """Remove a call that never ran anything (a spare): no record."""
         with self._lock:
             self._calls.pop(call.call_id, None)
+        call.release_parked()
         self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id, call.join_fds)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -320,6 +342,7 @@ class ToolCallManager:
         with self._lock:
             if self._calls.pop(call.call_id, None) is None:
                 raise CgroupGone(f"tool call {call.call_id!r} has already ended")
+        call.release_parked()
         killed_after_grace = False
         try:
             if self._populated(call):

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.controller.cgroup import _fs
+from agentcg.controller.cgroup.parked import Parked
+from agentcg.controller.cgroup.spawner import helper_path
 from agentcg.controller.reaper import CallOwner, remove_owner, write_owner
 from agentcg.controller.sandbox import (
     auto_created, call_path, procs_files, remove_auto_sandbox_if_unused, sandbox_lock, tools_path,
@@ -40,6 +42,7 @@ from agentcg.errors import AgentcgError, CgroupGone
 log = logging.getLogger("agentcg.toolcall")
 
 DEFAULT_POOL_SIZE = 2
+SETTLE_S = 0.005     # background work starts this long after the caller's last take or end
 
 
 def new_call_id() -> str:
@@ -55,6 +58,7 @@ class Spare:
     procs_files: list[Path]
     join_fds: list[int] = field(default_factory=list)   # O_CLOEXEC fds on procs_files, same order
     made_wall_s: float = 0.0
+    parked: Parked | None = None                         # the helper that joined it, waiting to exec
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Removal:
     call_id: str
     path: str
     join_fds: tuple[int, ...] = ()
+    parked: Parked | None = None
 
 
 class CallPool:
@@ -76,6 +81,8 @@ class CallPool:
         self._cv = threading.Condition()
         self._busy = False
         self._closed = False
+        self._flushing = 0
+        self._caller_at = 0.0            # monotonic time of the caller's last take/defer
         self._thread: threading.Thread | None = None
         self.background_s = 0.0          # time the thread spent working (bench output)
         self.made = self.removed = 0
@@ -86,17 +93,22 @@ class CallPool:
         with self._cv:
             spares = self._spares.setdefault(sandbox, collections.deque())
             spare = spares.popleft() if spares else None
-            self._wake()
+            self._caller_at = time.monotonic()
+            if not spares:
+                # out of spares: refill now. Otherwise the refill waits for the next removal
+                # (the end of a call), so it never competes with this call's spawn for the CPU
+                self._wake()
         if spare is None:
             return None
         try:
-            clean = not self.manager.tree.is_populated(spare.path)
-        except CgroupGone:
-            clean = False
+            if spare.parked is not None:   # nothing in it but our parked helper, still waiting
+                clean = spare.parked.alive() and self.manager.tree.pids(spare.path) == [spare.parked.proc.pid]
+            else:
+                clean = not self.manager.tree.is_populated(spare.path)
         except AgentcgError:
             clean = False
         if not clean:   # something ran in it, or it was removed: never hand it to a call
-            self.defer(Removal(spare.sandbox, spare.call_id, spare.path, tuple(spare.join_fds)))
+            self.defer(_removal(spare))
             return None
         return spare
 
@@ -106,17 +118,23 @@ class CallPool:
                 self._remove(removal)
                 return
             self._removals.append(removal)
+            self._caller_at = time.monotonic()
             self._wake()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until queued removals and refills are done; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while (self._removals or self._busy or self._wants_refill()) and self._thread is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cv.wait(remaining)
+            self._flushing += 1
+            try:
+                self._wake()
+                while self._removals or self._busy or self._wants_refill():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cv.wait(remaining)
+            finally:
+                self._flushing -= 1
         return True
 
     def spares(self) -> list[Spare]:
@@ -132,8 +150,7 @@ class CallPool:
         if thread is not None:
             thread.join()
         with self._cv:
-            removals = list(self._removals) + [Removal(s.sandbox, s.call_id, s.path, tuple(s.join_fds))
-                                               for q in self._spares.values() for s in q]
+            removals = list(self._removals) + [_removal(s) for q in self._spares.values() for s in q]
             self._removals.clear()
             self._spares.clear()
         for removal in removals:
@@ -160,6 +177,13 @@ class CallPool:
                     self._busy = False
                     self._cv.notify_all()
                     return
+                quiet_s = self._caller_at + SETTLE_S - time.monotonic()
+                if quiet_s > 0 and not self._flushing:
+                    # the caller is still busy right after its call (reading the record, its next
+                    # step): this thread would take the GIL and a CPU from it; start a little later
+                    self._busy = True
+                    self._cv.wait(quiet_s)
+                    continue
                 self._busy = True
                 removal = self._removals.popleft() if self._removals else None
                 refill = None if removal is not None else next(
@@ -174,8 +198,7 @@ class CallPool:
                     if spare is None:
                         self._spares.pop(refill, None)   # not poolable now; the next take asks again
                     elif self._closed:
-                        self._removals.append(Removal(spare.sandbox, spare.call_id, spare.path,
-                                                      tuple(spare.join_fds)))
+                        self._removals.append(_removal(spare))
                     else:
                         self._spares.setdefault(refill, collections.deque()).append(spare)
                         self.made += 1
@@ -199,10 +222,15 @@ class CallPool:
                 spare = Spare(call_id, sandbox, path, mgr.tree.cgroup_id(path), files, made_wall_s=made)
                 for procs in files:
                     spare.join_fds.append(_fs.open_procs(procs))
-                return spare
             except BaseException:
                 self._remove(Removal(sandbox, call_id, path))
                 raise
+            if helper_path() is not None:
+                try:
+                    spare.parked = Parked.start(spare.join_fds)
+                except (AgentcgError, OSError) as exc:   # still a spare: spawns join the ordinary way
+                    log.warning("cannot park a helper in %s: %s", path, exc)
+            return spare
         except AgentcgError as exc:
             log.warning("cannot make a spare tool-call cgroup in %s: %s", sandbox, exc)
             return None
@@ -210,6 +238,8 @@ class CallPool:
     def _remove(self, removal: Removal) -> None:
         """The deferred half of ToolCallManager._discard."""
         mgr = self.manager
+        if removal.parked is not None:
+            removal.parked.release()
         for fd in removal.join_fds:
             try:
                 os.close(fd)
@@ -226,3 +256,7 @@ class CallPool:
                 remove_auto_sandbox_if_unused(mgr.tree, removal.sandbox, mgr.state)
         except AgentcgError as exc:   # its owner file stays (if the rmdir failed): reap_orphans retries
             log.error("cannot remove tool-call cgroup %s: %s", removal.path, exc)
+
+
+def _removal(spare: Spare) -> Removal:
+    return Removal(spare.sandbox, spare.call_id, spare.path, tuple(spare.join_fds), spare.parked)
