@@ -84,7 +84,7 @@ class CallPool:
         self._flushing = 0
         self._caller_at = 0.0            # monotonic time of the caller's last take/defer
         self._thread: threading.Thread | None = None
-        self.background_s = 0.0          # time the thread spent working (bench output)
+        self.background_s = 0.0          # CPU time the thread spent working (bench output)
         self.made = self.removed = 0
 
     # ---- the caller's side (cheap: no syscall but one read of cgroup.events) ----------
@@ -188,7 +188,7 @@ class CallPool:
                 removal = self._removals.popleft() if self._removals else None
                 refill = None if removal is not None else next(
                     (sb for sb, q in self._spares.items() if len(q) < self.size), None)
-            started = time.perf_counter()
+            started = time.thread_time()
             if removal is not None:
                 self._remove(removal)
                 self.removed += 1
@@ -202,7 +202,7 @@ class CallPool:
                     else:
                         self._spares.setdefault(refill, collections.deque()).append(spare)
                         self.made += 1
-            self.background_s += time.perf_counter() - started
+            self.background_s += time.thread_time() - started
 
     def _make(self, sandbox: str) -> Spare | None:
         mgr = self.manager

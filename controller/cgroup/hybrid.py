@@ -69,8 +69,22 @@ class HybridTree(V2Tree):
         return [self.root_dir, *self._v1_bases()]
 
     def _hierarchy_dirs(self, path: str) -> list[Path]:
-        path = validate_path(path)
-        return [base / path if path else base for base in self._hierarchy_bases()]
+        v2 = self._dir(path)   # validates, memoised
+        return [v2, *(self.cgroup_dir(path, c) for c in self._v1_order())]
+
+    def _v1_order(self) -> list[str]:
+        """One controller per distinct v1 mount, in JOINED_V1 order (what _v1_bases lists)."""
+        order = getattr(self, "_v1_order_cache", None)
+        if order is None:
+            seen: set[Path] = set()
+            order = []
+            for controller in JOINED_V1:
+                mount = self.v1_mounts.get(controller)
+                if mount is not None and mount not in seen:
+                    seen.add(mount)
+                    order.append(controller)
+            self._v1_order_cache = order
+        return order
 
     def _create_in(self, base: Path, path: str, exist_ok: bool, enable: bool) -> None:
         # No subtree_control in hybrid: the v2 tree has no resource controllers to enable.
@@ -79,6 +93,17 @@ class HybridTree(V2Tree):
     def cgroup_dir(self, path: str, hierarchy: str = "v2") -> Path:
         if hierarchy == "v2":
             return self._dir(path)
+        key = (path, hierarchy)
+        cache = self.__dict__.setdefault("_v1_dirs", {})
+        directory = cache.get(key)
+        if directory is None:
+            directory = self._v1_dir(path, hierarchy)
+            if len(cache) >= 16384:
+                cache.clear()
+            cache[key] = directory
+        return directory
+
+    def _v1_dir(self, path: str, hierarchy: str) -> Path:
         mount = self.v1_mounts.get(hierarchy)
         if mount is None:
             raise ControllerMissing(
