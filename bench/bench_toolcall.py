@@ -86,7 +86,7 @@ def measure(client: Client, calls: int, label: str) -> bool:
     if mgr.pool is not None:
         mgr.flush()
         print(f"  off the critical path: {(mgr.pool.background_s - background_before) / calls * 1e3:.3f} ms "
-              f"of background work per call (spare cgroup made, finished one removed)")
+              f"of CPU per call in the pool's thread (spare cgroup made, helper parked, finished one removed)")
     spares = {s.call_id for s in mgr.pool.spares()} if mgr.pool is not None else set()
     leaks = {
         "call cgroups left": len(set(mgr.tree.children("bench/tools")) - spares),
