@@ -82,6 +82,7 @@ class CallPool:
         self._busy = False
         self._closed = False
         self._flushing = 0
+        self._seen: set[str] = set()     # sandboxes that had a call: the second one starts the spares
         self._caller_at = 0.0            # monotonic time of the caller's last take/defer
         self._thread: threading.Thread | None = None
         self.background_s = 0.0          # CPU time the thread spent working (bench output)
@@ -91,6 +92,11 @@ class CallPool:
     def take(self, sandbox: str) -> Spare | None:
         """A clean spare cgroup of `sandbox`, or None (none made yet); asks for a refill."""
         with self._cv:
+            if sandbox not in self._seen:
+                # the first call of a sandbox makes its own cgroup and asks for no spares: a
+                # one-call process (`agentcg run`) would only make spares to remove them at exit
+                self._seen.add(sandbox)
+                return None
             spares = self._spares.setdefault(sandbox, collections.deque())
             spare = spares.popleft() if spares else None
             self._caller_at = time.monotonic()

@@ -38,9 +38,11 @@ def pooled(cgroup_tree, tmp_path):
 
 
 def _warm(mgr: ToolCallManager) -> None:
-    """One call, so the sandbox has spares, and the pool's thread idle."""
-    call = mgr.begin("sb", "warm", ["true"])
-    mgr.end(call, call.spawn(["true"]).wait())
+    """Two calls (the first of a sandbox asks for no spares; the second does), then the
+    pool's thread idle with the sandbox's spares made."""
+    for _ in range(2):
+        call = mgr.begin("sb", "warm", ["true"])
+        mgr.end(call, call.spawn(["true"]).wait())
     assert mgr.flush()
     assert len(mgr.pool.spares()) == 2
 
@@ -64,7 +66,7 @@ def test_a_spare_is_clean_when_taken_and_serves_one_call(pooled, cgroup_tree):
     assert not cgroup_tree.exists(first.path) and not cgroup_tree.exists(second.path)
     # records: one per call (the warm-up's, then these two), none for a spare nobody used
     recorded = [json.loads(line)["call_id"] for line in pooled.records_path.read_text().splitlines()]
-    assert recorded[1:] == [first.call_id, second.call_id]
+    assert recorded[2:] == [first.call_id, second.call_id]
     assert not set(recorded) & {s.call_id for s in pooled.pool.spares()}
 
 
@@ -84,6 +86,15 @@ def test_a_dirty_spare_is_dropped_not_used(pooled, cgroup_tree):
     finally:
         intruder.kill()
         intruder.wait()
+
+
+@needs_helper
+def test_a_one_call_process_makes_no_spares(pooled, cgroup_tree):
+    call = pooled.begin("sb", "true", ["true"])
+    assert call.parked is None
+    pooled.end(call, call.spawn(["true"]).wait())
+    assert pooled.flush()
+    assert pooled.pool.spares() == [] and cgroup_tree.children(tools_path("sb")) == []
 
 
 @needs_helper
@@ -139,8 +150,9 @@ def test_kill9_leaves_nothing_the_next_start_cannot_clean(cgroup_tree, tmp_path)
         from agentcg.controller.toolcall import ToolCallManager
         mgr = ToolCallManager(open_tree(root={cgroup_tree.root!r}), grace_s=1.0, state={str(state)!r}, pool_size=2)
         mgr.ensure_sandbox("sb")
-        call = mgr.begin("sb", "true", ["true"])
-        mgr.end(call, call.spawn(["true"]).wait())
+        for _ in range(2):
+            call = mgr.begin("sb", "true", ["true"])
+            mgr.end(call, call.spawn(["true"]).wait())
         assert mgr.flush()
         held = mgr.begin("sb", "sleep", ["sleep"])      # a call running when the owner dies
         held.spawn(["sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
