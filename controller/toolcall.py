@@ -33,6 +33,7 @@ from agentcg.controller.cgroup.parked import Parked, supports as parked_supports
 from agentcg.controller.cgroup.spawner import helper_path, spawn_with_fds
 from agentcg.controller.reaper import CallOwner, process_start_ticks, remove_owner, write_owner
 from agentcg.controller.sandbox import (
+    auto_created,
     call_path, clear_auto_created, ensure_sandbox, tools_path, mark_auto_created, parse_priority, procs_files,
     remove_auto_sandbox_if_unused, remove_sandbox_if_unused, sandbox_lock, set_priority, state_dir, validate_name,
 )
@@ -418,8 +419,11 @@ class ToolCallManager:
             pass
         finally:
             remove_owner(call_id, self.state)
-        with sandbox_lock(self.tree, sandbox, self.state):
-            remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
+        # no marker, no auto-created sandbox to remove: one stat instead of the lock file (a
+        # marker is only made with the sandbox, which cannot be re-made while this call was in it)
+        if auto_created(self.tree, sandbox, self.state):
+            with sandbox_lock(self.tree, sandbox, self.state):
+                remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
 
     def _append(self, record: ToolCallRecord) -> None:
         if self.records_path is None:

@@ -258,8 +258,9 @@ class CallPool:
                 pass
             finally:
                 remove_owner(removal.call_id, mgr.state)
-            with sandbox_lock(mgr.tree, removal.sandbox, mgr.state):
-                remove_auto_sandbox_if_unused(mgr.tree, removal.sandbox, mgr.state)
+            if auto_created(mgr.tree, removal.sandbox, mgr.state):   # as ToolCallManager._discard
+                with sandbox_lock(mgr.tree, removal.sandbox, mgr.state):
+                    remove_auto_sandbox_if_unused(mgr.tree, removal.sandbox, mgr.state)
         except AgentcgError as exc:   # its owner file stays (if the rmdir failed): reap_orphans retries
             log.error("cannot remove tool-call cgroup %s: %s", removal.path, exc)
 
