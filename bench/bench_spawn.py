@@ -146,6 +146,8 @@ def tool_call(mgr) -> float:
     call = mgr.begin("bench", "true", [TRUE])
     proc = call.spawn([TRUE])
     mgr.end(call, proc.wait())
+    if mgr.monitor is not None:
+        mgr.monitor.poll(0)    # drain the exec/exit events, as agentcg.client does after each call
     return time.perf_counter() - start
 
 
