@@ -303,10 +303,13 @@ class ToolCallManager:
         self.returned(call, exit_code, signal)
         sleep_s = _FINISH_POLL_S[0]
         deadline = call.returned_monotonic_s + call.grace_s
-        while self._populated(call) and time.monotonic() < deadline:
+        while True:
+            if not self._populated(call):
+                return self._finish(call, empty=True)   # read once: it cannot refill itself
+            if time.monotonic() >= deadline:
+                return self._finish(call)
             time.sleep(min(sleep_s, max(0.0, deadline - time.monotonic())))
             sleep_s = min(sleep_s * 2, _FINISH_POLL_S[1])
-        return self._finish(call)
 
     def discard(self, call: ToolCall) -> None:
         """Remove a call that never ran anything (a spare): no record."""
@@ -339,14 +342,15 @@ class ToolCallManager:
         except CgroupGone:
             return False
 
-    def _finish(self, call: ToolCall) -> ToolCallRecord:
+    def _finish(self, call: ToolCall, empty: bool = False) -> ToolCallRecord:
+        """`empty`: the caller just read the cgroup empty (no process left can add one)."""
         with self._lock:
             if self._calls.pop(call.call_id, None) is None:
                 raise CgroupGone(f"tool call {call.call_id!r} has already ended")
         call.release_parked()
         killed_after_grace = False
         try:
-            if self._populated(call):
+            if not empty and self._populated(call):
                 self.tree.kill(call.path)
                 killed_after_grace = True
                 _wait_empty(self.tree, call.path, 5.0)

@@ -112,11 +112,13 @@ class HybridTree(V2Tree):
         path = validate_path(path)
         return mount / self.root / path if path else mount / self.root
 
-    def _v1(self, controller: str, path: str, cap: str | None = None) -> Path:
+    def _v1(self, controller: str, path: str, cap: str | None = None, check: bool = True) -> Path:
+        """The v1 directory; `check`: CgroupGone now when the v2 one is gone (readings skip
+        the stat: a read in a removed cgroup raises CgroupGone by itself, _fs.translate)."""
         if cap is not None:
             self._require(cap)
         directory = self.cgroup_dir(validate_path(path), controller)
-        if not self._dir(path).is_dir():
+        if check and not self._dir(path).is_dir():
             raise CgroupGone(f"{self._dir(path)}: the cgroup does not exist (removed, or never created)")
         return directory
 
@@ -187,16 +189,16 @@ class HybridTree(V2Tree):
 
     # ---- readings ---------------------------------------------------------------
     def memory_current(self, path: str) -> int:
-        return v1.memory_current(self._v1("memory", path, "memory.max"))
+        return v1.memory_current(self._v1("memory", path, "memory.max", check=False))
 
     def memory_peak(self, path: str) -> int:
-        return v1.memory_peak(self._v1("memory", path, "memory.peak"))
+        return v1.memory_peak(self._v1("memory", path, "memory.peak", check=False))
 
     def memory_events(self, path: str) -> MemoryEvents:
-        return v1.memory_events(self._v1("memory", path, "memory.max"))
+        return v1.memory_events(self._v1("memory", path, "memory.max", check=False))
 
     def memory_stat(self, path: str) -> MemoryStat:
-        return v1.memory_stat(self._v1("memory", path, "memory.max"))
+        return v1.memory_stat(self._v1("memory", path, "memory.max", check=False))
 
     def cpu_stat(self, path: str) -> CpuStat:
         if "cpuacct" not in self.v1_mounts:
@@ -206,7 +208,7 @@ class HybridTree(V2Tree):
             base = CpuStat(usage_s, user_s, system_s, 0, 0, 0.0)
         if "cpu" in self.v1_mounts:
             return base._replace(**dict(zip(("nr_periods", "nr_throttled", "throttled_s"),
-                                            v1.cpu_throttling(self._v1("cpu", path)))))
+                                            v1.cpu_throttling(self._v1("cpu", path, check=False)))))
         return base
 
 
