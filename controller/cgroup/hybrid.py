@@ -98,7 +98,7 @@ class HybridTree(V2Tree):
         directory = cache.get(key)
         if directory is None:
             directory = self._v1_dir(path, hierarchy)
-            if len(cache) >= 16384:
+            if len(cache) >= 4096:
                 cache.clear()
             cache[key] = directory
         return directory
