@@ -1,7 +1,16 @@
 """Spawn cost of a tool call's process: /bin/true started inside a cgroup of its own
-(create, spawn, wait, remove) against a bare os.posix_spawn of /bin/true, interleaved in
-the same run, without and with the eBPF programs loaded in this process (a big process:
-forking it would cost more than spawning; agentcg's path vforks).
+against a bare os.posix_spawn of /bin/true, interleaved in the same run, without and with
+the eBPF programs loaded in this process (a big process: forking it would cost more than
+spawning; agentcg's path never forks it).
+
+Two agentcg rows: the cgroup primitives alone (tree create + spawn + wait + remove, every
+step on the critical path), and the product's tool-call path, ToolCallManager begin +
+spawn + wait + end with its record (what agentcg.client, `agentcg run` and `sandbox exec`
+use): a spare cgroup with a parked exec helper that joined every hierarchy ahead, removal
+after the record in the pool's thread (controller/toolcall_pool.py). Before each baseline
+sample the bench waits until that thread is idle, so its work never lands in the baseline;
+its CPU per call is printed. The target is judged on the product's path (round 2 judged the
+primitives row, which had no record and no owner file: the product row is stricter).
 
 Also prints a C floor where a C compiler is present: the same loop in C (posix_spawn and
 wait; and spawning the exec helper that joins every hierarchy), as the cheapest the host
@@ -132,24 +141,62 @@ def c_floor(runs: int, tree) -> str:
         return line
 
 
-def measure(tree, runs: int, label: str) -> bool:
+def tool_call(mgr) -> float:
+    start = time.perf_counter()
+    call = mgr.begin("bench", "true", [TRUE])
+    proc = call.spawn([TRUE])
+    mgr.end(call, proc.wait())
+    if mgr.monitor is not None:
+        mgr.monitor.poll(0)    # drain the exec/exit events, as agentcg.client does after each call
+    return time.perf_counter() - start
+
+
+def measure(tree, runs: int, label: str, monitor=None) -> bool:
+    from agentcg.controller.toolcall import ToolCallManager
+    from agentcg.controller.toolcall_pool import DEFAULT_POOL_SIZE
+
     bare: list[float] = []
+    bare_primitives: list[float] = []
     in_cgroup: list[float] = []
+    product: list[float] = []
     for i in range(10):  # warm-up: page cache, dentries, the tree's root
         bare_spawn()
         cgroup_spawn(tree, f"warm{i}")
-    for i in range(runs):  # interleaved so load from elsewhere hits both alike
-        bare.append(bare_spawn())
+    for i in range(runs):  # a loop of its own: its rmdirs' kernel work stays out of the next one
+        bare_primitives.append(bare_spawn())
         in_cgroup.append(cgroup_spawn(tree, f"call-{i}"))
+    with tempfile.TemporaryDirectory() as state:
+        mgr = ToolCallManager(tree, monitor=monitor, grace_s=1.0, state=Path(state), pool_size=DEFAULT_POOL_SIZE)
+        try:
+            mgr.ensure_sandbox("bench")
+            for i in range(10):  # warm-up: the pool
+                bare_spawn()
+                tool_call(mgr)
+            cpu_before = mgr.pool.background_s
+            for i in range(runs):  # interleaved so load from elsewhere hits all alike
+                mgr.flush()        # the pool's thread idle: its work in neither the baseline nor a call
+                bare.append(bare_spawn())
+                product.append(tool_call(mgr))
+            mgr.flush()
+            background_ms = (mgr.pool.background_s - cpu_before) / runs * 1e3
+        finally:
+            mgr.close()
+        left = tree.children("bench/tools") if tree.exists("bench/tools") else []
     ms = lambda v: v * 1e3
     b50, b99 = ms(percentile(bare, 0.50)), ms(percentile(bare, 0.99))
     c50, c99 = ms(percentile(in_cgroup, 0.50)), ms(percentile(in_cgroup, 0.99))
-    ok = c50 - b50 <= TARGET_ADDED_P50_MS
+    pb50 = ms(percentile(bare_primitives, 0.50))
+    p50, p99 = ms(percentile(product, 0.50)), ms(percentile(product, 0.99))
+    ok = p50 - b50 <= TARGET_ADDED_P50_MS and not left
     print(f"[{label}]")
-    print(f"  baseline  os.posix_spawn+wait:         p50 {b50:.3f} ms  p99 {b99:.3f} ms")
-    print(f"  agentcg   create+spawn+wait+remove:    p50 {c50:.3f} ms  p99 {c99:.3f} ms")
-    print(f"  added     p50 {c50 - b50:+.3f} ms  p99 {c99 - b99:+.3f} ms; target <= {TARGET_ADDED_P50_MS:.1f} ms "
-          f"added at p50: {'met' if ok else 'NOT met'}")
+    print(f"  baseline  os.posix_spawn+wait:                  p50 {b50:.3f} ms  p99 {b99:.3f} ms")
+    print(f"  primitives create+spawn+wait+remove:            p50 {c50:.3f} ms  p99 {c99:.3f} ms  "
+          f"(added p50 {c50 - pb50:+.3f} ms over its own interleaved baseline, p50 {pb50:.3f} ms)")
+    print(f"  tool call  begin+spawn+wait+end (with record):  p50 {p50:.3f} ms  p99 {p99:.3f} ms")
+    print(f"  added     p50 {p50 - b50:+.3f} ms  p99 {p99 - b99:+.3f} ms; target <= {TARGET_ADDED_P50_MS:.1f} ms "
+          f"added at p50: {'met' if p50 - b50 <= TARGET_ADDED_P50_MS else 'NOT met'}")
+    print(f"  off the critical path: {background_ms:.3f} ms of CPU per call in the pool's thread; "
+          f"call cgroups left after close: {len(left)}")
     return ok
 
 
@@ -170,8 +217,8 @@ def main() -> int:
         results.append(measure(tree, args.runs, "no eBPF"))
         if not args.no_ebpf:
             from agentcg.bpf.monitor import BpfMonitor
-            with BpfMonitor():
-                results.append(measure(tree, args.runs, "eBPF programs loaded in this process"))
+            with BpfMonitor() as monitor:
+                results.append(measure(tree, args.runs, "eBPF programs loaded in this process", monitor))
     finally:
         if tree.exists(""):
             tree.remove("")

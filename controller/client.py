@@ -185,6 +185,7 @@ class Client:
                 from agentcg.controller.cgroup import open_tree
                 from agentcg.controller.reaper import reap_orphans
                 from agentcg.controller.toolcall import DEFAULT_GRACE_S, ToolCallManager
+                from agentcg.controller.toolcall_pool import DEFAULT_POOL_SIZE
 
                 tree = open_tree(root=self.root)
                 reap_orphans(tree, self.state)
@@ -193,7 +194,8 @@ class Client:
                     self._monitor = BpfMonitor()
                 self._manager = ToolCallManager(
                     tree, monitor=self._monitor, records_path=self.records_path,
-                    grace_s=DEFAULT_GRACE_S if self.grace_s is None else self.grace_s, state=self.state)
+                    grace_s=DEFAULT_GRACE_S if self.grace_s is None else self.grace_s, state=self.state,
+                    pool_size=DEFAULT_POOL_SIZE)   # spare cgroups, and removal in the background
             return self._manager
 
     def _begin_local(self, sandbox: str, tool: str | None, command: Sequence[str] | str,

@@ -98,7 +98,8 @@ def write_owner(owner: CallOwner, state: Path | None = None) -> Path:
     directory = ensure_private_dir(calls_dir(state), 0o700)
     path = directory / f"{validate_name(owner.call_id, 'call id')}.json"
     # a reader never sees half a file; a daemon crash, not a host crash, is what it survives
-    atomic_write(path, json.dumps(asdict(owner), sort_keys=True), 0o600, fsync=False)
+    # vars(), not asdict(): every field is a plain value, and asdict deep-copies (slow per call)
+    atomic_write(path, json.dumps(vars(owner), sort_keys=True), 0o600, fsync=False)
     return path
 
 

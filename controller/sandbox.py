@@ -153,6 +153,11 @@ def mark_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None)
     os.close(open_private(marker, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
+def auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> bool:
+    """True while the sandbox carries the marker of a tool call that created it."""
+    return _auto_marker(tree, sandbox, state).exists()
+
+
 def clear_auto_created(tree: CgroupTree, sandbox: str, state: Path | None = None) -> None:
     _auto_marker(tree, sandbox, state).unlink(missing_ok=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import subprocess
 import threading
 import time
@@ -30,12 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from agentcg.controller.cgroup import CgroupTree
+from agentcg.controller.cgroup.parked import Parked, supports as parked_supports
+from agentcg.controller.cgroup.spawner import helper_path, spawn_with_fds
 from agentcg.controller.reaper import CallOwner, process_start_ticks, remove_owner, write_owner
 from agentcg.controller.sandbox import (
+    auto_created,
     call_path, clear_auto_created, ensure_sandbox, tools_path, mark_auto_created, parse_priority, procs_files,
     remove_auto_sandbox_if_unused, remove_sandbox_if_unused, sandbox_lock, set_priority, state_dir, validate_name,
 )
 from agentcg.errors import AgentcgError, CgroupError, CgroupGone, InvalidInput
+from agentcg.controller.toolcall_pool import CallPool, Removal, Spare, new_call_id
 from agentcg.records import ToolCallRecord, truncate_command
 
 log = logging.getLogger("agentcg.toolcall")
@@ -75,14 +78,42 @@ class ToolCall:
     extra: dict[str, float] = field(default_factory=dict)   # copied into the record's `extra`
     policy_action: str | None = None   # what a policy last did to the call (see note())
     policy_message: str | None = None  # what the agent is told about it
+    join_fds: list[int] = field(default_factory=list, repr=False)   # a spare's open cgroup.procs fds
+    parked: "Parked | None" = field(default=None, repr=False)        # a spare's helper, joined already
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
-        """Start argv in the call's cgroup (it joins before exec: it never runs outside)."""
+        """Start argv in the call's cgroup (it joins before exec: it never runs outside).
+        A spare's parked helper execs it (no fork, no migration: cgroup/parked.py)."""
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            if parked_supports(popen_kwargs) and parked.alive():
+                try:
+                    return parked.spawn(argv, **popen_kwargs)
+                except BaseException:
+                    parked.release()
+                    raise
+            parked.release()   # it must not keep the cgroup populated
+        if self.join_fds and popen_kwargs.get("preexec_fn") is None and popen_kwargs.get("executable") is None \
+                and helper_path() is not None:
+            popen_kwargs.pop("preexec_fn", None)
+            popen_kwargs.pop("executable", None)
+            if isinstance(argv, (str, bytes)) or not argv:
+                raise InvalidInput(f"spawn: argv must be a non-empty list such as ['/bin/true'], got {argv!r}")
+            try:   # the fds were opened when the spare was made: no open(2) per hierarchy here
+                return spawn_with_fds(self.join_fds, argv, **popen_kwargs)
+            except CgroupGone:
+                raise CgroupGone(f"{self.path}: the cgroup vanished while spawning {argv[0]!r}") from None
         return self._tree.spawn(self.path, argv, **popen_kwargs)
 
     def attach(self, pid: int) -> None:
         """Move a running process (all its threads) into the call's cgroup."""
+        self.release_parked()
         self._tree.attach(self.path, pid)
+
+    def release_parked(self) -> None:
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            parked.release()
 
     @property
     def has_returned(self) -> bool:
@@ -97,9 +128,11 @@ class ToolCallManager:
 
     def __init__(self, tree: CgroupTree, monitor: "BpfMonitor | None" = None, records_path: Path | None = None,
                  grace_s: float = DEFAULT_GRACE_S, state: Path | None = None,
-                 control: Any = None) -> None:
+                 control: Any = None, pool_size: int = 0) -> None:
         """`control`: a controller.core.local.LocalControl (not imported here: the core
-        imports this module's types, not the other way round), or None."""
+        imports this module's types, not the other way round), or None. `pool_size` > 0:
+        keep that many spare cgroups per sandbox and remove finished calls' cgroups in a
+        background thread (toolcall_pool.py), so neither is on a call's critical path."""
         _check_grace(grace_s)
         self.tree = tree
         self.monitor = monitor
@@ -112,6 +145,7 @@ class ToolCallManager:
         self.control = control
         if control is not None:
             control.bind(self)
+        self.pool: CallPool | None = CallPool(self, pool_size) if pool_size > 0 else None
 
     # ---- sandboxes --------------------------------------------------------------
     def ensure_sandbox(self, name: str, priority: str | None = None) -> bool:
@@ -137,10 +171,13 @@ class ToolCallManager:
             raise InvalidInput(f"mem_hint_bytes must be a positive number of bytes, got {mem_hint_bytes!r}")
         grace_s = self.grace_s if grace_s is None else _check_grace(grace_s)
         tool = tool_name(tool, command)
-        call_id = validate_name(call_id, "call id") if call_id is not None else new_call_id()
         with self._lock:
             if len(self._calls) >= MAX_RUNNING_CALLS:
                 raise CgroupError(f"{MAX_RUNNING_CALLS} tool calls are running already; end some first")
+        spare = self.pool.take(sandbox) if self.pool is not None and call_id is None else None
+        if spare is not None:
+            return self._begin_spare(spare, tool, command, mem_hint_bytes, priority, grace_s)
+        call_id = validate_name(call_id, "call id") if call_id is not None else new_call_id()
         path = call_path(sandbox, call_id)
         with sandbox_lock(self.tree, sandbox, self.state):
             if not create_sandbox and not self.tree.exists(sandbox):
@@ -166,8 +203,32 @@ class ToolCallManager:
                         procs_files=procs_files(self.tree, path), priority=priority, mem_hint_bytes=mem_hint_bytes,
                         start_monotonic_s=start_mono, start_wall_s=start_wall, created_sandbox=created,
                         _tree=self.tree, grace_s=grace_s)
+        return self._started(call)
+
+    def _begin_spare(self, spare: "Spare", tool: str, command: Sequence[str] | str, mem_hint_bytes: int | None,
+                     priority: str, grace_s: float) -> ToolCall:
+        """begin on a spare cgroup: made, owned (its owner file names us) and watched-to-be."""
+        start_mono, start_wall = time.monotonic(), time.time()
+        call = ToolCall(call_id=spare.call_id, sandbox=spare.sandbox, tool=tool, command=truncate_command(
+                        list(command) if not isinstance(command, str) else command), path=spare.path,
+                        cgroup_id=spare.cgroup_id, procs_files=spare.procs_files, priority=priority,
+                        mem_hint_bytes=mem_hint_bytes, start_monotonic_s=start_mono, start_wall_s=start_wall,
+                        created_sandbox=False, _tree=self.tree, grace_s=grace_s, join_fds=spare.join_fds,
+                        parked=spare.parked)
+        try:
+            if priority != "normal":
+                set_priority(self.tree, spare.path, priority)
+            if self.monitor is not None:
+                self.monitor.watch(spare.cgroup_id)
+        except BaseException:
+            call.release_parked()
+            self._discard(call.sandbox, call.call_id, call.path, False, call.cgroup_id, call.join_fds)
+            raise
+        return self._started(call)
+
+    def _started(self, call: ToolCall) -> ToolCall:
         with self._lock:
-            self._calls[call_id] = call
+            self._calls[call.call_id] = call
         if self.control is not None:
             try:
                 call.extra.update(admission_wait_s=self.control.admit(call)["waited_s"])
@@ -214,6 +275,7 @@ class ToolCallManager:
         if call.has_returned:
             return
         _check_status(exit_code, signal)
+        call.release_parked()   # never used: it would keep the cgroup populated
         call.exit_code, call.signal = exit_code, signal
         now = time.monotonic()
         at = now if at_monotonic_s is None else min(at_monotonic_s, now)
@@ -241,25 +303,36 @@ class ToolCallManager:
         self.returned(call, exit_code, signal)
         sleep_s = _FINISH_POLL_S[0]
         deadline = call.returned_monotonic_s + call.grace_s
-        while self._populated(call) and time.monotonic() < deadline:
+        while True:
+            if not self._populated(call):
+                return self._finish(call, empty=True)   # read once: it cannot refill itself
+            if time.monotonic() >= deadline:
+                return self._finish(call)
             time.sleep(min(sleep_s, max(0.0, deadline - time.monotonic())))
             sleep_s = min(sleep_s * 2, _FINISH_POLL_S[1])
-        return self._finish(call)
 
     def discard(self, call: ToolCall) -> None:
         """Remove a call that never ran anything (a spare): no record."""
         with self._lock:
             self._calls.pop(call.call_id, None)
-        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
+        call.release_parked()
+        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id, call.join_fds)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait for the background removals and refills (no-op without a pool)."""
+        return self.pool.flush(timeout_s) if self.pool is not None else True
 
     def close(self, *, kill: bool = True) -> list[ToolCallRecord]:
-        """End every running call (killing what is left when `kill`) and return their records."""
+        """End every running call (killing what is left when `kill`) and return their records;
+        then remove the spare cgroups and finish the queued removals."""
         records = []
         for call in self.running():
             self.returned(call)
             if kill:
                 call.grace_s = 0.0
             records.append(self.end(call))
+        if self.pool is not None:
+            self.pool.close()
         return records
 
     # ---- internals --------------------------------------------------------------
@@ -269,13 +342,15 @@ class ToolCallManager:
         except CgroupGone:
             return False
 
-    def _finish(self, call: ToolCall) -> ToolCallRecord:
+    def _finish(self, call: ToolCall, empty: bool = False) -> ToolCallRecord:
+        """`empty`: the caller just read the cgroup empty (no process left can add one)."""
         with self._lock:
             if self._calls.pop(call.call_id, None) is None:
                 raise CgroupGone(f"tool call {call.call_id!r} has already ended")
+        call.release_parked()
         killed_after_grace = False
         try:
-            if self._populated(call):
+            if not empty and self._populated(call):
                 self.tree.kill(call.path)
                 killed_after_grace = True
                 _wait_empty(self.tree, call.path, 5.0)
@@ -286,12 +361,12 @@ class ToolCallManager:
                 record.policy_action = "grace_kill"
                 record.message = f"background processes still ran {call.grace_s:g} s after the call returned; killed"
         except BaseException:
-            self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
+            self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id, call.join_fds)
             raise
         self._append(record)   # kept even if the clean-up below fails
         if self.control is not None:
             self.control.ended(record)
-        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id)
+        self._discard(call.sandbox, call.call_id, call.path, call.created_sandbox, call.cgroup_id, call.join_fds)
         return record
 
     def _record(self, call: ToolCall) -> ToolCallRecord:
@@ -328,18 +403,31 @@ class ToolCallManager:
         return record
 
     def _discard(self, sandbox: str, call_id: str, path: str, created_sandbox: bool,
-                 cgroup_id: int | None = None) -> None:
-        """Forget the BPF entries, remove the cgroup, the owner file and a sandbox made for it."""
+                 cgroup_id: int | None = None, join_fds: list[int] | None = None) -> None:
+        """Forget the BPF entries, remove the cgroup, the owner file and a sandbox made for it
+        (with a pool: the BPF entries now, the rest in its thread, off the caller's path)."""
         if self.monitor is not None and cgroup_id is not None and cgroup_id in self.monitor.watched():
             self.monitor.forget(cgroup_id)
+        fds = tuple(join_fds or ())
+        if join_fds:
+            join_fds.clear()   # a second discard of the same call must not close them twice
+        if self.pool is not None and not created_sandbox:
+            # a call that made its sandbox removes both now: whoever comes next finds neither
+            self.pool.defer(Removal(sandbox, call_id, path, fds))
+            return
+        for fd in fds:
+            os.close(fd)
         try:
             self.tree.remove(path)
         except CgroupGone:
             pass
         finally:
             remove_owner(call_id, self.state)
-        with sandbox_lock(self.tree, sandbox, self.state):
-            remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
+        # no marker, no auto-created sandbox to remove: one stat instead of the lock file (a
+        # marker is only made with the sandbox, which cannot be re-made while this call was in it)
+        if auto_created(self.tree, sandbox, self.state):
+            with sandbox_lock(self.tree, sandbox, self.state):
+                remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
 
     def _append(self, record: ToolCallRecord) -> None:
         if self.records_path is None:
@@ -397,10 +485,6 @@ def _check_status(exit_code: int | None, signal: int | None) -> None:
         raise InvalidInput(f"exit_code must be 0..255, got {exit_code!r}")
     if signal is not None and (isinstance(signal, bool) or not isinstance(signal, int) or not 1 <= signal <= 64):
         raise InvalidInput(f"signal must be 1..64, got {signal!r}")
-
-
-def new_call_id() -> str:
-    return f"tc-{secrets.token_hex(6)}"
 
 
 def tool_name(tool: str | None, command: Sequence[str] | str) -> str:

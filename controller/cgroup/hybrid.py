@@ -69,8 +69,22 @@ class HybridTree(V2Tree):
         return [self.root_dir, *self._v1_bases()]
 
     def _hierarchy_dirs(self, path: str) -> list[Path]:
-        path = validate_path(path)
-        return [base / path if path else base for base in self._hierarchy_bases()]
+        v2 = self._dir(path)   # validates, memoised
+        return [v2, *(self.cgroup_dir(path, c) for c in self._v1_order())]
+
+    def _v1_order(self) -> list[str]:
+        """One controller per distinct v1 mount, in JOINED_V1 order (what _v1_bases lists)."""
+        order = getattr(self, "_v1_order_cache", None)
+        if order is None:
+            seen: set[Path] = set()
+            order = []
+            for controller in JOINED_V1:
+                mount = self.v1_mounts.get(controller)
+                if mount is not None and mount not in seen:
+                    seen.add(mount)
+                    order.append(controller)
+            self._v1_order_cache = order
+        return order
 
     def _create_in(self, base: Path, path: str, exist_ok: bool, enable: bool) -> None:
         # No subtree_control in hybrid: the v2 tree has no resource controllers to enable.
@@ -79,6 +93,17 @@ class HybridTree(V2Tree):
     def cgroup_dir(self, path: str, hierarchy: str = "v2") -> Path:
         if hierarchy == "v2":
             return self._dir(path)
+        key = (path, hierarchy)
+        cache = self.__dict__.setdefault("_v1_dirs", {})
+        directory = cache.get(key)
+        if directory is None:
+            directory = self._v1_dir(path, hierarchy)
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = directory
+        return directory
+
+    def _v1_dir(self, path: str, hierarchy: str) -> Path:
         mount = self.v1_mounts.get(hierarchy)
         if mount is None:
             raise ControllerMissing(
@@ -87,11 +112,13 @@ class HybridTree(V2Tree):
         path = validate_path(path)
         return mount / self.root / path if path else mount / self.root
 
-    def _v1(self, controller: str, path: str, cap: str | None = None) -> Path:
+    def _v1(self, controller: str, path: str, cap: str | None = None, check: bool = True) -> Path:
+        """The v1 directory; `check`: CgroupGone now when the v2 one is gone (readings skip
+        the stat: a read in a removed cgroup raises CgroupGone by itself, _fs.translate)."""
         if cap is not None:
             self._require(cap)
         directory = self.cgroup_dir(validate_path(path), controller)
-        if not self._dir(path).is_dir():
+        if check and not self._dir(path).is_dir():
             raise CgroupGone(f"{self._dir(path)}: the cgroup does not exist (removed, or never created)")
         return directory
 
@@ -162,16 +189,16 @@ class HybridTree(V2Tree):
 
     # ---- readings ---------------------------------------------------------------
     def memory_current(self, path: str) -> int:
-        return v1.memory_current(self._v1("memory", path, "memory.max"))
+        return v1.memory_current(self._v1("memory", path, "memory.max", check=False))
 
     def memory_peak(self, path: str) -> int:
-        return v1.memory_peak(self._v1("memory", path, "memory.peak"))
+        return v1.memory_peak(self._v1("memory", path, "memory.peak", check=False))
 
     def memory_events(self, path: str) -> MemoryEvents:
-        return v1.memory_events(self._v1("memory", path, "memory.max"))
+        return v1.memory_events(self._v1("memory", path, "memory.max", check=False))
 
     def memory_stat(self, path: str) -> MemoryStat:
-        return v1.memory_stat(self._v1("memory", path, "memory.max"))
+        return v1.memory_stat(self._v1("memory", path, "memory.max", check=False))
 
     def cpu_stat(self, path: str) -> CpuStat:
         if "cpuacct" not in self.v1_mounts:
@@ -181,7 +208,7 @@ class HybridTree(V2Tree):
             base = CpuStat(usage_s, user_s, system_s, 0, 0, 0.0)
         if "cpu" in self.v1_mounts:
             return base._replace(**dict(zip(("nr_periods", "nr_throttled", "throttled_s"),
-                                            v1.cpu_throttling(self._v1("cpu", path)))))
+                                            v1.cpu_throttling(self._v1("cpu", path, check=False)))))
         return base
 
 
