@@ -9,15 +9,15 @@ many connections (so the load generator, not the daemon, is the lighter side):
    afterwards) with 10, 200 and 1,600 calls running. Target: the 1,600 p50 within 2x of
    the 10 p50 (the baseline, same run). Running calls are empty call cgroups owned by a
    live connection. The levels are measured going up (10, 200, 1,600) and again coming
-   down (1,600 calls ended to 200, then to 10), and each level's figures are over both
-   passes: a host whose load drifts during the run (or a daemon still warming up at the
-   first level) then weighs on every level alike instead of on one.
+   down (1,600 calls ended to 200, then to 10), `--rounds` times (2), and each level's
+   figures are over all its passes: a host whose load drifts during the run (or a daemon
+   still warming up at the first level) then weighs on every level alike instead of on one.
 2. Daemon CPU while idle with 1,000 tracked calls, over `--idle-s`, from the daemon's
    utime+stime in /proc (percent of one CPU). Baseline: the same with no calls. Target < 2 %.
 3. Throughput: `--clients` connections (100), each one begin + end after another, for
    `--load-s`; calls/s over all. Target >= 500 calls/s.
 
-    sudo .venv/bin/python bench/bench_daemon_scale.py [--samples 60] [--idle-s 10] [--load-s 10]
+    sudo .venv/bin/python bench/bench_daemon_scale.py [--samples 60] [--rounds 2] [--idle-s 10] [--load-s 10]
 
 Prints each figure with its target and "met" / "NOT met"; exits 1 on a miss.
 """
@@ -188,6 +188,7 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--load-s", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2, help="passes up and down the levels")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="running calls at each latency level")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -212,23 +213,30 @@ def main() -> int:
         passes: dict[int, list[float]] = {level: [] for level in levels}     # p50 of each pass
         cpu: dict[int, list[float]] = {level: [] for level in levels}        # daemon CPU per begin + end
         idle_loaded = None
-        for level in sorted(set(levels) | {IDLE_CALLS}):           # going up
-            while running < level:
-                held.append(holder.request("toolcall.begin", sandbox="S", tool="held")["call_id"])
-                running += 1
-            if level == IDLE_CALLS:
-                idle_loaded = idle_cpu(pid, args.idle_s)
-            if level in levels:
-                sample = begin_times(conn, args.samples, pid, cpu[level])
-                times[level] += sample
-                passes[level].append(percentiles(sample)[0])
-        for level in sorted(levels, reverse=True):                # coming down
-            end_all(holder, held[level:])
-            del held[level:]
-            running = level
+        def measure(level: int) -> None:
             sample = begin_times(conn, args.samples, pid, cpu[level])
             times[level] += sample
             passes[level].append(percentiles(sample)[0])
+
+        def hold(level: int) -> None:
+            nonlocal running
+            while running < level:
+                held.append(holder.request("toolcall.begin", sandbox="S", tool="held")["call_id"])
+                running += 1
+            end_all(holder, held[level:])
+            del held[level:]
+            running = len(held)
+
+        for round_ in range(args.rounds):
+            for level in sorted(set(levels) | ({IDLE_CALLS} if round_ == 0 else set())):   # going up
+                hold(level)
+                if level == IDLE_CALLS:
+                    idle_loaded = idle_cpu(pid, args.idle_s)
+                if level in levels:
+                    measure(level)
+            for level in sorted(levels, reverse=True):            # coming down
+                hold(level)
+                measure(level)
         latency = {level: percentiles(times[level]) for level in levels}
         for level in levels:
             print(f"toolcall.begin with {level:5d} calls running: p50 {latency[level][0] * 1e3:7.2f} ms, "
