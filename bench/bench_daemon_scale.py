@@ -5,15 +5,19 @@ eBPF off so the figures are the daemon's own; the eBPF cost is bench_bpf_overhea
 driven through its socket by this process, one selector loop speaking the protocol on
 many connections (so the load generator, not the daemon, is the lighter side):
 
-1. `toolcall.begin` latency (p50, p99 of `--samples` begins, each ended afterwards) with
-   10, 200 and 1,600 calls running. Target: the 1,600 p50 within 2x of the 10 p50 (the
-   baseline, same run). Running calls are empty call cgroups owned by a live connection.
+1. `toolcall.begin` latency (p50, p99 of `--samples` begins per pass, each ended
+   afterwards) with 10, 200 and 1,600 calls running. Target: the 1,600 p50 within 2x of
+   the 10 p50 (the baseline, same run). Running calls are empty call cgroups owned by a
+   live connection. The levels are measured going up (10, 200, 1,600) and again coming
+   down (1,600 calls ended to 200, then to 10), `--rounds` times (2), and each level's
+   figures are over all its passes: a host whose load drifts during the run (or a daemon
+   still warming up at the first level) then weighs on every level alike instead of on one.
 2. Daemon CPU while idle with 1,000 tracked calls, over `--idle-s`, from the daemon's
    utime+stime in /proc (percent of one CPU). Baseline: the same with no calls. Target < 2 %.
 3. Throughput: `--clients` connections (100), each one begin + end after another, for
    `--load-s`; calls/s over all. Target >= 500 calls/s.
 
-    sudo .venv/bin/python bench/bench_daemon_scale.py [--samples 60] [--idle-s 10] [--load-s 10]
+    sudo .venv/bin/python bench/bench_daemon_scale.py [--samples 60] [--rounds 2] [--idle-s 10] [--load-s 10]
 
 Prints each figure with its target and "met" / "NOT met"; exits 1 on a miss.
 """
@@ -74,15 +78,33 @@ def idle_cpu(pid: int, seconds: float) -> float:
     return (cpu_s(pid) - start_cpu) / (time.monotonic() - start)
 
 
-def begin_latency(conn: Conn, samples: int) -> tuple[float, float]:
+def on_cpu_s(pid: int) -> float:
+    """The process's time on a CPU so far, from the scheduler (ns resolution, all threads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
+
+
+def begin_times(conn: Conn, samples: int, pid: int, cpu: list[float]) -> list[float]:
+    """`samples` begins timed (then ended); the daemon's CPU time per begin + end goes to `cpu`."""
     times, began = [], []
+    cpu0 = on_cpu_s(pid)
     for _ in range(samples):
         t0 = time.perf_counter()
         began.append(conn.request("toolcall.begin", sandbox="S", tool="bench")["call_id"])
         times.append(time.perf_counter() - t0)
     for call_id in began:
         conn.request("toolcall.end", call_id=call_id, exit_code=0)
-    times.sort()
+    cpu.append((on_cpu_s(pid) - cpu0) / samples)
+    return times
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
     return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
 
 
@@ -166,6 +188,7 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--load-s", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2, help="passes up and down the levels")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="running calls at each latency level")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -186,23 +209,45 @@ def main() -> int:
         holder = Conn(d.socket_path)            # begins the running calls (this process owns them)
         held: list[str] = []
         running = 0
-        latency: dict[int, tuple[float, float]] = {}
+        times: dict[int, list[float]] = {level: [] for level in levels}
+        passes: dict[int, list[float]] = {level: [] for level in levels}     # p50 of each pass
+        cpu: dict[int, list[float]] = {level: [] for level in levels}        # daemon CPU per begin + end
         idle_loaded = None
-        for level in sorted(set(levels) | {IDLE_CALLS}):
+        def measure(level: int) -> None:
+            sample = begin_times(conn, args.samples, pid, cpu[level])
+            times[level] += sample
+            passes[level].append(percentiles(sample)[0])
+
+        def hold(level: int) -> None:
+            nonlocal running
             while running < level:
                 held.append(holder.request("toolcall.begin", sandbox="S", tool="held")["call_id"])
                 running += 1
-            if level == IDLE_CALLS:
-                idle_loaded = idle_cpu(pid, args.idle_s)
-            if level in levels:
-                latency[level] = begin_latency(conn, args.samples)
-                print(f"toolcall.begin with {level:5d} calls running: p50 {latency[level][0] * 1e3:7.2f} ms, "
-                      f"p99 {latency[level][1] * 1e3:7.2f} ms")
+            end_all(holder, held[level:])
+            del held[level:]
+            running = len(held)
+
+        for round_ in range(args.rounds):
+            for level in sorted(set(levels) | ({IDLE_CALLS} if round_ == 0 else set())):   # going up
+                hold(level)
+                if level == IDLE_CALLS:
+                    idle_loaded = idle_cpu(pid, args.idle_s)
+                if level in levels:
+                    measure(level)
+            for level in sorted(levels, reverse=True):            # coming down
+                hold(level)
+                measure(level)
+        latency = {level: percentiles(times[level]) for level in levels}
+        for level in levels:
+            print(f"toolcall.begin with {level:5d} calls running: p50 {latency[level][0] * 1e3:7.2f} ms, "
+                  f"p99 {latency[level][1] * 1e3:7.2f} ms  (p50 per pass: "
+                  + ", ".join(f"{p * 1e3:.2f}" for p in passes[level])
+                  + f" ms; daemon CPU per begin+end {statistics.mean(cpu[level]) * 1e3:.2f} ms)")
         print(f"  (set-up and latency levels: {time.monotonic() - t0:.0f} s)")
         end_all(holder, held)
         holder.close()
         conn.close()
-        print(f"  ({running} held calls ended: {time.monotonic() - t0:.0f} s)")
+        print(f"  (held calls ended: {time.monotonic() - t0:.0f} s)")
         rate, errors = throughput(d.socket_path, args.clients, args.load_s)
     finally:
         d.cleanup()

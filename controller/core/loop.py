@@ -15,7 +15,7 @@ from typing import Any
 
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.core.events import EventLog
-from agentcg.controller.core.snapshot import Inputs, Key, PendingInput, Readings, build_snapshot
+from agentcg.controller.core.snapshot import Inputs, Key, PendingInput, Readings, Views, build_snapshot
 from agentcg.controller.enforce import Applied, Enforcer, Layout
 from agentcg.errors import InvalidInput
 from agentcg.policies.sandbox import (
@@ -62,6 +62,7 @@ class ControlCore:
         self.pending: dict[Key, Pending] = {}
         self.peaks: dict[Key, int] = {}
         self.readings: dict[Key, tuple[int, int | None]] = {}   # last reading per call (Inputs.near_budget)
+        self.views = Views()          # cold sandboxes' call views between steps (Inputs.call_groups)
         self._events: list[Event] = []
         self._floors: dict[Key, int] = {}
         self.set_policy(policy, dry_run=dry_run, config=config)
@@ -102,6 +103,7 @@ class ControlCore:
         self.throttle.pop(key, None)
         self.peaks.pop(key, None)
         self.readings.pop(key, None)
+        self.views.calls.pop(key, None)
         self.pending.pop(key, None)
         if oom_killed:
             self.observe(Event(now, "oom_kill", sandbox, call_id, tool, peak_bytes))
@@ -110,7 +112,7 @@ class ControlCore:
 
     def forget(self, sandbox: str, call_id: str) -> None:
         key = (sandbox, call_id)
-        for table in (self.throttle, self.peaks, self.pending, self.killed, self.readings):
+        for table in (self.throttle, self.peaks, self.pending, self.killed, self.readings, self.views.calls):
             table.pop(key, None)
         self.frozen.discard(key)
 
@@ -134,7 +136,9 @@ class ControlCore:
         snapshot, readings = build_snapshot(self.tree, inputs, now, time_s=time_s, frozen=self.frozen,
                                             throttle=self.throttle, pending=pending, events=events, peaks=self.peaks,
                                             floors=floors,
-                                            cache=self.readings if inputs.near_budget is not None else None)
+                                            cache=self.readings if inputs.near_budget is not None else None,
+                                            views=self.views if inputs.near_budget is not None
+                                            and inputs.call_groups is not None else None)
         step = Step(snapshot, readings)
         actions, self.state = self.policy.decide(snapshot, self.state)
         observed = now if observed_s is None else observed_s

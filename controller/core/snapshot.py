@@ -9,8 +9,9 @@ as 0 where the caller keeps it (`missing_as_zero`, replay: a call that just exit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from collections import ChainMap
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, TypeVar
 
 from agentcg.controller.cgroup import CgroupTree
 from agentcg.errors import AgentcgError
@@ -59,6 +60,10 @@ class Inputs:
     # above this share of its budget, or has a frozen, throttled or kernel-reported call;
     # elsewhere no policy acts and a call's last reading stands (`cache`). None: read all.
     near_budget: float | None = None
+    # the calls per sandbox, in place of `calls`, for a caller that keeps them between
+    # steps (the daemon): a group passed again as the same tuple is known to be unchanged,
+    # and a cold sandbox's views are then taken from the last step (`Views`)
+    call_groups: Mapping[str, tuple[CallInput, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,37 @@ class Readings:
 
     host_bytes: int
     sandbox_bytes: dict[str, int]
+    call_bytes: Mapping[Key, int]
+
+
+@dataclass
+class _Group:
+    calls: tuple[CallInput, ...]          # the group they were built from (compared by identity)
+    views: list[CallView]
     call_bytes: dict[Key, int]
+
+
+@dataclass
+class Views:
+    """What an incremental build keeps between steps (Inputs.call_groups): per cold
+    sandbox, the call views its last step built, and per call of a cold sandbox its view.
+    A group passed again as the same tuple takes its views again; a changed group builds
+    views only for the CallInputs it did not have (a new call, or one whose tool or start
+    changed: a new CallInput). While a sandbox is cold its calls' readings are the cached
+    ones anyway (Inputs.near_budget); a reused view's age_s is as of the step that built
+    it (no policy reads it). A hot sandbox's views are built afresh every step."""
+
+    groups: dict[str, _Group] = field(default_factory=dict)
+    calls: dict[Key, tuple[CallInput, CallView, int]] = field(default_factory=dict)   # per cold call
+    reused: int = 0                        # groups taken again, over all steps (tests, metrics)
+    built: int = 0
 
 
 def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: float | None = None,
                    frozen: frozenset[Key] | set[Key] = frozenset(), throttle: Mapping[Key, int] | None = None,
                    pending: tuple[PendingInput, ...] = (), events: tuple[Event, ...] = (),
                    peaks: dict[Key, int] | None = None, floors: Mapping[Key, int] | None = None,
-                   cache: dict[Key, tuple[int, int | None]] | None = None,
+                   cache: dict[Key, tuple[int, int | None]] | None = None, views: Views | None = None,
                    ) -> tuple[Snapshot, Readings]:
     """The snapshot at `now` (its time is `time_s`, default `now`). `peaks` is updated with
     each call's usage, so a peak between two memory.peak-less readings is not lost.
@@ -87,7 +115,6 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
     zero = 0 if inputs.missing_as_zero else None
     floors = floors or {}
     by_sandbox: dict[str, list[CallView]] = {}
-    call_bytes: dict[Key, int] = {}
     extra: dict[str, int] = {}
     hot: set[str] | None = None
     early: dict[str, int | None] = {}
@@ -97,26 +124,57 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
         early = {sb.name: _read(lambda: tree.memory_current(sb.path), zero) for sb in inputs.sandboxes}
         early_host = _read(lambda: tree.memory_current(inputs.host_path), zero) if inputs.host_path is not None else None
         hot = _hot_sandboxes(inputs, early, early_host, frozen, throttle, floors)
-    for call in inputs.calls:
-        key = (call.sandbox, call.call_id)
-        cached = cache.get(key) if cache is not None and hot is not None and call.sandbox not in hot else None
-        if cached is not None:
-            usage, peak = cached
+    groups = inputs.call_groups if inputs.call_groups is not None else _grouped(inputs.calls)
+    parts: list[dict[Key, int]] = []
+    for name, group in groups.items():
+        cold = hot is not None and name not in hot
+        kept = views.groups.get(name) if views is not None else None
+        if cold and kept is not None and kept.calls is group:
+            views.reused += 1                  # type: ignore[union-attr]
+            built, part = kept.views, kept.call_bytes
         else:
-            usage = _read(lambda: tree.memory_current(call.path), zero)
-            if usage is None:
-                continue
-            peak = _read(lambda: tree.memory_peak(call.path), None) if "memory.peak" in caps else None
-            if cache is not None:
-                cache[key] = (usage, peak)
-        if floors.get(key, 0) > usage:
-            extra[call.sandbox] = extra.get(call.sandbox, 0) + floors[key] - usage
-            usage = floors[key]
-        peaks[key] = max(peaks.get(key, 0), usage, peak or 0)
-        call_bytes[key] = usage
-        by_sandbox.setdefault(call.sandbox, []).append(
-            CallView(call.call_id, call.tool, usage, peaks[key], max(0.0, now - call.started_s), call.hint_bytes,
-                     key in frozen, throttle.get(key, 0)))
+            built, part = [], {}
+            known = views.calls if views is not None and cold else None
+            for call in group:
+                key = (call.sandbox, call.call_id)
+                hit = known.get(key) if known is not None else None
+                if hit is not None and hit[0] is call:     # a cold call as last built: its view stands
+                    part[key] = hit[2]
+                    built.append(hit[1])
+                    continue
+                cached = cache.get(key) if cache is not None and cold else None
+                if cached is not None:
+                    usage, peak = cached
+                else:
+                    usage = _read(lambda: tree.memory_current(call.path), zero)
+                    if usage is None:
+                        continue
+                    peak = _read(lambda: tree.memory_peak(call.path), None) if "memory.peak" in caps else None
+                    if cache is not None:
+                        cache[key] = (usage, peak)
+                if floors.get(key, 0) > usage:
+                    extra[call.sandbox] = extra.get(call.sandbox, 0) + floors[key] - usage
+                    usage = floors[key]
+                peaks[key] = max(peaks.get(key, 0), usage, peak or 0)
+                part[key] = usage
+                view = CallView(call.call_id, call.tool, usage, peaks[key], max(0.0, now - call.started_s),
+                                call.hint_bytes, key in frozen, throttle.get(key, 0))
+                built.append(view)
+                if known is not None:
+                    known[key] = (call, view, usage)
+            if views is not None:
+                views.built += 1
+                _forget_gone(views, kept, part, keep=cold)
+                if cold:     # a hot sandbox's views hold readings and flags that change each step
+                    views.groups[name] = _Group(group, built, part)
+                else:
+                    views.groups.pop(name, None)
+        parts.append(part)
+        if built:
+            by_sandbox.setdefault(name, []).extend(built)
+    if views is not None:
+        for name in [n for n in views.groups if n not in groups]:
+            _forget_gone(views, views.groups.pop(name), {}, keep=False)
     waiting: dict[str, list[PendingCall]] = {}
     for p in pending:
         waiting.setdefault(p.sandbox, []).append(PendingCall(p.call_id, p.tool, p.hint_bytes, max(0.0, now - p.since_s)))
@@ -143,7 +201,25 @@ def build_snapshot(tree: CgroupTree, inputs: Inputs, now: float, *, time_s: floa
     if host is None:
         host = sum(sandbox_bytes.values())
     snapshot = Snapshot(now if time_s is None else time_s, host, inputs.host_budget_bytes, tuple(views), events)
+    call_bytes: Mapping[Key, int] = parts[0] if len(parts) == 1 else ChainMap(*parts) if parts else {}
     return snapshot, Readings(host, sandbox_bytes, call_bytes)
+
+
+def _forget_gone(views: Views, kept: _Group | None, part: Mapping[Key, int], keep: bool) -> None:
+    """Drop the per-call views of a group's calls that left it (all of them unless `keep`)."""
+    if kept is not None:
+        for key in (kept.call_bytes.keys() - part.keys()) if keep else kept.call_bytes.keys():
+            views.calls.pop(key, None)
+    if not keep:
+        for key in part:
+            views.calls.pop(key, None)
+
+
+def _grouped(calls: Iterable[CallInput]) -> dict[str, tuple[CallInput, ...]]:
+    out: dict[str, list[CallInput]] = {}
+    for call in calls:
+        out.setdefault(call.sandbox, []).append(call)
+    return {name: tuple(group) for name, group in out.items()}
 
 
 def _hot_sandboxes(inputs: Inputs, raw_sandbox: Mapping[str, int | None], raw_host: int | None,

@@ -15,7 +15,7 @@ from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.core import (
     CallInput, ControlCore, EventLog, Inputs, SandboxInput, Step, Thresholds, call_threshold_bytes,
 )
-from agentcg.controller.daemon.calls import DaemonCalls
+from agentcg.controller.daemon.call_index import IndexedCalls
 from agentcg.controller.daemon.config import PolicySection
 from agentcg.controller.daemon.metrics import DaemonStats
 from agentcg.controller.daemon.state import DaemonState
@@ -30,7 +30,7 @@ log = logging.getLogger("agentcg.daemon")
 
 
 class DaemonControl:
-    def __init__(self, tree: CgroupTree, calls: DaemonCalls, state: DaemonState, stats: DaemonStats,
+    def __init__(self, tree: CgroupTree, calls: IndexedCalls, state: DaemonState, stats: DaemonStats,
                  policy: PolicySection, events: EventLog) -> None:
         self.tree, self.calls, self.state, self.stats = tree, calls, state, stats
         self.settings = policy
@@ -38,6 +38,9 @@ class DaemonControl:
                                 locate=Layout().locate, log=events)
         self.thresholds = Thresholds.of(policy.graduated)
         self.host_budget_bytes = policy.host_budget_bytes     # what the engines leave to sandboxes
+        # sandbox -> ((its calls' version, its calls waiting for admission), its CallInputs)
+        self._groups: dict[str, tuple[tuple[int, frozenset[str]], tuple[CallInput, ...]]] = {}
+        self._inputs: dict[str, CallInput] = {}                 # call id -> its last CallInput
 
     @property
     def name(self) -> str:
@@ -50,11 +53,38 @@ class DaemonControl:
     def inputs(self, read_psi: bool = True) -> Inputs:
         sandboxes = tuple(SandboxInput(name, name, e.priority, e.memory_budget_bytes)
                           for name, e in sorted(self.state.sandboxes.items()))
-        pending = self.core.pending
-        calls = tuple(CallInput(c.sandbox, c.call_id, c.tool, c.path, c.start_monotonic_s, c.mem_hint_bytes)
-                      for c in self.calls.running() if (c.sandbox, c.call_id) not in pending)
-        return Inputs(sandboxes, calls, host_path="" if self.tree.exists("") else None,
-                      host_budget_bytes=self.host_budget_bytes, read_psi=read_psi, near_budget=NEAR_BUDGET)
+        return Inputs(sandboxes, host_path="" if self.tree.exists("") else None, host_budget_bytes=self.host_budget_bytes,
+                      read_psi=read_psi, near_budget=NEAR_BUDGET, call_groups=self.call_groups())
+
+    def call_groups(self) -> dict[str, tuple[CallInput, ...]]:
+        """The running calls per sandbox, less those waiting for admission. A sandbox whose
+        calls did not change since the last step gets the same tuple again (Inputs.call_groups:
+        the snapshot then reuses its views while it is cold), so a step costs O(sandboxes +
+        calls that changed), not O(calls)."""
+        waiting: dict[str, set[str]] = {}
+        for sandbox, call_id in self.core.pending:
+            waiting.setdefault(sandbox, set()).add(call_id)
+        groups, kept = {}, {}
+        for sandbox, version in self.calls.versions().items():
+            key = (version, frozenset(waiting.get(sandbox, ())))
+            entry = self._groups.get(sandbox)
+            if entry is None or entry[0] != key:
+                entry = (key, tuple(self._input(c) for c in self.calls.calls_of(sandbox) if c.call_id not in key[1]))
+            kept[sandbox], groups[sandbox] = entry, entry[1]
+        self._groups = kept
+        if len(self._inputs) > 2 * self.calls.count() + 64:     # calls that ended: bounded by the running
+            self._inputs = {cid: v for cid, v in self._inputs.items() if self.calls.has(cid)}
+        return groups
+
+    def _input(self, call: ToolCall) -> CallInput:
+        """The call's CallInput, the same object while nothing in it changed (snapshot.Views
+        reuses a cold call's view for it)."""
+        known = self._inputs.get(call.call_id)
+        if (known is None or known.sandbox != call.sandbox or known.tool != call.tool or known.path != call.path
+                or known.started_s != call.start_monotonic_s or known.hint_bytes != call.mem_hint_bytes):
+            known = self._inputs[call.call_id] = CallInput(call.sandbox, call.call_id, call.tool, call.path,
+                                                           call.start_monotonic_s, call.mem_hint_bytes)
+        return known
 
     # ---- the step -----------------------------------------------------------------------
     def step(self, observed_s: float | None = None, *, urgent: bool = False) -> Step | None:
@@ -108,6 +138,8 @@ class DaemonControl:
         for sb in step.snapshot.sandboxes:
             budget, scope = (sb.budget_bytes, sb.usage_bytes) if sb.budget_bytes else (host_budget,
                                                                                     step.snapshot.host_usage_bytes)
+            if not budget:          # no threshold to arm (the same as None for each call, at no cost per call)
+                continue
             for call in sb.calls:
                 out[call.call_id] = call_threshold_bytes(budget, scope, call.usage_bytes, self.thresholds)
             for (sandbox, call_id), _, _ in step.admitted:     # starting now: armed before it allocates

@@ -66,7 +66,7 @@ class EngineLinks:
     def _calls_of(self, sandbox: str) -> list[tuple[str, ToolSignal | None]]:
         """The running tool calls of `sandbox`, oldest first, with what a policy did to them."""
         core = self.control.core
-        calls = sorted((c for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned
+        calls = sorted((c for c in self.calls.calls_of(sandbox) if not c.has_returned
                         and (c.sandbox, c.call_id) not in core.pending), key=lambda c: c.start_monotonic_s)
         return [(c.call_id, ToolSignal.FROZEN if (sandbox, c.call_id) in core.frozen else
                  ToolSignal.THROTTLED if (sandbox, c.call_id) in core.throttle else None) for c in calls]

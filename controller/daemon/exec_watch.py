@@ -70,6 +70,7 @@ class DaemonExecDetector(ExecDetector):
                 self.monitor.watch(spare.cgroup_id)
 
     def _move(self, call: Any, pid: int) -> bool:
+        self.daemon.calls.changed(call)     # a spare taken by a command: its tool and start are new
         moved = super()._move(call, pid)
         if moved and self.monitor is not getattr(self.mgr, "monitor", None):
             try:

@@ -152,10 +152,11 @@ class SavedWatches:
                 continue
             call.tool, call.command = str(moved["tool"]), str(moved["command"])
             call.start_monotonic_s, call.start_wall_s = float(moved["start_monotonic_s"]), float(moved["start_wall_s"])
+            d.calls.changed(call)
             if not self._guard(d.tree.is_populated, call.path):
                 d.calls.returned(call)            # it exited while no daemon ran: status unknown
             elif detector is not None:
-                call.returned_monotonic_s = call.returned_wall_s = call.exit_code = call.signal = None
+                d.calls.resumed(call)             # running again (the call index knows)
                 pid = int(moved["pid"])
                 detector._by_pid[pid] = _Tracked(call, pid, True)
                 if call.cgroup_id not in self.monitor.watched():

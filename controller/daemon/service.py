@@ -30,7 +30,7 @@ from agentcg.controller.core import EventLog
 from agentcg.controller.daemon import bpfstats
 from agentcg.controller.daemon.admission import DaemonAdmission
 from agentcg.controller.daemon.api import Api, Args
-from agentcg.controller.daemon.calls import DaemonCalls
+from agentcg.controller.daemon.call_index import IndexedCalls
 from agentcg.controller.daemon.claims import DaemonClaims
 from agentcg.controller.daemon.clients import ClientConnections
 from agentcg.controller.daemon.config import DaemonConfig, resolve_group
@@ -68,7 +68,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         self.config = config
         self.tree: CgroupTree = None  # type: ignore[assignment]   # set by start()
         self.monitor: Any = None
-        self.calls: DaemonCalls = None  # type: ignore[assignment]
+        self.calls: IndexedCalls = None  # type: ignore[assignment]
         self.state = DaemonState()
         self.stats = DaemonStats(max_tool_labels=config.metrics.max_tool_labels)
         self.adoption: Adoption | None = None
@@ -128,7 +128,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         from agentcg.controller.container_daemon import ContainerSandboxes   # adopted containers (docs/containers.md)
         self.tree = ContainerSandboxes.wrap(self.tree)      # opened by _claim (the root's lock)
         self.monitor = ContainerSandboxes.tap(self._load_bpf(), lambda: self.containers)
-        self.calls = DaemonCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
+        self.calls = IndexedCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self.calls.records_mode = cfg.daemon.records_mode
         self.calls.records_gid = (resolve_group(cfg.daemon.socket_group)
@@ -295,10 +295,9 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         except AgentcgError as exc:
             log.error("finishing tool calls: %s", exc)
             records = []
-        running = {c.call_id for c in self.calls.running()}
         for record in records:
             self._call_finished(record)
-        for call_id in [c for c in self._waiters if c not in running]:   # failed to finish: say so
+        for call_id in [c for c in self._waiters if not self.calls.has(c)]:   # failed to finish: say so
             for conn, request_id in self._waiters.pop(call_id):
                 self._answer(conn, encode_error(request_id, "internal",
                                                 f"tool call {call_id} could not be finished; see the daemon's log"))
@@ -359,10 +358,8 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         self._step(min(c[2] for c in crossings), urgent=True)
 
     def _call_of_cgroup(self, cgroup_id: int) -> tuple[str, str] | None:
-        for call in self.calls.running():
-            if call.cgroup_id == cgroup_id:
-                return call.sandbox, call.call_id
-        return None
+        call = self.calls.of_cgroup(cgroup_id)
+        return (call.sandbox, call.call_id) if call is not None else None
 
     def _tick(self, now: float) -> None:
         if self.reactor is not None:
@@ -391,7 +388,8 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         for (_, call_id), action, waited in step.admitted:
             self._admitted(call_id, action.reason, waited)
         if self.reactor is not None:
-            self.reactor.arm_calls(self.control.call_thresholds(step), self.calls.running())
+            wanted = self.control.call_thresholds(step)     # only calls with a budget to reach
+            self.reactor.arm_calls(wanted, self.calls.some(wanted))
             self.reactor.arm_scopes(self.control.sandbox_budgets())
 
     # ---- the loop -----------------------------------------------------------------
@@ -416,7 +414,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
 
     def _timeout(self, now: float) -> float:
         timeout = min(IDLE_POLL_S, max(0.0, self._next_tick - now))
-        if any(c.has_returned for c in self.calls.running()):
+        if self.calls.any_returned():
             timeout = min(timeout, FINISH_POLL_S)
         wake = self.engines.next_wake_s()
         if wake is not None:
@@ -431,7 +429,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         if self._unknown and now >= self._next_unknown_check:
             self._next_unknown_check = now + UNKNOWN_CHECK_S
             self._check_unknown()
-        if any(c.has_returned for c in self.calls.running()):
+        if self.calls.any_returned():
             self.finish_due()
         self.containers.housekeeping(now)
         wake = self.engines.next_wake_s()
@@ -453,7 +451,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
             self._tick(now)
 
     def running_in(self, sandbox: str) -> int:
-        return sum(1 for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned)
+        return self.calls.running_in(sandbox)
 
     # ---- epoll plumbing -----------------------------------------------------------
     def _register(self, fd: int, events: int, handler: Callable[[int, int], None]) -> None:

@@ -390,8 +390,10 @@ class _Tick:
 
     def admit(self) -> None:
         c = self.c
-        host_reserved, reserved = self.committed()
         pending = [(sb, p) for sb in self.snap.sandboxes for p in sb.pending]
+        if not pending:
+            return                  # nothing to admit: the commitments (a pass over every call) are not needed
+        host_reserved, reserved = self.committed()
         pending.sort(key=lambda pair: (-PRIORITY_RANK[pair[0].priority], -pair[1].waited_s))
         for sb, call in pending:
             observed = self.peaks.get((sb.name, call.tool), ())
