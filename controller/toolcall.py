@@ -19,6 +19,7 @@ and every finished call teaches the policy its peak.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -142,6 +143,8 @@ class ToolCallManager:
         self._calls: dict[str, ToolCall] = {}
         self._lock = threading.Lock()
         self._owner_ticks = process_start_ticks(os.getpid()) or 0
+        self._owner_dir: str | None = None            # <state>/calls, checked once (_new_owner)
+        self._tools_dirs: dict[str, list[str]] = {}   # sandbox -> its tools dir per hierarchy
         self.control = control
         if control is not None:
             control.bind(self)
@@ -150,11 +153,13 @@ class ToolCallManager:
     # ---- sandboxes --------------------------------------------------------------
     def ensure_sandbox(self, name: str, priority: str | None = None) -> bool:
         """Create the sandbox if missing; an explicitly made sandbox outlives its calls."""
+        self.forget_dirs(name)
         with sandbox_lock(self.tree, name, self.state):
             clear_auto_created(self.tree, name, self.state)
             return ensure_sandbox(self.tree, name, priority)
 
     def remove_sandbox_if_unused(self, name: str) -> bool:
+        self.forget_dirs(name)
         with sandbox_lock(self.tree, name, self.state):
             return remove_sandbox_if_unused(self.tree, name)
 
@@ -184,12 +189,13 @@ class ToolCallManager:
                 raise CgroupGone(f"no sandbox {sandbox!r}; create it first (`agentcg sandbox create {sandbox}`)")
             created = False if self.tree.exists(tools_path(sandbox)) else ensure_sandbox(self.tree, sandbox)
             if created:
+                self.forget_dirs(sandbox)
                 mark_auto_created(self.tree, sandbox, self.state)
             self.tree.create(path)
         start_mono, start_wall = time.monotonic(), time.time()
         try:
-            write_owner(CallOwner(call_id, sandbox, self.tree.root, os.getpid(), self._owner_ticks,
-                                  start_wall, created), self.state)
+            self._new_owner(CallOwner(call_id, sandbox, self.tree.root, os.getpid(), self._owner_ticks,
+                                      start_wall, created))
             if priority != "normal":
                 set_priority(self.tree, path, priority)
             cgroup_id = self.tree.cgroup_id(path)
@@ -200,7 +206,7 @@ class ToolCallManager:
             raise
         call = ToolCall(call_id=call_id, sandbox=sandbox, tool=tool, command=truncate_command(list(command)
                         if not isinstance(command, str) else command), path=path, cgroup_id=cgroup_id,
-                        procs_files=procs_files(self.tree, path), priority=priority, mem_hint_bytes=mem_hint_bytes,
+                        procs_files=self._procs_files(sandbox, call_id), priority=priority, mem_hint_bytes=mem_hint_bytes,
                         start_monotonic_s=start_mono, start_wall_s=start_wall, created_sandbox=created,
                         _tree=self.tree, grace_s=grace_s)
         return self._started(call)
@@ -237,6 +243,42 @@ class ToolCallManager:
                 self.discard(call)
                 raise
         return call
+
+    def _new_owner(self, owner: CallOwner) -> None:
+        """write_owner for a new call id, in three syscalls: a new file (O_EXCL, never through
+        a link) and one write(2), which a kill cannot split. A reader that opens it between
+        the two sees an empty file, which read_owner refuses: it is skipped, never acted on."""
+        if self._owner_dir is None:
+            from agentcg.controller.reaper import calls_dir
+            from agentcg.safefile import ensure_private_dir
+
+            self._owner_dir = str(ensure_private_dir(calls_dir(self.state), 0o700))
+        path = f"{self._owner_dir}/{validate_name(owner.call_id, 'call id')}.json"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except (FileExistsError, FileNotFoundError):   # a directory made again, or an id seen: the slow way
+            self._owner_dir = None
+            write_owner(owner, self.state)
+            return
+        try:
+            os.write(fd, json.dumps(vars(owner), sort_keys=True).encode())
+        finally:
+            os.close(fd)
+
+    def forget_dirs(self, sandbox: str) -> None:
+        """`sandbox` was made, removed or moved (an adopted container): look its dirs up again."""
+        self._tools_dirs.pop(sandbox, None)
+
+    def _procs_files(self, sandbox: str, call_id: str) -> list[Path]:
+        """procs_files() of a call of `sandbox`, from its tools directory in each hierarchy
+        (looked up once per sandbox: a call's cgroup is a directory below it)."""
+        bases = self._tools_dirs.get(sandbox)
+        if bases is None:
+            bases = [str(p.parent.parent) for p in procs_files(self.tree, call_path(sandbox, "x"))]
+            if len(self._tools_dirs) > 1024:
+                self._tools_dirs.clear()
+            self._tools_dirs[sandbox] = bases
+        return [Path(f"{base}/{call_id}/cgroup.procs") for base in bases]
 
     def adopt(self, call: ToolCall) -> None:
         """Take over a running call that another manager (an earlier daemon) began: own its

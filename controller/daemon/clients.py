@@ -41,6 +41,7 @@ class ClientConnections:
             self._slots.take(peer.uid)
             self._conns[conn.fileno()] = conn
             self._register(conn.fileno(), _IN, self._on_client)
+            conn.interest, conn.unflushed = _IN, self._unflushed
 
     def _on_client(self, fd: int, mask: int) -> None:
         conn = self._conns.get(fd)
@@ -118,14 +119,28 @@ class ClientConnections:
         self._serve(conn)
 
     def _update_interest(self, conn: Connection) -> None:
-        if self._conns.get(conn.fileno()) is not conn:
-            return
+        if conn in self._unflushed or self._conns.get(conn.fileno()) is not conn:
+            return      # its answers go out at the end of the turn (_flush_turn), and this then
         if conn.closing and not conn.outbuf:
             self._drop(conn)
             return
         events = _IN | (select.EPOLLOUT if conn.outbuf else 0)
-        assert self._epoll is not None
-        self._epoll.modify(conn.fileno(), events)
+        if events != conn.interest:      # one epoll_ctl per change, not per request
+            assert self._epoll is not None
+            self._epoll.modify(conn.fileno(), events)
+            conn.interest = events
+
+    def _flush_turn(self) -> None:
+        """The end of a loop turn: send every answer the turn made (the state they depend on
+        is saved already), one send(2) per connection however many answers it got."""
+        while self._unflushed:
+            conn = self._unflushed.pop()
+            if self._conns.get(conn.fileno()) is not conn:
+                continue
+            if not conn.flush():
+                self._drop(conn)
+            else:
+                self._update_interest(conn)
 
     def _drop(self, conn: Connection) -> None:
         fd = conn.fileno()
@@ -137,6 +152,9 @@ class ClientConnections:
             if link is not None:
                 log.info("engine link %d (%s) closed; its %d requests are forgotten", link.link_id,
                          link.registration.engine_id if link.registration else "unregistered", len(link.requests))
+        if conn in self._unflushed:       # answers of this turn: what the socket still takes
+            self._unflushed.discard(conn)
+            conn.flush()
         for waiters in self._waiters.values():
             waiters[:] = [w for w in waiters if w[0] is not conn]
         for call_id, (waiting, _, _, call) in list(self._admission.items()):

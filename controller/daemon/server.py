@@ -181,6 +181,10 @@ class Connection:
         self.last_active = now
         self.busy = False          # a request's answer is deferred (toolcall.end waiting)
         self.closing = False       # close once outbuf is flushed
+        self.interest = 0          # the epoll events last registered for it (the loop keeps it)
+        # where `send` puts it to be flushed at the end of the loop's turn (None: at once), so
+        # the answers of one turn go out together, after the turn's state is saved
+        self.unflushed: set["Connection"] | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -219,7 +223,10 @@ class Connection:
         if len(self.outbuf) > MAX_OUTPUT_BYTES:
             self.outbuf.clear()
             self.closing = True
-        self.flush()
+        if self.unflushed is not None:
+            self.unflushed.add(self)
+        else:
+            self.flush()
 
     def flush(self) -> bool:
         """Write what the socket takes; False when the peer is gone."""

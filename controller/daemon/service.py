@@ -85,6 +85,9 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         self._listener: UnixListener | None = None
         self._metrics: MetricsEndpoint | None = None
         self._conns: dict[int, Connection] = {}
+        self._unflushed: set[Connection] = set()     # answers made this loop turn (clients.py)
+        self._in_turn = False                        # save() then only marks the state to save
+        self._save_due = False
         self._triggers: PsiTriggers = None  # type: ignore[assignment]   # "" = the root, else a sandbox
         self._waiters: dict[str, list[tuple[Connection, int | None]]] = {}
         self._admission: dict[str, tuple[Connection, int | None, dict[str, Any], ToolCall]] = {}
@@ -166,6 +169,9 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
     def shutdown(self) -> None:
         """The one clean-up path: close every fd we opened. Sandboxes and running calls
         stay (the next daemon adopts them); the state file already says what they are."""
+        if self._save_due:
+            self._in_turn = False
+            self.save()
         for conn in list(self._conns.values()):
             self._drop(conn)
         if self._metrics is not None:
@@ -220,10 +226,17 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         return monitor
 
     def save(self) -> None:
-        save_state(self.config.state_path, self.state)
+        """Persist the state; inside a loop turn, once at its end, before any answer of the
+        turn is sent (`_end_turn`): many begins and ends in one turn, one journal write."""
+        if self._in_turn:
+            self._save_due = True
+        else:
+            self._save_due = False
+            save_state(self.config.state_path, self.state)
 
     # ---- sandboxes and calls (used by the API) ------------------------------------
     def add_sandbox(self, entry: SandboxEntry) -> None:
+        self.calls.forget_dirs(entry.name)
         self.state.sandboxes[entry.name] = entry
         self._triggers.arm(entry.name)
         self.save()
@@ -262,6 +275,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         self._forget_sandbox(name)
 
     def _forget_sandbox(self, name: str) -> None:
+        self.calls.forget_dirs(name)
         self.state.sandboxes.pop(name, None)
         self._triggers.disarm(name)
         if self.reactor is not None:
@@ -397,13 +411,26 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         assert self._epoll is not None
         while not self._stop:
             now = time.monotonic()
-            for fd, mask in self._epoll.poll(self._timeout(now)):
-                handler = self._handlers.get(fd)
-                if handler is not None:
-                    self._guarded(handler, fd, mask)
-                if self._stop:
-                    break
-            self._guarded(self._housekeeping, time.monotonic())
+            events = self._epoll.poll(self._timeout(now))
+            self._in_turn = True
+            try:
+                for fd, mask in events:
+                    handler = self._handlers.get(fd)
+                    if handler is not None:
+                        self._guarded(handler, fd, mask)
+                    if self._stop:
+                        break
+                self._guarded(self._housekeeping, time.monotonic())
+            finally:
+                self._in_turn = False
+                self._guarded(self._end_turn)
+
+    def _end_turn(self) -> None:
+        """Save what the turn changed, then send what it answered (in that order: no answer
+        leaves before the state it reports is written)."""
+        if self._save_due:
+            self.save()
+        self._flush_turn()
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         """Run one unit of loop work; a bug in it is logged, the loop goes on."""
