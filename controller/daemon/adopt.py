@@ -15,6 +15,7 @@ from agentcg.controller.cgroup import CgroupTree
 from agentcg.controller.daemon.calls import DaemonCalls
 from agentcg.controller.daemon.config import DaemonConfig
 from agentcg.controller.daemon.metrics import DaemonStats
+from agentcg.controller.daemon.removals import clear_done
 from agentcg.controller.daemon.state import (
     Adoption, CallEntry, DaemonState, SandboxEntry, load_state, move_aside, plan_adoption,
 )
@@ -39,6 +40,9 @@ def adopt(cfg: DaemonConfig, tree: CgroupTree, calls: DaemonCalls, state: Daemon
                   "\"unknown\", recorded when their processes are gone)", exc, ", ".join(map(str, aside)))
         saved = DaemonState()
     plan = plan_adoption(tree, saved, time.monotonic(), time.time(), cfg.limits.grace_s)
+    done = clear_done(tree, cfg.daemon.state_dir, plan, saved)    # finished, not yet removed (removals.py)
+    if done:
+        log.info("removed %d finished tool-call cgroup(s) an earlier daemon left for removal", done)
     foreign = _live_foreign_owners(cfg, saved)
     for entry in plan.sandboxes:
         state.sandboxes[entry.name] = entry

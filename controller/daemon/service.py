@@ -42,6 +42,7 @@ from agentcg.controller.daemon.http import MetricsEndpoint
 from agentcg.controller.daemon.metrics import DaemonStats, make_registry
 from agentcg.controller.daemon.owners import UNKNOWN_CHECK_S, OwnedCalls, OwnerWatch
 from agentcg.controller.daemon.psi_triggers import PsiTriggers
+from agentcg.controller.daemon.removals import finish_failed
 from agentcg.controller.daemon.reaction import Crossing, Reactor
 from agentcg.controller.daemon.signals import DaemonSignals
 from agentcg.controller.daemon.server import (
@@ -134,6 +135,7 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         self.calls = IndexedCalls(self.tree, monitor=self.monitor, records_path=cfg.records_path,
                                  grace_s=cfg.limits.grace_s, state=cfg.daemon.state_dir)
         self.calls.records_mode = cfg.daemon.records_mode
+        self.calls.use_removals(self._lasting)      # finished calls' rmdir off the loop (removals.py)
         self.calls.records_gid = (resolve_group(cfg.daemon.socket_group)
                                   if cfg.daemon.socket_group is not None and cfg.daemon.records_mode & 0o040 else None)
         if self._epoll is None:
@@ -194,6 +196,8 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         if self.owners is not None:
             self.owners.close()
             self.owners = None
+        if self.calls is not None and self.calls.removals is not None:
+            self.calls.removals.close()      # what is queued goes now (a kill -9: clear_done at the next start)
         if self.state.journal is not None:
             self.state.journal.close()
             self.state.journal = None
@@ -267,12 +271,21 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
             call.grace_s = 0.0
             self.stats.observe_action("kill", "sandbox_removed")
         self.finish_due()
+        if self.calls.removals is not None:
+            self.calls.removals.flush()      # its finished calls' cgroups first
+            finish_failed(self.calls.removals, self.tree, self.config.daemon.state_dir)
         with sandbox_lock(self.tree, name, self.config.daemon.state_dir):
             try:
                 remove_sandbox(self.tree, name)
             except CgroupGone:
                 pass
         self._forget_sandbox(name)
+
+    def _lasting(self, name: str) -> bool:
+        """A sandbox made by sandbox.create: not an ephemeral one (its last call removes it,
+        ToolCallManager._discard) nor an adopted container (its own tree)."""
+        entry = self.state.sandboxes.get(name)
+        return entry is not None and not entry.ephemeral and name not in self.containers.adopted
 
     def _forget_sandbox(self, name: str) -> None:
         self.calls.forget_dirs(name)
@@ -458,6 +471,8 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
             self._check_unknown()
         if self.calls.any_returned():
             self.finish_due()
+        if self.calls.removals is not None and self.calls.removals.failed:
+            finish_failed(self.calls.removals, self.tree, self.config.daemon.state_dir)
         self.containers.housekeeping(now)
         wake = self.engines.next_wake_s()
         if wake is not None and now >= wake:
