@@ -3,8 +3,9 @@
 A finished call's record is written and its state entry dropped in the loop; what is left
 (rmdir of its cgroup in every hierarchy, its owner file) is work nobody waits for. The
 loop renames the owner file `<state>/calls/<id>.json` to `<id>.done` (one rename(2): the
-call is finished, its cgroup is only waiting for removal) and queues the directories; a
-thread removes them and then the `.done` file. The thread runs no more Python than a loop
+call is finished, its cgroup is only waiting for removal) and stages the directories; at
+the end of the turn, after the turn's state is saved, they are handed to a thread that
+removes them and then the `.done` file. The thread runs no more Python than a loop
 over rmdir(2) calls, which release the GIL, so it does not hold the loop back (a thread
 doing the cgroup API's Python work did: the loop waited for the GIL after each syscall).
 
@@ -38,6 +39,7 @@ class Removals:
     def __init__(self, state: Path) -> None:
         self.calls_dir = str(calls_dir(state))
         self._queue: collections.deque[tuple[str, str, list[str]]] = collections.deque()
+        self._staged: list[tuple[str, str, list[str]]] = []    # this loop turn's, not yet released
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -53,29 +55,39 @@ class Removals:
             os.rename(owner, owner[:-5] + DONE_SUFFIX)
         except OSError:
             return False
-        with self._cv:
-            closed = self._closed
-            if not closed:
-                self._queue.append((sandbox, call_id, directories))
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="agentcg-removals", daemon=True)
-                    self._thread.start()
-                self._cv.notify()
-        if closed:
+        if self._closed:
             self._remove(sandbox, call_id, directories)
+        else:
+            self._staged.append((sandbox, call_id, directories))
         return True
 
+    def release(self) -> None:
+        """Hand the staged removals to the thread: at the end of the loop's turn, after its
+        state is saved (a call's cgroup goes only once the state no longer lists the call;
+        a kill -9 before leaves the cgroup and its `.done`, which clear_done removes)."""
+        if not self._staged:
+            return
+        with self._cv:
+            self._queue.extend(self._staged)
+            self._staged.clear()
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="agentcg-removals", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._staged)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the queue is done (before a sandbox is removed: its tools dir must be
         empty of our queued cgroups); False on timeout."""
+        self.release()
         with self._cv:
             return self._cv.wait_for(lambda: not self._queue and not self._working, timeout_s)
 
     def close(self) -> None:
         """Finish the queue (the thread's, then anything left here) and stop the thread."""
+        self.release()
         with self._cv:
             self._closed = True
             self._cv.notify_all()

@@ -443,6 +443,8 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
         leaves before the state it reports is written)."""
         if self._save_due:
             self.save()
+        if self.calls.removals is not None:
+            self.calls.removals.release()    # after the save: the state no longer lists them
         self._flush_turn()
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
