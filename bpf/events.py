@@ -117,6 +117,9 @@ class Event(ct.Structure):
     ]
 
 
+# bytes of a short record (every kind but EV_EXEC): all but the file name
+EVENT_HEAD = Event.filename.offset
+
 # C struct name -> ctypes mirror, for the layout test
 C_STRUCTS: dict[str, type[ct.Structure]] = {
     "acg_watch": Watch, "acg_counters": Counters, "acg_hist": Hist, "acg_task": Task,

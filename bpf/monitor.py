@@ -43,8 +43,8 @@ MAX_BLOCK_KEYS = 8192
 MAX_INFLIGHT_IO = 16384
 RINGBUF_PAGES = 256              # 1 MiB: about 3,400 events between two polls
 RECLAIM_STALL_S = 0.010          # a reclaim longer than this sends a ReclaimStallEvent
-WAKE_BATCH_EVENTS = 64          # non-urgent events submitted per reader wake-up (agentcg.h)
-WAKE_AFTER_S = 0.020            # ... or once the oldest unannounced one is this old
+WAKE_BATCH_EVENTS = 256         # non-urgent events submitted per reader wake-up (agentcg.h)
+WAKE_AFTER_S = 0.100            # ... or once the oldest unannounced one is this old
 REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a late forget()
 
 # maps with one entry per something; `live_entries()` reports them
@@ -137,23 +137,43 @@ class BpfMonitor:
             raise BpfError(f"compiling/loading the BPF programs ({', '.join(self.concerns)}) failed: {exc}; "
                            "check kernel headers (`bash scripts/host.sh setup`) and `agentcg doctor`") from None
         try:
-            for fn, tracepoint, raw in self._programs:
-                if raw:
-                    self._b.attach_raw_tracepoint(tp=tracepoint.split(":")[1].encode(), fn_name=fn.encode())
-                else:
-                    self._b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
             self._b[b"events"].open_ring_buffer(self._on_event)
+        except Exception as exc:
+            self.close()
+            raise BpfError(f"opening the ring buffer failed: {exc}") from None
+        self.attach()
+
+    def attach(self) -> None:
+        """Attach every program (done at load; again after detach())."""
+        b = self._require_open()
+        try:
+            for fn, tracepoint, raw in self._programs:
+                if raw and tracepoint.split(":")[1].encode() not in b.raw_tracepoint_fds:
+                    b.attach_raw_tracepoint(tp=tracepoint.split(":")[1].encode(), fn_name=fn.encode())
+                elif not raw and tracepoint.encode() not in b.tracepoint_fds:
+                    b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
         except Exception as exc:
             self.close()
             raise BpfError(f"attaching the BPF programs failed: {exc}; is tracefs mounted and are you root?") from None
 
+    def detach(self) -> None:
+        """Detach every program; maps, counters and the ring buffer stay, so attach() resumes
+        (benchmark (3) measures the same loaded programs attached and not)."""
+        b = self._require_open()
+        for tp in list(b.raw_tracepoint_fds):
+            b.detach_raw_tracepoint(tp=tp)
+        for tp in list(b.tracepoint_fds):
+            b.detach_tracepoint(tp=tp)
+
     def _on_event(self, ctx: Any, data: Any, size: int) -> None:
         self._events_received += 1
-        if size < ct.sizeof(ev.Event):
+        if size < ev.EVENT_HEAD:
             self._decode_errors += 1
             return
+        raw = ev.Event()    # a short record (all kinds but exec) leaves the file name out
+        ct.memmove(ct.addressof(raw), data, min(size, ct.sizeof(raw)))
         try:
-            self._pending.append(ev.decode_event(ct.cast(data, ct.POINTER(ev.Event)).contents))
+            self._pending.append(ev.decode_event(raw))
         except BpfError:
             self._decode_errors += 1
 

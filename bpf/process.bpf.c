@@ -70,7 +70,7 @@ int acg_process__sched__sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
             acg_charge_sched(c, t);  /* first seen here: its counters so far are not the cgroup's */
 #endif
     }
-    struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
+    struct acg_event *e = acg_reserve_sized(EV_EXEC, cg, pid, sizeof(struct acg_event));
     if (!e)
         return 0;
     e->ppid = ppid;
@@ -116,10 +116,15 @@ int acg_process__signal__signal_generate(struct bpf_raw_tracepoint_args *ctx)
 /* signal_deliver(int sig, struct kernel_siginfo *info, struct k_sigaction *ka) */
 int acg_process__signal__signal_deliver(struct bpf_raw_tracepoint_args *ctx)
 {
+    /* the common case (SIGCHLD to a shell, ...) ends here, before the cgroup filter (a
+     * register test is cheaper than its map lookup): `exits` only ever holds default-fatal
+     * signals, so a non-fatal one has nothing to record or clear */
+    int sig = ctx->args[0];
+    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)))
+        return 0;
     u64 cg;
     if (!acg_current(&cg))
         return 0;
-    int sig = ctx->args[0];
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 handler = 0;
     bpf_probe_read_kernel(&handler, sizeof(handler), (char *)ctx->args[2] + ACG_OFF_KSIGACTION_HANDLER);
@@ -130,8 +135,6 @@ int acg_process__signal__signal_deliver(struct bpf_raw_tracepoint_args *ctx)
             exits.delete(&tgid);
         return 0;
     }
-    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)))
-        return 0;
     if (old && old->signal && sig == 9)
         return 0;  /* SIGKILL standing in for the signal recorded at generation */
     struct acg_exit x = {.cgroup_id = cg, .exit_code = -1, .signal = sig};

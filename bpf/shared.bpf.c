@@ -58,22 +58,33 @@ static __always_inline u32 acg_read_u32(void *base, u64 offset)
     return v;
 }
 
-static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u32 pid)
+/* A record of `size` bytes: ACG_EVENT_HEAD (all but the file name) for every kind but
+ * exec, sizeof(struct acg_event) for exec. Short records touch 2 cache lines of the ring
+ * instead of 6; user space zero-fills what a record leaves out (bpf/monitor.py). */
+#define ACG_EVENT_HEAD __builtin_offsetof(struct acg_event, filename)
+
+static __always_inline struct acg_event *acg_reserve_sized(u32 kind, u64 cgroup_id, u32 pid, u64 size)
 {
-    struct acg_event *e = events.ringbuf_reserve(sizeof(struct acg_event));
+    struct acg_event *e = events.ringbuf_reserve(size);
     if (!e) {
         acg_error(ERR_RINGBUF_FULL);
         return NULL;
     }
-    /* all but the file name, which only exec events fill (and which starts empty) */
-    __builtin_memset(e, 0, __builtin_offsetof(struct acg_event, filename));
-    e->filename[0] = 0;
+    __builtin_memset(e, 0, ACG_EVENT_HEAD);
+    if (size > ACG_EVENT_HEAD)
+        e->filename[0] = 0;
     e->ktime_ns = bpf_ktime_get_ns();
     e->kind = kind;
     e->cgroup_id = cgroup_id;
     e->pid = pid;
     e->exit_code = -1;
     return e;
+}
+
+/* A short record (no file name: the verifier rejects a write to e->filename) */
+static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u32 pid)
+{
+    return acg_reserve_sized(kind, cgroup_id, pid, ACG_EVENT_HEAD);
 }
 
 /* Submit; wake the reader for an urgent event, for every WAKE_BATCH_EVENTS-th, and for
