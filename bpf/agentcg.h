@@ -109,8 +109,12 @@ struct acg_task {
     __u64 base_run_delay_ns;
     __u64 base_pcount;
     __u32 has_base;  /* 1: the bases are the task's (a fork starts at 0); 0: take them next */
-    __u32 pad;
+    __u32 flags;     /* TASK_EXIT_NOTED */
 };
+
+/* acg_task.flags of a process's leader (tid == tgid): `exits` may hold an entry for it, so
+ * its exit looks there; without it (the common case) the exit program skips that lookup */
+#define TASK_EXIT_NOTED 1
 
 /* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the
  * cgroup is charged only what an mm gained after it was first seen there (size - base).

@@ -63,7 +63,7 @@ class Hist(ct.Structure):
 class Task(ct.Structure):
     _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("tgid", ct.c_uint32),
                 ("base_runtime_ns", ct.c_uint64), ("base_run_delay_ns", ct.c_uint64),
-                ("base_pcount", ct.c_uint64), ("has_base", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("base_pcount", ct.c_uint64), ("has_base", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
 class Mm(ct.Structure):

@@ -201,9 +201,15 @@ class BpfMonitor:
                 b[b"runq_hist"][key] = ev.Hist()
             self._removed.pop(cgroup_id, None)
         flags = ev.WATCH_STOP_AT_EXEC if stop_at_exec else 0
+        self._flags[cgroup_id] = flags
+        self._count_stop_watches()   # before the flag is visible, so no exec misses its stop
         b[b"watched"][key] = ev.Watch(threshold, flags, 0)
         self._watched.add(cgroup_id)
-        self._flags[cgroup_id] = flags
+
+    def _count_stop_watches(self) -> None:
+        """stop_watches[0]: the exec program looks `watched` up only while it is non-zero."""
+        n = sum(1 for f in self._flags.values() if f & ev.WATCH_STOP_AT_EXEC)
+        self._b[b"stop_watches"][ct.c_int(0)] = ct.c_uint32(n)
 
     def set_rss_threshold(self, cgroup_id: int, rss_threshold_bytes: int | None) -> None:
         """Set (or clear with None) the RSS threshold; also re-arms a threshold that fired."""
@@ -303,6 +309,7 @@ class BpfMonitor:
             pass  # removed by the kernel (cgroup_rmdir) a moment ago
         self._watched.discard(cgroup_id)
         self._flags.pop(cgroup_id, None)
+        self._count_stop_watches()
         final = self._read(cgroup_id)
         self._purge(cgroup_id)
         return final
@@ -364,6 +371,7 @@ class BpfMonitor:
             if isinstance(event, ev.CgroupRemovedEvent) and event.cgroup_id in self._watched:
                 self._watched.discard(event.cgroup_id)
                 self._flags.pop(event.cgroup_id, None)
+                self._count_stop_watches()
                 self._removed[event.cgroup_id] = self._read(event.cgroup_id)
                 while len(self._removed) > REMOVED_KEPT:
                     self._removed.popitem(last=False)

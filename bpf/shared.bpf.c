@@ -23,6 +23,9 @@ struct acg_unwoken {
     u64 first_ns;   /* when the oldest of them was reserved */
 };
 BPF_ARRAY(unwoken, struct acg_unwoken, 1);
+/* [0]: how many watched cgroups have WATCH_STOP_AT_EXEC (user space keeps it); 0 spares the
+ * exec program its `watched` lookup (a constant-key array lookup is inlined: no map walk) */
+BPF_ARRAY(stop_watches, u32, 1);
 #ifdef ACG_CONCERN_FAULTS
 /* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the faults
  * concern has not seen its new mm yet; that mm starts empty, so all of it counts. */
@@ -124,6 +127,22 @@ static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32
     struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid, .has_base = new_task};
     if (tasks.update(&tid, &fresh))
         acg_error(ERR_TASKS_FULL);
+}
+
+/* A task just forked: a fresh entry, over any stale one a reused tid left (no lookup). */
+static __always_inline void acg_track_new(u32 tid, u32 tgid, u64 cgroup_id, u32 ppid)
+{
+    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid, .has_base = 1};
+    if (tasks.update(&tid, &fresh))
+        acg_error(ERR_TASKS_FULL);
+}
+
+/* Marks the leader of `tgid` as having an `exits` entry (see TASK_EXIT_NOTED). */
+static __always_inline void acg_note_exit(u32 tgid, struct acg_task *t_of_tgid)
+{
+    struct acg_task *leader = t_of_tgid ? t_of_tgid : tasks.lookup(&tgid);
+    if (leader)
+        leader->flags |= TASK_EXIT_NOTED;
 }
 
 /* As acg_track_tgid; the tgid is known only when `tid` is the current thread. */
