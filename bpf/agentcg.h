@@ -91,11 +91,9 @@ struct acg_counters {
     __u32 block_devs[BLOCK_DEV_SLOTS];
     __u32 block_devs_more;
     __u32 pad;
-};
-
-/* runq_hist: cgroup id -> this; slot i counts latencies in [2^i, 2^(i+1)) ns */
-struct acg_hist {
-    __u64 slots[HIST_SLOTS];
+    /* sched concern: run-queue waits, slot i counts waits in [2^i, 2^(i+1)) ns. Here, not in
+     * a map of its own, so charging a task at its exit is one lookup fewer (round 3) */
+    __u64 runq_slots[HIST_SLOTS];
 };
 
 /* tasks: tid -> this. The sched concern keeps the task's own scheduler counters as of its

@@ -53,11 +53,8 @@ class Counters(ct.Structure):
         ("block_devs", ct.c_uint32 * BLOCK_DEV_SLOTS),
         ("block_devs_more", ct.c_uint32),
         ("pad", ct.c_uint32),
+        ("runq_slots", ct.c_uint64 * HIST_SLOTS),
     ]
-
-
-class Hist(ct.Structure):
-    _fields_ = [("slots", ct.c_uint64 * HIST_SLOTS)]
 
 
 class Task(ct.Structure):
@@ -122,7 +119,7 @@ EVENT_HEAD = Event.filename.offset
 
 # C struct name -> ctypes mirror, for the layout test
 C_STRUCTS: dict[str, type[ct.Structure]] = {
-    "acg_watch": Watch, "acg_counters": Counters, "acg_hist": Hist, "acg_task": Task,
+    "acg_watch": Watch, "acg_counters": Counters, "acg_task": Task,
     "acg_mm": Mm, "acg_stamp": Stamp, "acg_exit": Exit, "acg_blk_key": BlkKey,
     "acg_blk_stats": BlkStats, "acg_io_key": IoKey, "acg_io": Io, "acg_event": Event,
 }

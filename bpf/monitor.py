@@ -53,7 +53,7 @@ _HASH_MAPS = {
     "process": ("exits",),
     "memory": ("reclaim_start",),
     "faults": ("mms", "mm_fresh"),
-    "sched": ("runq_hist",),
+    "sched": (),
     "block": ("io_owner", "io_inflight", "block_stats"),
     "switches": (),
     "exit_codes": (),
@@ -197,8 +197,6 @@ class BpfMonitor:
             if len(self._watched) >= MAX_CGROUPS:
                 raise BpfError(f"already watching {MAX_CGROUPS} cgroups (MAX_CGROUPS); forget() some first")
             b[b"counters"][key] = ev.Counters()
-            if "sched" in self.concerns:
-                b[b"runq_hist"][key] = ev.Hist()
             self._removed.pop(cgroup_id, None)
         flags = ev.WATCH_STOP_AT_EXEC if stop_at_exec else 0
         self._flags[cgroup_id] = flags
@@ -259,10 +257,7 @@ class BpfMonitor:
         has = self.concerns.__contains__
         hist: tuple[int, ...] | None = None
         if has("sched"):
-            try:
-                hist = tuple(int(v) for v in b[b"runq_hist"][key].slots)
-            except KeyError:
-                hist = (0,) * ev.HIST_SLOTS
+            hist = tuple(int(v) for v in c.runq_slots)
         devices: tuple[BlockDeviceCounters, ...] | None = None
         if has("block"):
             devices = tuple(
@@ -342,12 +337,10 @@ class BpfMonitor:
                 c = b[b"counters"][key]
             except KeyError:
                 pass
-        names = ["counters"] + (["runq_hist"] if "sched" in self.concerns else [])
-        for name in names:
-            try:
-                del b[name.encode()][key]
-            except KeyError:
-                pass
+        try:
+            del b[b"counters"][key]
+        except KeyError:
+            pass
         if c is not None:
             table = b[b"block_stats"]
             for k, _v in self._block_entries(cgroup_id, c):

@@ -153,8 +153,6 @@ static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
 }
 
 #ifdef ACG_CONCERN_SCHED
-BPF_HASH(runq_hist, u64, struct acg_hist, MAX_CGROUPS);
-
 static __always_inline u32 acg_log2(u64 v)
 {
     u32 r = 0, shift;
@@ -190,14 +188,10 @@ static __always_inline void acg_charge_sched(struct acg_counters *c, struct acg_
         __sync_fetch_and_add(&c->cpu_ns, runtime - t->base_runtime_ns);
         u64 waits = pcount - t->base_pcount;
         if (waits) {
-            u64 cg = t->cgroup_id;
-            struct acg_hist *h = runq_hist.lookup(&cg);
-            if (h) {
-                u32 slot = acg_log2((delay - t->base_run_delay_ns) / waits);
-                if (slot >= HIST_SLOTS)
-                    slot = HIST_SLOTS - 1;
-                __sync_fetch_and_add(&h->slots[slot], waits);
-            }
+            u32 slot = acg_log2((delay - t->base_run_delay_ns) / waits);
+            if (slot >= HIST_SLOTS)
+                slot = HIST_SLOTS - 1;
+            __sync_fetch_and_add(&c->runq_slots[slot], waits);
         }
     }
     t->base_runtime_ns = runtime;
