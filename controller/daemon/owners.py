@@ -9,10 +9,17 @@ against the start time the state recorded (a pid reused before the restart is de
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 
+from agentcg.controller.daemon.adopt import adopt
 from agentcg.controller.daemon.server import ProcFacts
+from agentcg.errors import CgroupGone
+
+log = logging.getLogger("agentcg.daemon")
+
+UNKNOWN_CHECK_S = 1.0         # how often adopted calls with no owner are checked for emptiness
 
 
 class OwnerWatch:
@@ -93,3 +100,55 @@ class OwnerWatch:
         except (OSError, ValueError):
             pass
         os.close(fd)
+
+
+class OwnedCalls:
+    """A mixin of service.Daemon: calls adopted from an earlier daemon, owners that die,
+    adopted calls nobody owns (recorded once their cgroup is empty)."""
+
+    def _adopt(self, previous: tuple[int, int] | None = None) -> None:
+        self.adoption = adopt(self.config, self.tree, self.calls, self.state, self.stats, self.apply_sandbox_limits,
+                              spare=previous)
+        assert self.owners is not None
+        for entry in list(self.state.calls.values()):
+            if entry.owner_pid == 0:       # found in the tree only: recorded once its processes are gone
+                self._unknown.add(entry.call_id)
+            elif entry.returned_monotonic_s is None and not self.owners.watch(
+                    entry.call_id, entry.owner_pid, entry.owner_start_ticks):
+                self._owner_died(entry.call_id)
+        self.save()
+
+    def _on_owner_exit(self, fd: int, mask: int) -> None:
+        """An owner's pidfd turned readable: that process exited (or is a zombie)."""
+        assert self.owners is not None
+        for call_id in self.owners.dead():
+            self._owner_died(call_id)
+
+    def _owner_died(self, call_id: str) -> None:
+        try:
+            call = self.calls.get(call_id)
+        except CgroupGone:
+            return
+        if call.has_returned:
+            return
+        entry = self.state.calls.get(call_id)
+        log.info("owner %s of tool call %s died; the call ends after its grace period",
+                 entry.owner_pid if entry else "?", call_id)
+        self._cancel_admission(call)
+        self.end_call(call, None, None, waiter=None)
+        self.stats.observe_action("end", "owner_dead")
+
+    def _check_unknown(self) -> None:
+        """Adopted calls nobody owns end when their cgroup is empty (then they are recorded)."""
+        for call_id in list(self._unknown):
+            try:
+                call = self.calls.get(call_id)
+            except CgroupGone:
+                self._unknown.discard(call_id)
+                continue
+            if call.has_returned:
+                self._unknown.discard(call_id)
+            elif not self.calls._populated(call):
+                self._unknown.discard(call_id)
+                self.calls.returned(call)
+                call.grace_s = 0.0

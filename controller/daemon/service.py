@@ -17,23 +17,21 @@ safety"): a stray `kill -HUP` must not take every sandbox's API down.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
-import resource
 import select
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from agentcg.controller.cgroup import UNLIMITED, CgroupTree, open_tree
+from agentcg.controller.cgroup import UNLIMITED, CgroupTree
 from agentcg.controller.core import EventLog
 from agentcg.controller.daemon import bpfstats
-from agentcg.controller.daemon.adopt import adopt
+from agentcg.controller.daemon.admission import DaemonAdmission
 from agentcg.controller.daemon.api import Api, Args
 from agentcg.controller.daemon.calls import DaemonCalls
+from agentcg.controller.daemon.claims import DaemonClaims
 from agentcg.controller.daemon.clients import ClientConnections
 from agentcg.controller.daemon.config import DaemonConfig, resolve_group
 from agentcg.controller.daemon.control import DaemonControl
@@ -42,37 +40,30 @@ from agentcg.controller.daemon.exec_watch import ExecWatch
 from agentcg.controller.daemon.engine_links import EngineLinks
 from agentcg.controller.daemon.http import MetricsEndpoint
 from agentcg.controller.daemon.metrics import DaemonStats, make_registry
-from agentcg.controller.daemon.owners import OwnerWatch
+from agentcg.controller.daemon.owners import UNKNOWN_CHECK_S, OwnedCalls, OwnerWatch
 from agentcg.controller.daemon.psi_triggers import PsiTriggers
 from agentcg.controller.daemon.reaction import Crossing, Reactor
+from agentcg.controller.daemon.signals import DaemonSignals
 from agentcg.controller.daemon.server import (
     ConnectionSlots, Connection, RateLimitedLog, UnixListener, encode_error, encode_result,
 )
 from agentcg.controller.daemon.state import Adoption, DaemonState, SandboxEntry, save_state
-from agentcg.controller.reaper import DAEMON_LOCK, daemon_owner, process_start_ticks
 from agentcg.controller.sandbox import remove_sandbox, sandbox_lock
 from agentcg.controller.toolcall import ToolCall
-from agentcg.errors import AgentcgError, BpfError, CgroupGone, InvalidInput
+from agentcg.errors import AgentcgError, BpfError, CgroupGone
 from agentcg.policies.kv import POLICY_NAMES as KV_POLICY_NAMES
 from agentcg.policies.sandbox import PRIORITY_CPU_WEIGHT
 from agentcg.records import ToolCallRecord
 
 log = logging.getLogger("agentcg.daemon")
 
-ROOT_LOCK_DIR = Path("/run/agentcg-roots")   # one lock per cgroup root, whatever the state dir
-UNKNOWN_CHECK_S = 1.0         # how often adopted calls with no owner are checked for emptiness
-# default action "terminate" but nothing a daemon should die of (signal(7)); SIGTERM and
-# SIGINT stop it cleanly, SIGKILL and the core-dumping faults stay as they are
-IGNORED_SIGNALS = tuple(getattr(signal, name) for name in (
-    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGPIPE",
-    "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGXFSZ", "SIGSTKFLT") if hasattr(signal, name))
 FINISH_POLL_S = 0.02          # loop timeout while a call waits to be finished
 IDLE_POLL_S = 0.5
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 
 
-class Daemon(ClientConnections, EngineLinks):
+class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientConnections, EngineLinks):
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.tree: CgroupTree = None  # type: ignore[assignment]   # set by start()
@@ -172,60 +163,6 @@ class Daemon(ClientConnections, EngineLinks):
                  "on" if self.monitor else "off", self.reactor.mode, self.metrics_address or "off",
                  self.adoption.summary() if self.adoption else {})
 
-    def _claim(self) -> tuple[int, int] | None:
-        """Take the state directory, the cgroup root and the socket, in that order, before
-        anything is changed; refuse (InvalidInput, exit 2) when another daemon holds one.
-        Returns the (pid, start ticks) of the daemon that held the state directory before."""
-        from agentcg.safefile import ensure_private_dir, open_private
-
-        cfg = self.config
-        state_dir = ensure_private_dir(cfg.daemon.state_dir, 0o755)
-        previous = daemon_owner(state_dir)
-        fd = open_private(state_dir / DAEMON_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        self._locks.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f"pid {previous[0]}" if previous else "another process"
-            raise InvalidInput(f"another agentcg daemon ({holder}) uses state directory {state_dir}; "
-                               "stop it first, or give this one its own [daemon] state_dir") from None
-        self.tree = open_tree(root=cfg.daemon.cgroup_root)
-        self._lock_cgroup_root()
-        gid = resolve_group(cfg.daemon.socket_group) if cfg.daemon.socket_group is not None else None
-        self._listener = UnixListener(cfg.daemon.socket_path, cfg.daemon.socket_mode, gid)
-        # ours now: say so in the lock file (reap_orphans spares this daemon's calls)
-        ticks = process_start_ticks(os.getpid()) or 0
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {ticks}\n".encode(), 0)
-        return previous
-
-    def _lock_cgroup_root(self) -> None:
-        """flock a lock file per cgroup root in ROOT_LOCK_DIR, the same for every state
-        directory: whatever state directory a daemon uses, two cannot manage the same root.
-        The file goes at shutdown; a daemon that locked a file unlinked meanwhile sees that
-        the path names another file now, and takes that one instead."""
-        from agentcg.safefile import ensure_private_dir, open_private
-
-        path = ensure_private_dir(ROOT_LOCK_DIR, 0o755) / f"{self.tree.root.replace('/', '.')}.lock"
-        for _ in range(8):
-            fd = open_private(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise InvalidInput(f"another agentcg daemon manages cgroup root {self.tree.root!r} (it holds "
-                                   f"{path}); stop it first, or give this one its own [daemon] cgroup_root") from None
-            try:
-                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._locks.append(fd)
-                self._root_lock_path = path
-                return
-            os.close(fd)
-        raise InvalidInput(f"{path} keeps being replaced; is another daemon starting and stopping?")
-
     def shutdown(self) -> None:
         """The one clean-up path: close every fd we opened. Sandboxes and running calls
         stay (the next daemon adopts them); the state file already says what they are."""
@@ -266,20 +203,6 @@ class Daemon(ClientConnections, EngineLinks):
             os.close(fd)
         self._locks.clear()
 
-    def _protect_self(self) -> None:
-        try:
-            Path("/proc/self/oom_score_adj").write_text(str(self.config.daemon.oom_score_adj))
-        except OSError as exc:
-            log.warning("cannot set oom_score_adj %d: %s", self.config.daemon.oom_score_adj, exc.strerror)
-        priority = self.config.daemon.realtime_priority
-        if priority:
-            # As SCHED_OTHER the loop can wait a scheduler slice behind a busy tool call
-            # (bench/bench_reaction.py); it sleeps in epoll, so SCHED_FIFO cannot starve the host.
-            try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-            except OSError as exc:
-                log.warning("cannot run as SCHED_FIFO %d: %s", priority, exc.strerror)
-
     def _load_bpf(self) -> Any:
         mode = self.config.ebpf.mode
         if mode == "off":
@@ -295,19 +218,6 @@ class Daemon(ClientConnections, EngineLinks):
         if self.config.ebpf.program_stats:
             self._bpf_stats_fd = bpfstats.enable_bpf_stats()
         return monitor
-
-    # ---- adoption (adopt.py) ------------------------------------------------------
-    def _adopt(self, previous: tuple[int, int] | None = None) -> None:
-        self.adoption = adopt(self.config, self.tree, self.calls, self.state, self.stats, self.apply_sandbox_limits,
-                              spare=previous)
-        assert self.owners is not None
-        for entry in list(self.state.calls.values()):
-            if entry.owner_pid == 0:       # found in the tree only: recorded once its processes are gone
-                self._unknown.add(entry.call_id)
-            elif entry.returned_monotonic_s is None and not self.owners.watch(
-                    entry.call_id, entry.owner_pid, entry.owner_start_ticks):
-                self._owner_died(entry.call_id)
-        self.save()
 
     def save(self) -> None:
         save_state(self.config.state_path, self.state)
@@ -484,47 +394,6 @@ class Daemon(ClientConnections, EngineLinks):
             self.reactor.arm_calls(self.control.call_thresholds(step), self.calls.running())
             self.reactor.arm_scopes(self.control.sandbox_budgets())
 
-    # ---- admission ------------------------------------------------------------------
-    def admit_or_wait(self, call: ToolCall, conn: Connection, request_id: int | None, result: dict[str, Any]) -> bool:
-        """`toolcall.begin`: True when the call may start now; else the answer comes once the
-        policy admits it (bounded by [policy] max_wait_s), and the call shows as pending.
-        With no budget to fit in (neither the sandbox's nor [policy] host_budget) there is
-        nothing to admit against: it starts at once, without a step, so `toolcall.begin`
-        costs the same with 10 or 1,600 calls running (bench/bench_daemon_scale.py)."""
-        entry = self.state.sandboxes.get(call.sandbox)
-        if self.config.policy.host_budget_bytes is None and (entry is None or entry.memory_budget_bytes is None):
-            self.engine_tool_began(call)
-            return True
-        self.control.wait_for_admission(call)
-        self._admission[call.call_id] = (conn, request_id, result, call)
-        self._step(time.monotonic())
-        if call.call_id in self._admission:
-            conn.busy = True             # answered by _admitted, later
-            return False
-        return True
-
-    def _admitted(self, call_id: str, reason: str, waited_s: float) -> None:
-        entry = self._admission.pop(call_id, None)
-        if entry is None:
-            return
-        conn, request_id, result, call = entry
-        self.engine_tool_began(call)
-        if conn.busy:                    # it waited: answer now (else admit_or_wait's return does)
-            self._answer(conn, encode_result(request_id, {**result, "admission": {"waited_s": waited_s,
-                                                                                  "reason": reason}}))
-
-    def _cancel_admission(self, call: ToolCall) -> None:
-        self.control.core.drop_pending(call.sandbox, call.call_id)
-        self._admission.pop(call.call_id, None)
-
-    def _expire_admissions(self, now: float) -> None:
-        """A bound the policy cannot forget: past max_wait_s plus two ticks, it starts."""
-        limit = self.config.policy.graduated.max_wait_s + 2 * self.config.policy.tick_s
-        for key, pending in list(self.control.core.pending.items()):
-            if now - pending.since_s > limit:
-                self.control.core.drop_pending(*key)
-                self._admitted(pending.call_id, "waited past [policy] max_wait_s; started anyway", now - pending.since_s)
-
     # ---- the loop -----------------------------------------------------------------
     def loop(self) -> None:
         assert self._epoll is not None
@@ -583,41 +452,6 @@ class Daemon(ClientConnections, EngineLinks):
             self._next_tick = now + self.config.policy.tick_s
             self._tick(now)
 
-    def _on_owner_exit(self, fd: int, mask: int) -> None:
-        """An owner's pidfd turned readable: that process exited (or is a zombie)."""
-        assert self.owners is not None
-        for call_id in self.owners.dead():
-            self._owner_died(call_id)
-
-    def _owner_died(self, call_id: str) -> None:
-        try:
-            call = self.calls.get(call_id)
-        except CgroupGone:
-            return
-        if call.has_returned:
-            return
-        entry = self.state.calls.get(call_id)
-        log.info("owner %s of tool call %s died; the call ends after its grace period",
-                 entry.owner_pid if entry else "?", call_id)
-        self._cancel_admission(call)
-        self.end_call(call, None, None, waiter=None)
-        self.stats.observe_action("end", "owner_dead")
-
-    def _check_unknown(self) -> None:
-        """Adopted calls nobody owns end when their cgroup is empty (then they are recorded)."""
-        for call_id in list(self._unknown):
-            try:
-                call = self.calls.get(call_id)
-            except CgroupGone:
-                self._unknown.discard(call_id)
-                continue
-            if call.has_returned:
-                self._unknown.discard(call_id)
-            elif not self.calls._populated(call):
-                self._unknown.discard(call_id)
-                self.calls.returned(call)
-                call.grace_s = 0.0
-
     def running_in(self, sandbox: str) -> int:
         return sum(1 for c in self.calls.running() if c.sandbox == sandbox and not c.has_returned)
 
@@ -634,69 +468,6 @@ class Daemon(ClientConnections, EngineLinks):
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
-
-    def _install_signals(self) -> None:
-        if self._epoll is None:
-            self._epoll = select.epoll()
-        self._raise_fd_limit()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._signal_pipe = (r, w)
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._old_signals[signum] = signal.signal(signum, self.request_stop)
-        for signum in IGNORED_SIGNALS:
-            # a handler, not SIG_IGN: exec() resets it, so no child inherits an ignored signal
-            self._old_signals[signum] = signal.signal(signum, self._note_ignored)
-        self._register(r, select.EPOLLIN, self._on_signal)
-
-    def _note_ignored(self, signum: int, frame: Any) -> None:
-        if len(self._ignored) < 64:
-            self._ignored.append(signum)
-
-    @staticmethod
-    def _raise_fd_limit() -> None:
-        """Each running call's owner is watched through a pidfd: up to the hard limit."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                            else max(soft, 1 << 20), hard))
-            except (ValueError, OSError):
-                pass
-
-    def _restore_signals(self) -> None:
-        for signum, handler in self._old_signals.items():
-            signal.signal(signum, handler)
-        self._old_signals.clear()
-        if self._signal_pipe is not None:
-            signal.set_wakeup_fd(-1)
-            self._unregister(self._signal_pipe[0])
-            for fd in self._signal_pipe:
-                os.close(fd)
-            self._signal_pipe = None
-
-    def _on_signal(self, fd: int, mask: int) -> None:
-        try:
-            os.read(fd, 512)
-        except BlockingIOError:
-            pass
-        ignored, self._ignored = self._ignored, []
-        for signum in sorted(set(ignored)):
-            self._bad_requests.log(logging.INFO, ("signal", signum),
-                                   "%s ignored (docs/daemon.md, \"Restart safety\"); SIGTERM stops the daemon, "
-                                   "and a restart keeps every running call", signal.Signals(signum).name,
-                                   now=time.monotonic())
-
-    def _discard_pending(self, call: ToolCall) -> None:
-        """A call whose client left while it waited for admission: it never ran, no record."""
-        self.state.calls.pop(call.call_id, None)
-        if self.owners is not None:
-            self.owners.forget(call.call_id)
-        try:
-            self.calls.discard(call)
-        except AgentcgError as exc:
-            log.error("discarding tool call %s: %s", call.call_id, exc)
-        self.save()
 
     # ---- /metrics -----------------------------------------------------------------
     def _listen_metrics(self, address: str) -> None:

@@ -100,7 +100,7 @@ class DaemonProcess:
         finally:
             try:
                 from agentcg.controller.cgroup import open_tree
-                from agentcg.controller.daemon.service import ROOT_LOCK_DIR
+                from agentcg.controller.daemon.claims import ROOT_LOCK_DIR
                 tree = open_tree(root=self.root)
                 if tree.exists(""):
                     tree.remove("", timeout_s=10.0)
