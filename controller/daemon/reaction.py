@@ -306,6 +306,24 @@ class Reactor:
             self._register(self._ticker.fileno(), select.EPOLLIN, self._on_tick)
         self._on_tick(-1, 0)           # it may be across already
 
+    def watching(self) -> set[str]:
+        """The calls whose usage the daemon watches now (tests, state)."""
+        return set(self._watching)
+
+    def _arm_exact(self, call_id: str) -> None:
+        """A watch ran out below the threshold (the call stopped short of it): the call's
+        eventfd moves to the threshold itself, so the kernel still reports the crossing."""
+        sandbox, old, threshold = self._calls[call_id]
+        try:
+            t = UsageThreshold(old.path, threshold)
+        except (AgentcgError, OSError):
+            return                   # gone, or out of fds: the sandbox's exact eventfds and the tick remain
+        self._register(t.fileno(), select.EPOLLIN,
+                       lambda fd, mask, sb=sandbox, cid=call_id, t=t, x=threshold: self._on_memcg(sb, t, cid, x))
+        self._calls[call_id] = (sandbox, t, threshold)
+        self._unregister(old.fileno())
+        old.close()
+
     def _unwatch_call(self, call_id: str | None) -> None:
         if call_id is not None:
             self._watching.pop(call_id, None)
@@ -348,6 +366,8 @@ class Reactor:
                 self._watching.pop(call_id, None)
             elif usage is None or now >= deadline:
                 self._watching.pop(call_id, None)
+                if usage is not None:
+                    self._arm_exact(call_id)
         self._unwatch_call(None)
         if crossings:
             self._react(crossings)
