@@ -7,25 +7,32 @@ concerns, i.e. no per-fault programs; PSI on; tick 0.5 s), except the policy's f
 (throttle = freeze at 80 %, kill at 99 %, no growth projection, a grace long enough that
 nothing is killed) so that the first action is a freeze. Each round begins a tool call
 through the daemon's socket, starts a worker in it that touches --alloc-mib MiB (crossing
-80 % of the sandbox's --budget-mib on the way), waits for the daemon's "freeze" event of
-that call in its event log (`events.since`), then kills the worker and ends the call.
+80 % of the sandbox's --budget-mib on the way), waits until the call's cgroup reports
+frozen (a kernfs poll on its cgroup.events: nothing asks the daemon anything during the
+round; --wait events polls `events.since` every 2 ms instead, as this bench did before),
+reads the daemon's "freeze" event of that call (`events.since`), then kills the worker and
+ends the call. The rows run interleaved, round by round, each with its own daemon, so that
+every row sees the same host load.
 
-How the crossing is stamped:
+How the crossing is stamped (bench/reaction_probe.py, a separate observer process):
 - the daemon reacted on a memcg usage-threshold eventfd (v1 `cgroup.event_control`, per
-  call and per sandbox: the default path), or on its tick/PSI: the eventfd carries no
-  timestamp, so this benchmark's own observer stamps it: a separate process loads a small
-  kmem:rss_stat tracepoint program, filtered to the call's cgroup (bpf_get_current_cgroup_id)
-  and to the call's task's anonymous pages, that records bpf_ktime_get_ns (CLOCK_MONOTONIC,
-  as the daemon's time.monotonic()) when the worker's anonymous RSS reaches 1 MiB (+ 1/256
-  of the way, for page tables) below the point where the memcg usage reaches the daemon's
-  lowest threshold (calibrated per round: usage and RssAnon read while the worker waits to
-  start allocating). Pessimistic by the time the worker takes to touch that 1 MiB; a stamp
-  later than the daemon's own read of the eventfd would mean a bad calibration and is counted.
+  call and per sandbox: the default path), its watch of a call armed early, or its
+  tick/PSI: at each of the worker's page faults (kmem:rss_stat in the worker's context)
+  the observer reads the kernel's page counters of the call's and the sandbox's memcg
+  (task->cgroups->subsys[memory]->memory.usage, what v1 thresholds compare with; offsets
+  from BTF) with bpf_ktime_get_ns (CLOCK_MONOTONIC, as the daemon's time.monotonic()). The
+  daemon's lowest threshold (the sandbox's fractions, the call's, and any the daemon
+  reported) was crossed by a charge between two faults: the earlier fault's time is the
+  stamp, never later than the crossing (a stamp after the daemon's own read is counted,
+  and fails the row). The earlier method (anonymous RSS 1 MiB below the calibrated
+  crossing: pessimistic by the worker's time to touch that MiB) is printed beside it.
 - the daemon reacted on its own eBPF RSS-threshold event (`faults` loaded): that event's
   kernel timestamp.
 The freeze's write-return time is the daemon's own (`detail.applied_monotonic_s`, its write to
 cgroup.freeze returned). Reaction = the difference. Also printed: until the cgroup reported
-every task frozen (`done_monotonic_s`). Both cores are kept busy by busy-loop processes.
+every task frozen (`done_monotonic_s`), and where the time went, from sched_waking /
+sched_switch of the daemon and the worker and the daemon's raw syscalls (same observer).
+Both cores are kept busy by busy-loop processes.
 
 Rows (each a fresh daemon):
   default/SCHED_OTHER   memcg eventfd thresholds per call and per sandbox (no per-fault eBPF)
@@ -38,6 +45,7 @@ Target: p99 <= 5 ms over >= 200 crossings, none missed, in every row but the bas
 "NOT met" on a miss.
 
     sudo .venv/bin/python bench/bench_reaction.py [--rounds 200] [--tick-rounds 30] [--all-rows]
+        [--rows NAME,...] [--wait cgroup|events]
 """
 from __future__ import annotations
 
@@ -230,7 +238,7 @@ class Row:
         freeze = self._freeze_event(call_id, own, deadline if self.wait == "events" else time.monotonic() + 2.0)
         events = observer.events()
         usage0 = first_usage(events)
-        if usage0 is not None and abs(usage0[0] - call_now) > 4 * MiB:
+        if usage0 is not None and (abs(usage0[0] - call_now) > 4 * MiB or abs(usage0[1] - sandbox_now) > 4 * MiB):
             r["bad_walk"] += 1          # the BTF walk read something else than memory.usage_in_bytes
         marks = [("sandbox", t) for t in sandbox_thresholds(budget, self.fractions)] + [("call", call_thr)]
         marks += [("call", d["threshold_bytes"]) for d in self.thresholds_seen
@@ -264,8 +272,13 @@ class Row:
             r["parts"].append(part)
         else:
             r["missed"] += 1
+            samples = [e for e in events if e[0] == 1]
             why = ("no freeze event" if freeze is None else "the freeze failed" if not freeze["detail"]["ok"]
-                   else "no crossing stamp")
+                   else "no crossing stamp (no usage sample)" if not samples
+                   else "no crossing stamp (over the threshold at the first sample)" if crossing_bracket(samples[:1], marks)
+                   is None and any(
+                       (s[3] if sc == "call" else s[6]) * 4096 >= lim for s in samples[:1] for sc, lim in marks)
+                   else "no crossing stamp (not crossed in the samples)")
             r["why_missed"][why] = r["why_missed"].get(why, 0) + 1
         worker.send_signal(signal.SIGKILL)       # a frozen task still dies of SIGKILL
         worker.wait()
@@ -324,7 +337,8 @@ def print_breakdown(parts: list[dict]) -> None:
     print(f"  {'':21s}   daemon woken by the call's own context in {woken}/{len(parts)} rounds, its watch saw the crossing "
           f"in {watched}; "
           f"syscalls between the eventfd read and the freeze write: p50 {statistics.median(calls):.0f}, max {max(calls)} "
-          f"(a median round: {syscall_mix(median['syscall_ids'])})",
+          f"(a median round: {syscall_mix(median['syscall_ids'])}); writes before the freeze write: max "
+          f"{max(p['syscall_ids'].count(1) for p in parts)}",
           flush=True)
 
 

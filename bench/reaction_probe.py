@@ -4,8 +4,8 @@ process so that its work is not the daemon's.
 One small bcc program, filtered per round to the call's cgroup, the daemon's thread and
 the worker, sends into a ring buffer:
 - USAGE: at each kmem:rss_stat event of the worker (every page fault it takes; in its own
-  context) where the memcg page counters changed: the usage of the call's v1 memory cgroup
-  and of its parent (the sandbox), read from the kernel's own counters
+  context) where the memcg page counters changed: the usage of the call's v1 memory cgroup,
+  its parent (<sandbox>/tools) and grandparent (the sandbox), read from the kernel's own counters
   (task->cgroups->subsys[memory]->memory.usage, the value cgroup v1 thresholds compare
   with; offsets from the running kernel's BTF, never from headers), with this event's and
   the previous event's bpf_ktime_get_ns. A usage threshold was crossed by a charge between
@@ -42,18 +42,26 @@ SYSCALL_NAMES = {0: "read", 1: "write", 3: "close", 4: "stat", 5: "fstat", 6: "l
                  262: "newfstatat", 281: "epoll_pwait", 290: "eventfd2", 332: "statx"}
 
 PROGRAM = r"""
-struct ev { u64 ts; u64 prev_ts; u64 a; u64 b; u32 kind; u32 pid; };
+struct ev { u64 ts; u64 prev_ts; u64 a; u64 b; u64 c; u32 kind; u32 pid; };
 BPF_RINGBUF_OUTPUT(events, 256);          /* 1 MiB */
 BPF_ARRAY(cfg, u64, 5);     /* call cgroup id, old-stamp anon bytes, daemon tid, worker pid, on */
-BPF_ARRAY(st, u64, 4);      /* last rss_stat ts, last call usage, last parent usage, old stamp sent */
+BPF_ARRAY(st, u64, 5);      /* last rss_stat ts, last call usage, last parent usage, old stamp sent,
+                               last grandparent usage */
 
 static __always_inline u64 cfg_get(u32 k) { u64 *v = cfg.lookup(&k); return v ? *v : 0; }
 static __always_inline u64 *st_at(u32 k) { return st.lookup(&k); }
+static __always_inline void emit3(u32 kind, u32 pid, u64 ts, u64 prev, u64 a, u64 b, u64 c) {
+    struct ev *e = events.ringbuf_reserve(sizeof(struct ev));
+    if (!e)
+        return;
+    e->ts = ts; e->prev_ts = prev; e->a = a; e->b = b; e->c = c; e->kind = kind; e->pid = pid;
+    events.ringbuf_submit(e, 0);
+}
 static __always_inline void emit(u32 kind, u32 pid, u64 ts, u64 prev, u64 a, u64 b) {
     struct ev *e = events.ringbuf_reserve(sizeof(struct ev));
     if (!e)
         return;
-    e->ts = ts; e->prev_ts = prev; e->a = a; e->b = b; e->kind = kind; e->pid = pid;
+    e->ts = ts; e->prev_ts = prev; e->a = a; e->b = b; e->c = 0; e->kind = kind; e->pid = pid;
     events.ringbuf_submit(e, 0);
 }
 
@@ -61,11 +69,11 @@ TRACEPOINT_PROBE(kmem, rss_stat) {
     if (!cfg_get(4) || !args->curr || cfg_get(0) != bpf_get_current_cgroup_id())
         return 0;
     u64 now = bpf_ktime_get_ns();
-    u64 *last = st_at(0), *lcall = st_at(1), *lpar = st_at(2), *sent = st_at(3);
-    if (!last || !lcall || !lpar || !sent)
+    u64 *last = st_at(0), *lcall = st_at(1), *lpar = st_at(2), *sent = st_at(3), *lgp = st_at(4);
+    if (!last || !lcall || !lpar || !sent || !lgp)
         return 0;
-    void *task = (void *)bpf_get_current_task(), *cset = 0, *css = 0, *parent = 0;
-    long usage = 0, pusage = 0;
+    void *task = (void *)bpf_get_current_task(), *cset = 0, *css = 0, *parent = 0, *gparent = 0;
+    long usage = 0, pusage = 0, gpusage = 0;
     bpf_probe_read_kernel(&cset, sizeof(cset), task + OFF_TASK_CGROUPS);
     if (cset)
         bpf_probe_read_kernel(&css, sizeof(css), cset + OFF_CSS_SET_SUBSYS + 8 * MEMORY_CGRP_ID);
@@ -74,12 +82,16 @@ TRACEPOINT_PROBE(kmem, rss_stat) {
         bpf_probe_read_kernel(&usage, sizeof(usage), memcg + OFF_MEMCG_MEMORY + OFF_PC_USAGE);
         bpf_probe_read_kernel(&parent, sizeof(parent), memcg + OFF_MEMCG_MEMORY + OFF_PC_PARENT);
     }
-    if (parent)
+    if (parent) {
         bpf_probe_read_kernel(&pusage, sizeof(pusage), parent + OFF_PC_USAGE);
+        bpf_probe_read_kernel(&gparent, sizeof(gparent), parent + OFF_PC_PARENT);
+    }
+    if (gparent)
+        bpf_probe_read_kernel(&gpusage, sizeof(gpusage), gparent + OFF_PC_USAGE);
     u32 pid = bpf_get_current_pid_tgid();
-    if ((u64)usage != *lcall || (u64)pusage != *lpar || *last == 0)
-        emit(USAGE, pid, now, *last, usage, pusage);
-    *last = now; *lcall = usage; *lpar = pusage;
+    if ((u64)usage != *lcall || (u64)pusage != *lpar || (u64)gpusage != *lgp || *last == 0)
+        emit3(USAGE, pid, now, *last, usage, pusage, gpusage);
+    *last = now; *lcall = usage; *lpar = pusage; *lgp = gpusage;
     if (!*sent && args->member == ANON_MEMBER && args->size >= (long)cfg_get(1)) {
         *sent = 1;
         emit(OLD, pid, now, 0, args->size, 0);
@@ -147,7 +159,7 @@ def defines() -> dict[str, int]:
 
 class _Ev(ctypes.Structure):
     _fields_ = [("ts", ctypes.c_uint64), ("prev_ts", ctypes.c_uint64), ("a", ctypes.c_uint64),
-                ("b", ctypes.c_uint64), ("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
+                ("b", ctypes.c_uint64), ("c", ctypes.c_uint64), ("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
 
 
 def observer_main() -> int:
@@ -159,7 +171,7 @@ def observer_main() -> int:
     def on_event(_ctx: object, data: int, _size: int) -> None:
         e = ctypes.cast(data, ctypes.POINTER(_Ev)).contents
         if len(got) < 200_000:
-            got.append([e.kind, e.ts, e.prev_ts, e.a, e.b, e.pid])
+            got.append([e.kind, e.ts, e.prev_ts, e.a, e.b, e.pid, e.c])
 
     b["events"].open_ring_buffer(on_event)
     print("ready", flush=True)
@@ -169,7 +181,7 @@ def observer_main() -> int:
             cfg[ctypes.c_int(4)] = ctypes.c_ulonglong(0)
             b.ring_buffer_consume()
             got.clear()
-            for k in range(4):
+            for k in range(5):
                 st[ctypes.c_int(k)] = ctypes.c_ulonglong(0)
             for k, value in enumerate(words[1:5]):
                 cfg[ctypes.c_int(k)] = ctypes.c_ulonglong(int(value))
@@ -219,14 +231,16 @@ SEGMENTS = (("notice", "crossing -> kernel wakes the daemon (from the call's con
 
 
 def crossing_bracket(events: list[list[int]], thresholds: list[tuple[str, int]]) -> tuple[float, float, str] | None:
-    """(lo, hi, which) in seconds: the earliest of `thresholds` ((scope "call"|"sandbox",
-    bytes) on the call's memcg or its parent) crossed between two rss_stat samples: `lo`
-    is the last sample below it (not later than the crossing), `hi` the first at or above."""
+    """(lo, hi, which) in seconds: the earliest of `thresholds` ((scope, bytes): "call" on
+    the call's memcg, "sandbox" on its grandparent, the sandbox: <sandbox>/tools/<call>)
+    crossed between two rss_stat samples: `lo` is the last sample below it (not later than
+    the crossing), `hi` the first at or above."""
     best = None
     samples = sorted((e for e in events if e[0] == USAGE), key=lambda e: e[1])
     for scope, limit in thresholds:
-        for _, ts, prev, call, parent, _ in samples:
-            if (call if scope == "call" else parent) * PAGE >= limit:
+        for e in samples:
+            ts, prev = e[1], e[2]
+            if (e[3] if scope == "call" else e[6]) * PAGE >= limit:
                 if prev and (best is None or prev < best[0] * 1e9):
                     best = (prev / 1e9, ts / 1e9, scope)
                 break
@@ -236,14 +250,14 @@ def crossing_bracket(events: list[list[int]], thresholds: list[tuple[str, int]])
 def first_usage(events: list[list[int]]) -> tuple[int, int] | None:
     """(call, sandbox) memcg usage in bytes at the first sample: checks the BTF walk."""
     samples = sorted((e for e in events if e[0] == USAGE), key=lambda e: e[1])
-    return (samples[0][3] * PAGE, samples[0][4] * PAGE) if samples else None
+    return (samples[0][3] * PAGE, samples[0][6] * PAGE) if samples else None
 
 
 def _off_cpu(events: list[list[int]], pid: int, start: float, end: float, preempted: bool = True) -> float:
     """Seconds `pid` spent preempted (switched out while runnable), or else asleep (blocked
     on a lock, waiting for I/O), inside [start, end]."""
     total, out = 0.0, None
-    for kind, ts, _, state, _, who in events:
+    for kind, ts, _, state, _, who, *_ in events:
         t = ts / 1e9
         if who != pid or kind not in (OUT, IN):
             continue

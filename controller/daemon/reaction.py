@@ -203,8 +203,7 @@ class Reactor:
             if old is not None and not needs_rearm(old[2], threshold):
                 continue
             try:
-                directory = self.tree.cgroup_dir(call.path, "memory")
-                t = UsageThreshold(directory, self._early(directory, threshold))
+                t = self._early(self.tree.cgroup_dir(call.path, "memory"), threshold)
             except CgroupGone:
                 continue             # it ended meanwhile; call_ended follows
             except (AgentcgError, OSError) as exc:   # OSError: EMFILE (one eventfd per call: mind RLIMIT_NOFILE)
@@ -220,15 +219,18 @@ class Reactor:
                 old[1].close()
 
     @staticmethod
-    def _early(directory: Any, threshold: int) -> int:
-        """Where to arm the eventfd of a call's `threshold`: EARLY_BYTES below it, unless the
-        call holds that much already (the kernel signals crossings, not a level)."""
-        try:
-            usage = int((directory / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
-            return threshold
+    def _early(directory: Any, threshold: int) -> UsageThreshold:
+        """The eventfd of a call's `threshold`, armed EARLY_BYTES below it, unless the call
+        holds that much already (the kernel signals crossings, not a level): then at it."""
         early = threshold - EARLY_BYTES
-        return early if early > usage else threshold
+        if early <= 0:
+            return UsageThreshold(directory, threshold)
+        t = UsageThreshold(directory, early)
+        usage = t.usage_bytes()
+        if usage is not None and usage >= early:
+            t.close()
+            t = UsageThreshold(directory, threshold)
+        return t
 
     def call_ended(self, call_id: str) -> None:
         """Close the call's memcg threshold (its eventfd), so none outlives the call."""
@@ -282,9 +284,10 @@ class Reactor:
             return               # crossed downwards (the tick relaxes), or the cgroup went (it signals on removal)
         for watched in [c for c in self._watching if call_id in (c, None) and self._calls.get(c, ('',))[0] == scope]:
             self._watching.pop(watched)      # the crossing they watched for is here
-        self._unwatch_call(call_id)
+        self._watching.pop(call_id or "", None)
         self._react([(scope, call_id, read_s, {"source": "memcg", "scope": kind, "threshold_bytes": threshold,
                                                "usage_bytes": usage, "read_monotonic_s": read_s})])
+        self._unwatch_call(None)             # the timer goes after the enforcement write, not before it
 
     # ---- the short watch of a call armed early ----------------------------------------
     def _watch_call(self, call_id: str, grown_bytes: int) -> None:
@@ -368,9 +371,9 @@ class Reactor:
                 self._watching.pop(call_id, None)
                 if usage is not None:
                     self._arm_exact(call_id)
-        self._unwatch_call(None)
         if crossings:
             self._react(crossings)
+        self._unwatch_call(None)
 
     def forget_scope(self, scope: str) -> None:
         self._memcg_refused.discard(scope)
