@@ -316,7 +316,7 @@ class Simulator(HostMemory, KvTiers, PolicyBridge):
                 self._apply(d)
             if not victim.directives:
                 return None
-        self.result.fallbacks += 1
+        self.result.pressure_stalls += 1
         return None
 
     def _pending_release(self) -> int:
@@ -331,7 +331,7 @@ class Simulator(HostMemory, KvTiers, PolicyBridge):
                         key=lambda s: (s.state != PAUSED, s.paused_s or 0.0))
         if not pinned:
             return False
-        self.result.fallbacks += 1
+        self.result.pins_released += 1
         self._make_evictable(pinned[0])
         return True
 

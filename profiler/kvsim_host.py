@@ -120,7 +120,7 @@ class HostMemory:
                 continue                     # already on its way to SSD
             size = other.host[1] - other.host[0]
             self.result.forced_spill_bytes += size * self.bpt
-            self.result.fallbacks += 1
+            self.result.forced_spills += 1
             self._set_host(other, None)
             over = self._host_over_tokens()
 

@@ -130,7 +130,7 @@ def _gib(nbytes: float) -> str:
 def format_table(results: list[PolicyResult]) -> str:
     head = ("policy", "JCT p50 s", "JCT p95 s", "TTFT resumed p50/p95 s", "recomputed tok",
             "GPU>host GiB", "host>GPU GiB", "host>SSD GiB", "SSD>GPU GiB", "host pool GiB", "peak host KV GiB",
-            "host idle GiB", "OOM kills", "forced spill GiB", "preempt", "err/fallback/refused")
+            "host idle GiB", "OOM kills", "forced spill GiB", "preempt", "err/fallback/unpinned/refused")
     rows = [head]
     for r in results:
         m = r.bytes_moved
@@ -142,7 +142,7 @@ def format_table(results: list[PolicyResult]) -> str:
                      _gib(r.peak_host_kv_bytes), f"{r.host_idle_mean_bytes / 2**30:,.1f}",
                      f"{r.sandbox_oom_kills:,}" + (f" ({r.failed_calls} failed)" if r.failed_calls else ""),
                      _gib(r.forced_spill_bytes), f"{r.preemptions:,}",
-                     f"{r.policy_errors}/{r.fallbacks}/{r.refused_directives + r.unknown_directives}"))
+                     f"{r.policy_errors}/{r.fallbacks}/{r.pins_released}/{r.refused_directives + r.unknown_directives}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]

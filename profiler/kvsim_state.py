@@ -46,7 +46,10 @@ class PolicyResult:
     makespan_s: float = 0.0
     preemptions: int = 0
     policy_errors: int = 0
-    fallbacks: int = 0
+    fallbacks: int = 0               # the fallback (vllm-v1) chose victims: the policy's directives made no room
+    pressure_stalls: int = 0         # pressure rounds used up with no room made: the step stalled
+    pins_released: int = 0           # pinned paused KV released so work goes on (nothing else could run)
+    forced_spills: int = 0           # host KV dropped because the sandboxes needed the RAM
     refused_directives: int = 0
     unknown_directives: int = 0
     stall_s: float = 0.0

@@ -214,9 +214,9 @@ class AgentcgPolicy:
             done.add(v.request_id)
             host_free -= nbytes
             need -= v.gpu_tokens
-        if need <= 0 or requester.state is not State.RUNNING:
-            return Decision(tuple(out))        # a waiting request evicts no kept KV (as vLLM)
         running = [v for v in snap.requests if v.state is State.RUNNING]
+        if need <= 0 or (requester.state is not State.RUNNING and running):
+            return Decision(tuple(out))        # a waiting request evicts no kept KV while others run (as vLLM)
         if len(running) <= 1:
             # Nothing else runs: release the kept KV of the calls that will last longest.
             for left, v in paused:
@@ -225,7 +225,7 @@ class AgentcgPolicy:
                 if v.request_id not in done and v.pinned:
                     out.append(Directive(v.request_id, Action.KEEP, ttl_s=0.0))
                     need -= v.gpu_tokens
-            if need <= 0:
+            if need <= 0 or not running:
                 return Decision(tuple(out))
         victim = max(running, key=lambda v: (v.admitted_s if v.admitted_s is not None else -1.0, v.request_id))
         tier, host_free = self._preempt_tier(snap, victim, host_free)

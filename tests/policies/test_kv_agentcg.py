@@ -107,6 +107,23 @@ def test_a_waiting_request_never_preempts_a_running_one(kv):
     assert running.directives == (Directive("R2", Action.PREEMPT, tier=Tier.HOST),)
 
 
+def test_a_waiting_request_with_nothing_running_releases_the_longest_pins(kv):
+    """Nothing runs, so nothing will free GPU memory for the queue's head: the pins of the
+    calls that will last longest go (without this the engine would wait on its own pins)."""
+    policy = AgentcgPolicy()
+    _learn(policy, "Bash:pytest", [30.0, 30.0, 30.0])
+    _learn(policy, "Bash:ls", [1.0, 1.0, 1.0])
+    views = [kv.view("short", tool="Bash:ls", gpu_tokens=5000, pinned=True, paused_s=99.0),
+             kv.view("long", tool="Bash:pytest", gpu_tokens=5000, pinned=True, paused_s=99.0),
+             kv.view("W", State.WAITING, gpu_tokens=0)]
+    for v in views[:2]:
+        policy.observe(RequestEvent(v.request_id, v.request_id, EventKind.PAUSED, 99.0, 5000, tool=v.tool, sandbox=v.sandbox))
+    decision = policy.decide(kv.snap(Trigger.PRESSURE, "W", views, need_tokens=4000))
+    assert decision.directives == (Directive("long", Action.KEEP, ttl_s=0.0),)
+    with_running = views + [kv.view("R", State.RUNNING, admitted_s=1.0)]
+    assert policy.decide(kv.snap(Trigger.PRESSURE, "W", with_running, need_tokens=4000)).directives == ()
+
+
 def test_host_pressure_moves_the_coldest_needed_copies_to_ssd_after_redundant_ones(kv):
     policy = AgentcgPolicy()
     _learn(policy, "Bash:pytest", [30.0, 30.0, 30.0])
