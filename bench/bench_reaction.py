@@ -161,7 +161,7 @@ class Row:
         self.d = DaemonProcess(sections(kernel, faults, fifo))
         self.r = {"name": name, "latencies": [], "old": [], "confirmed": [], "missed": 0, "sources": {}, "clocks": {},
                   "late_stamps": 0, "reaction": None, "parts": [], "bad_walk": 0, "busy_s": 0.0, "done": 0,
-                  "why_missed": {}, "watched": 0}
+                  "why_missed": {}, "watched": 0, "by_tick": 0}
         self.s: Session | None = None
         self.seq = 1
 
@@ -255,8 +255,11 @@ class Row:
             detail = freeze["detail"]
             r["clocks"][clock] = r["clocks"].get(clock, 0) + 1
             read_s = detail["observed_monotonic_s"] if self.kernel and clock != "daemon's eBPF event" else None
-            if read_s is not None and crossed > read_s:
-                r["late_stamps"] += 1          # the stamp after the daemon's read: must not happen
+            source = next((d for d in self.thresholds_seen if d.get("read_monotonic_s") == read_s), None)
+            if source is None and read_s is not None:
+                r["by_tick"] += 1              # the step that froze was a tick's or a PSI trigger's
+            elif read_s is not None and crossed > read_s:
+                r["late_stamps"] += 1          # the stamp after the daemon read the crossing: must not happen
             r["latencies"].append(detail["applied_monotonic_s"] - crossed)
             r["confirmed"].append(detail["done_monotonic_s"] - crossed)
             if old is not None:
@@ -264,8 +267,7 @@ class Row:
             part = breakdown(events, crossed, read_s, detail["applied_monotonic_s"], begun["cgroup_id"],
                              self.d.proc.pid, worker.pid)
             part["total"] = detail["applied_monotonic_s"] - crossed
-            source = next((d for d in self.thresholds_seen if d.get("read_monotonic_s") == read_s), {})
-            if source.get("watched"):       # the daemon's own watch saw it (armed early), no kernel wake-up
+            if (source or {}).get("watched"):       # the daemon's own watch saw it (armed early), no kernel wake-up
                 part.update(notice=None, on_cpu=None, epoll=None, read=None, woken=False, watch=read_s - crossed)
                 r["watched"] += 1
             part["bracket_s"] = bracket[1] - bracket[0] if bracket else None
@@ -410,7 +412,8 @@ def main() -> int:
         print(f"  {'':21s} old stamp (anonymous RSS 1 MiB early): {summary(res['old'])}", flush=True)
         print(f"  {'':21s} to every task confirmed frozen: {summary(res['confirmed'])}", flush=True)
         print(f"  {'':21s} crossings the daemon saw {res['sources'] or 'none (no kernel threshold)'}; "
-              f"crossing stamped by {res['clocks']}; stamps later than the daemon's read: {res['late_stamps']}; "
+              f"crossing stamped by {res['clocks']}; stamps later than the daemon's read of the crossing: "
+              f"{res['late_stamps']}; frozen by a tick or PSI step: {res['by_tick']}; "
               f"BTF walk off: {res['bad_walk']}", flush=True)
         print_breakdown(res["parts"])
     print("  crossing stamped: for a memcg-eventfd or tick/PSI reaction by this benchmark's own observer "
