@@ -374,7 +374,12 @@ def main() -> int:
     chosen = ROWS[:2] + (FAULTS_OTHER,) + ROWS[2:] if args.all_rows else ROWS
     if args.rows:
         wanted = set(args.rows.split(","))
-        chosen = tuple(row for row in chosen if row[0] in wanted)
+        unknown = wanted - {row[0] for row in ROWS + (FAULTS_OTHER,)}
+        if unknown:
+            print(f"bench_reaction: no row {', '.join(sorted(unknown))}; rows: "
+                  f"{', '.join(row[0] for row in ROWS + (FAULTS_OTHER,))}", file=sys.stderr)
+            return 2
+        chosen = tuple(row for row in ROWS + (FAULTS_OTHER,) if row[0] in wanted)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-reaction-"))
     argv, worker_kind = worker_argv(workdir, args.alloc_mib)
