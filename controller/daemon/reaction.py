@@ -428,4 +428,3 @@ def _v1_files(tree: CgroupTree) -> set[str]:
         return set()
     return {"memory.usage_in_bytes"} if (directory.parent / "memory.usage_in_bytes").exists() or \
         (directory / "memory.usage_in_bytes").exists() else set()
-
