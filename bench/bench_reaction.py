@@ -186,8 +186,8 @@ class Row:
                     detail = event["detail"]
                     key = f"{detail.get('source')}/{detail.get('scope', 'call')}"
                     self.r["sources"][key] = self.r["sources"].get(key, 0) + 1
-                    if event["call_id"] == call_id:
-                        self.thresholds_seen.append(detail)
+                    if event["call_id"] in (call_id, None):      # this call's, or its sandbox's own
+                        self.thresholds_seen.append({**detail, "call_id": event["call_id"]})
                         if detail.get("source") == "ebpf":
                             own.add(detail["kernel_monotonic_s"])
             if freeze is not None or time.monotonic() >= deadline:
@@ -242,7 +242,7 @@ class Row:
             r["bad_walk"] += 1          # the BTF walk read something else than memory.usage_in_bytes
         marks = [("sandbox", t) for t in sandbox_thresholds(budget, self.fractions)] + [("call", call_thr)]
         marks += [("call", d["threshold_bytes"]) for d in self.thresholds_seen
-                  if d.get("scope") == "call" and d.get("threshold_bytes")]
+                  if d.get("scope") == "call" and d.get("call_id") == call_id and d.get("threshold_bytes")]
         bracket = crossing_bracket(events, marks)
         old = next((e[1] / 1e9 for e in events if e[0] == OLD), None)
         crossed = None

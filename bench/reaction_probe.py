@@ -241,7 +241,9 @@ def crossing_bracket(events: list[list[int]], thresholds: list[tuple[str, int]])
         for e in samples:
             ts, prev = e[1], e[2]
             if (e[3] if scope == "call" else e[6]) * PAGE >= limit:
-                if prev and (best is None or prev < best[0] * 1e9):
+                if not prev:
+                    return None          # across before the round began: no stamp for this round
+                if best is None or prev < best[0] * 1e9:
                     best = (prev / 1e9, ts / 1e9, scope)
                 break
     return best
