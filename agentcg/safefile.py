@@ -12,6 +12,7 @@ whatever it points to (`x.zip.tmp -> /etc/shadow`). Every such write goes throug
   rename(2) replaces a symlink at the target name itself; it never writes through one.
 - `atomic_file(path, mode)`: the same as a context manager yielding a binary file, for
   writers that stream (a trace's .zip); the target appears only when the block succeeds.
+  `atomic_write` is this with one write: one implementation of the rules above.
 - `open_private(path, flags, mode)`: open with O_NOFOLLOW; a file that is created is new
   (O_EXCL) and gets `mode`; a file that already exists is trusted only after `check_private`
   (a regular file, one link, owned by us or root, not writable by group or others) and only
@@ -87,9 +88,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = 0o600, 
     (O_EXCL|O_NOFOLLOW, random name beside the target) and renamed over the target.
     `gid`: give the file this group (with `mode` 0o640, say, for a socket group).
     """
+    with atomic_file(path, mode, gid=gid, fsync=fsync) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: int = 0o600, *, gid: int | None = None,
+                fsync: bool = True) -> Iterator[BinaryIO]:
+    """Yield a new binary file that replaces `path` when the block ends without an error
+    (the rules of `atomic_write`, which writes through this); on an error the temp file is
+    removed, `path` untouched. With `fsync`, the file and then its directory are synced.
+    An error of our own file operations becomes UnsafePath; one the block raises passes."""
     path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
+    in_block = False
     dfd = _open_parent(path)
     try:
         fd, tmp = _create_temp(dfd, path)
@@ -98,13 +110,17 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = 0o600, 
                 if gid is not None:
                     os.fchown(fd, -1, gid)
                 os.fchmod(fd, mode)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if fsync:
-                    os.fsync(fd)
-            finally:
+                fh = os.fdopen(fd, "w+b")
+            except BaseException:
                 os.close(fd)
+                raise
+            with fh:
+                in_block = True
+                yield fh
+                in_block = False
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
             os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             try:
@@ -118,38 +134,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = 0o600, 
             except OSError:   # some file systems do not fsync directories; the data is synced
                 pass
     except IsADirectoryError:
+        if in_block:
+            raise
         raise UnsafePath(f"cannot write {path}: it is a directory") from None
     except PermissionError as exc:
-        raise UnsafePath(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        os.close(dfd)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: int = 0o600, *, fsync: bool = True) -> Iterator[BinaryIO]:
-    """Yield a new binary file that replaces `path` when the block ends without an error
-    (the rules of `atomic_write`); on an error the temp file is removed, `path` untouched."""
-    path = Path(path)
-    dfd = _open_parent(path)
-    try:
-        fd, tmp = _create_temp(dfd, path)
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w+b") as fh:
-                yield fh
-                fh.flush()
-                if fsync:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
+        if in_block:
             raise
-    except IsADirectoryError:
-        raise UnsafePath(f"cannot write {path}: it is a directory") from None
+        raise UnsafePath(f"cannot write {path}: {exc.strerror}") from None
     finally:
         os.close(dfd)
 

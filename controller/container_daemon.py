@@ -1,22 +1,13 @@
-"""Containers as sandboxes in the daemon: `sandbox.adopt`, `sandbox.release`, the exec
-watch inside adopted containers, and re-adoption after a restart.
+"""Containers as sandboxes in the daemon: `sandbox.adopt`, `sandbox.release`, and
+re-adoption after a restart (docs/containers.md).
 
 Adopting container C as sandbox S: C's cgroup becomes S (mounted into the daemon's
 MountedTree), its processes move into S/agent, and both C's cgroup and S/agent are watched
-by eBPF with stop_at_exec. Every exec there is stopped by the kernel before its new image
-runs; the loop (`on_events`) then decides:
-- an exec in C's own cgroup came from outside: `podman exec` / `docker exec` (runc joins
-  the container's cgroup; on cgroup v2 with controllers enabled it joins init's cgroup,
-  S/agent, instead) -- always a tool call;
-- an exec in S/agent whose parent is outside the container: the same, on v2;
-- an exec in S/agent by a direct child of the container's init (the agent), or by init
-  itself after its first exec, matching the tool globs (controller/autodetect.py) -- a
-  tool call, as `agentcg sandbox exec` does;
-- anything else (the agent's grandchildren, runc's own re-exec): left running where it is.
-A tool call gets S/tools/<id>, the process (and what it forked before the move) is moved
-there, and SIGCONT. Its record carries `extra.host_pid` and `extra.container_pid` (NSpid).
-The call's owner is its own main process: when that exits (eBPF exit event, or the
-daemon's owner check) the call ends and is recorded as every other call.
+by eBPF with stop_at_exec; what an exec there becomes is container_execs.py's.
+`"container"` (an id or name) is resolved with `<runtime> inspect` off the daemon's loop
+(container_inspect.py); the pid it names, or the one a client sends, is checked: the
+container id the client (or the runtime) claims must be the one in that process's cgroup
+path when the runtime names its cgroups by id (podman, docker).
 
 State: `<state_dir>/containers.json` (rewritten whole with rename). A restarted daemon
 re-adopts each container whose init still runs; nothing is killed. A container that
@@ -25,58 +16,32 @@ exited (init gone, or its cgroup removed by the runtime) is released on its own.
 from __future__ import annotations
 
 import logging
-import math
-import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
-from agentcg.controller.autodetect import _command_of, parse_globs
+from agentcg.controller.autodetect import parse_globs
 from agentcg.controller.cgroup.layout import CgroupLayout, detect_layout
-from agentcg.controller.container import inspect_container, ns_pids, validate_container_ref
+from agentcg.controller.container import ContainerInfo, validate_container_ref
 from agentcg.controller.container_cgroups import (
     ContainerCgroup, cgroups_of_pid, check_cgroup_path, classify, container_tree,
 )
+from agentcg.controller.container_execs import ContainerExecs, MonitorTap
+from agentcg.controller.container_inspect import Inspections
 from agentcg.controller.container_nest import AGENT, Nesting, make_leaf, move_all, nest, unnest
-from agentcg.controller.container_tree import MountedTree
 from agentcg.controller.container_state import (
     MAX_ADOPTED, PROC, STATE_FILE, Adopted, memory_limit, load_adopted, save_adopted,
 )
-from agentcg.controller.daemon.server import ApiError
-from agentcg.controller.daemon.state import CallEntry, SandboxEntry, load_state, save_state
+from agentcg.controller.container_tree import MountedTree
+from agentcg.controller.daemon.api import DEFERRED
+from agentcg.controller.daemon.server import ApiError, encode_error, encode_result, error_code
+from agentcg.controller.daemon.state import SandboxEntry, load_state, save_state
 from agentcg.controller.sandbox import parse_priority, validate_name
 from agentcg.errors import AgentcgError, CgroupGone, InvalidInput
-from agentcg.records import truncate_command
-
 
 log = logging.getLogger("agentcg.daemon.containers")
 
-ALIVE_CHECK_S = 0.25
-FORGOTTEN_KEPT_S = 5.0          # a released container's stopped execs may still be in the ring buffer
-LOST_EXIT_S = 0.5               # a command gone this long without its exit event: status unknown
-_RUNC_NAMES = ("runc", "runc:[", "runc-dmz", "crun", "conmon")
-
-
-class MonitorTap:
-    """The daemon's BpfMonitor, with every batch `poll` returns shown to a listener first
-    (the adopted containers' execs and exits), whoever drains the ring buffer."""
-
-    def __init__(self, monitor: Any, listener: Any) -> None:
-        self._monitor, self._listener = monitor, listener
-
-    def poll(self, timeout_s: float = 0.0) -> list[Any]:
-        events = self._monitor.poll(timeout_s)
-        sandboxes = self._listener()
-        if sandboxes is not None and events:
-            try:
-                sandboxes.on_events(events)
-            except Exception:   # a bug here must not cost the daemon its events
-                log.exception("adopted containers: handling %d eBPF events", len(events))
-        return events
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._monitor, name)
+RUNTIMES = ("podman", "docker", "kubernetes", "systemd", "unknown")
+_ID_NAMED = ("podman", "docker")     # runtimes whose cgroup paths carry the container id
 
 
 class ContainerSandboxes:
@@ -89,12 +54,9 @@ class ContainerSandboxes:
         self.d = daemon
         self.args = args
         self.adopted: dict[str, Adopted] = {}
-        self._by_cgroup: dict[int, Adopted] = {}
-        self._by_pid: dict[int, str] = {}          # main pid -> call id
-        self._dead_since: dict[int, float] = {}    # main pid gone, its exit event not seen yet
-        self._stopping: dict[int, float] = {}      # cgroup ids watched with stop_at_exec (and lately forgotten)
+        self.execs = ContainerExecs(daemon, self.save)
+        self.inspections = Inspections(daemon._register, daemon._unregister)
         self._layout: CgroupLayout | None = None
-        self._next_check = 0.0
 
     @staticmethod
     def wrap(tree: Any) -> MountedTree:
@@ -134,7 +96,9 @@ class ContainerSandboxes:
                 "sandbox.remove": guarded(remove), "sandbox.update": guarded(update)}
 
     # ---- API --------------------------------------------------------------------------
-    def api_adopt(self, conn: Any, req: Any) -> dict[str, Any]:
+    def api_adopt(self, conn: Any, req: Any) -> Any:
+        """The adopted sandbox's object; DEFERRED for a `container` (answered once its
+        runtime's inspect is done, off the loop)."""
         a = self.args(req)
         name = validate_name(a.str("name"))
         container = a.str("container", required=False)
@@ -151,16 +115,40 @@ class ContainerSandboxes:
         if sum(x is not None for x in (container, cgroup, pid)) != 1:
             raise ApiError("invalid_input", f"{req.op}: give exactly one of 'container' (id or name, with optional "
                                             "'runtime'), 'pid' (the container's init on the host) or 'cgroup'")
-        if runtime is not None and runtime not in ("podman", "docker", "kubernetes", "systemd", "unknown"):
+        if runtime is not None and runtime not in RUNTIMES:
             raise ApiError("invalid_input", f"{req.op}: runtime {runtime!r} unknown (podman, docker, kubernetes, ...)")
         if container_id is not None and (len(container_id) > 128 or not container_id.isprintable()):
             raise ApiError("invalid_input", f"{req.op}: container_id must be up to 128 printable characters")
+        options = {"memory_budget_bytes": budget, "priority": priority, "tools": globs, "exclude": parse_globs(exclude)}
         if container is not None:
-            info = inspect_container(validate_container_ref(container), runtime)
-            pid, runtime, container_id = info.pid, info.runtime, info.container_id
-        entry = self.adopt(name, pid=pid, cgroup=cgroup, runtime=runtime, container_id=container_id,
-                           memory_budget_bytes=budget, priority=priority, tools=globs, exclude=parse_globs(exclude))
+            self._check_free(name)       # fail now what would fail once inspected
+            self.inspections.start(validate_container_ref(container), runtime,
+                                   lambda info, error: self._inspected(conn, req.id, name, info, error, options))
+            conn.busy = True             # answered by _inspected
+            return DEFERRED
+        entry = self.adopt(name, pid=pid, cgroup=cgroup, runtime=runtime, container_id=container_id, **options)
         return self.describe(entry)
+
+    def _inspected(self, conn: Any, request_id: int | None, name: str, info: ContainerInfo | None,
+                   error: AgentcgError | None, options: dict[str, Any]) -> None:
+        """In the loop thread, once `<runtime> inspect` answered: adopt, then answer."""
+        if conn.fileno() < 0:
+            log.info("sandbox.adopt %s: the client went away while its container was inspected; nothing adopted",
+                     name)
+            return
+        try:
+            if error is not None:
+                raise error
+            assert info is not None
+            entry = self.adopt(name, pid=info.pid, runtime=info.runtime, container_id=info.container_id, **options)
+            answer = encode_result(request_id, self.describe(entry))
+        except AgentcgError as exc:
+            answer = encode_error(request_id, error_code(exc), str(exc))
+        except Exception as exc:   # a bug must still answer the client
+            log.exception("sandbox.adopt %s after inspect", name)
+            answer = encode_error(request_id, "internal", f"internal error serving sandbox.adopt "
+                                                          f"({type(exc).__name__}); see the daemon's log")
+        self.d._answer(conn, answer)
 
     def api_release(self, conn: Any, req: Any) -> dict[str, Any]:
         a = self.args(req)
@@ -182,20 +170,18 @@ class ContainerSandboxes:
               container_id: str | None = None, memory_budget_bytes: int | None = None,
               priority: str = "normal", tools: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> Adopted:
         d = self.d
-        if name in d.state.sandboxes or d.tree.exists(name):
-            raise ApiError("exists", f"sandbox {name!r} exists already; choose another name")
-        if len(self.adopted) >= MAX_ADOPTED:
-            raise ApiError("busy", f"{MAX_ADOPTED} containers are adopted already")
+        self._check_free(name)
         if pid is not None:
             cg = cgroups_of_pid(pid, self.layout)
         else:
             cg = self._cgroup_of_path(str(cgroup))
+        kind = classify(cg.v2)
+        _check_claim(cg, kind, pid, runtime, container_id)
         for other in self.adopted.values():
             mine, theirs = cg.v2 + "/", other.cgroup.v2 + "/"
             if mine.startswith(theirs) or theirs.startswith(mine):
                 raise ApiError("exists", f"cgroup /{cg.v2} is (inside) the container adopted already as sandbox "
                                          f"{other.name!r} (/{other.cgroup.v2}); release it first")
-        kind = classify(cg.v2)
         tree = container_tree(self.layout, cg, own_root=d.tree.root)
         if pid is None:   # the oldest process of the cgroup stands for the container's life
             procs = sorted(int(x) for x in (tree.root_dir / "cgroup.procs").read_text().split())
@@ -216,6 +202,12 @@ class ContainerSandboxes:
                  cg.v2, name, entry.memory_budget_bytes, entry.budget_from)
         return entry
 
+    def _check_free(self, name: str) -> None:
+        if name in self.d.state.sandboxes or self.d.tree.exists(name):
+            raise ApiError("exists", f"sandbox {name!r} exists already; choose another name")
+        if len(self.adopted) >= MAX_ADOPTED:
+            raise ApiError("busy", f"{MAX_ADOPTED} containers are adopted already")
+
     def _cgroup_of_path(self, path: str) -> ContainerCgroup:
         layout = self.layout
         if layout.v2_mount is None:
@@ -233,34 +225,24 @@ class ContainerSandboxes:
 
     def _start(self, entry: Adopted, fresh: bool) -> None:
         """Nest (fresh) or check the nesting (restart), then watch both cgroups in eBPF."""
-        tree, monitor = entry.tree, self.d.monitor
+        tree = entry.tree
         entry.root_id = tree.cgroup_id("")
         if fresh:
-            if monitor is not None:   # watched before the move: an exec right after it is caught
-                monitor.watch(entry.root_id, stop_at_exec=True)
-                self._stopping[entry.root_id] = math.inf
+            self.execs.watch_root(entry)      # watched before the move: an exec right after it is caught
             try:
                 entry.nesting = nest(tree)
             except BaseException:
-                if monitor is not None:
-                    monitor.forget(entry.root_id)
-                    self._stopping[entry.root_id] = time.monotonic() + FORGOTTEN_KEPT_S
+                self.execs.forget(entry)
                 raise
         else:
             for leaf in (AGENT, "tools"):
                 if make_leaf(tree, leaf) and leaf not in entry.nesting.made:
                     entry.nesting.made.append(leaf)
-            if monitor is not None:
-                monitor.watch(entry.root_id, stop_at_exec=True)
-                self._stopping[entry.root_id] = math.inf
+            self.execs.watch_root(entry)
             move_all(tree, "", AGENT)          # whatever ran `exec` while no daemon watched
         entry.agent_id = tree.cgroup_id(AGENT)
-        if monitor is not None:
-            monitor.watch(entry.agent_id, stop_at_exec=True)
-            self._stopping.update({entry.root_id: math.inf, entry.agent_id: math.inf})
+        self.execs.watch(entry)
         self.adopted[entry.name] = entry
-        self._by_cgroup[entry.root_id] = entry
-        self._by_cgroup[entry.agent_id] = entry
 
     def release(self, name: str, why: str) -> int:
         """End the sandbox's calls (their processes go back to the container), undo the
@@ -277,7 +259,7 @@ class ContainerSandboxes:
             call.extra["released"] = 1.0 if why == "released" else 0.0
             if why != "released":
                 call.extra["container_exited"] = 1.0
-            self._by_pid = {p: c for p, c in self._by_pid.items() if c != call.call_id}
+            self.execs.forget_call(call.call_id)
             d.calls.returned(call)
             call.grace_s = 0.0
         d.finish_due()
@@ -289,12 +271,7 @@ class ContainerSandboxes:
                 unnest(entry.tree, entry.nesting)   # what the runtime did not remove yet
             except AgentcgError:
                 pass
-        for cgroup_id in (entry.root_id, entry.agent_id):
-            self._by_cgroup.pop(cgroup_id, None)
-            if d.monitor is not None and cgroup_id in d.monitor.watched():
-                d.monitor.forget(cgroup_id)
-            if cgroup_id in self._stopping:    # events already in the ring buffer still get their SIGCONT
-                self._stopping[cgroup_id] = time.monotonic() + FORGOTTEN_KEPT_S
+        self.execs.forget(entry)    # events already in the ring buffer still get their SIGCONT
         d.tree.unmount(name)
         d._forget_sandbox(name)
         self.save()
@@ -309,15 +286,8 @@ class ContainerSandboxes:
         gone: list[str] = []
         for data in saved:
             try:
-                cg = ContainerCgroup.from_dict(data["cgroup"])
-                entry = Adopted(str(data["name"]), cg, Nesting.from_dict(data.get("nesting", {})),
-                                str(data.get("runtime", "unknown")), data.get("container_id"), data.get("init_pid"),
-                                data.get("init_start_ticks"), data.get("memory_budget_bytes"),
-                                str(data.get("budget_from", "none")),
-                                tuple(data["tools"]) if data.get("tools") is not None else None,
-                                tuple(data.get("exclude") or ()))
-                entry.calls = {str(k): (int(v[0]), int(v[1])) for k, v in dict(data.get("calls") or {}).items()}
-                entry.tree = container_tree(self.layout, cg, own_root=self.d.tree.root)
+                entry = Adopted.from_dict(data)
+                entry.tree = container_tree(self.layout, entry.cgroup, own_root=self.d.tree.root)
                 if not entry.alive():
                     raise CgroupGone("its init process is gone")
                 self._start(entry, fresh=False)
@@ -361,170 +331,28 @@ class ContainerSandboxes:
 
     # ---- the loop -----------------------------------------------------------------------
     def on_events(self, events: list[Any]) -> None:
-        """Exec and exit events from the daemon's ring-buffer drain."""
-        from agentcg.bpf.events import ExecEvent, ExitEvent
-
-        if not self.adopted and not self._by_pid and not self._stopping:
-            return
-
-        for event in events:
-            if isinstance(event, ExecEvent):
-                entry = self._by_cgroup.get(event.cgroup_id)
-                continued = False
-                try:
-                    if entry is not None:
-                        continued = self._on_exec(entry, event)
-                except Exception:   # a bug must not leave the command stopped
-                    log.exception("container exec of %s in %s", event.filename, entry.name if entry else "?")
-                finally:
-                    if not continued and event.cgroup_id in self._stopping:
-                        _continue(event)   # only what our stop_at_exec watches stopped
-            elif isinstance(event, ExitEvent):
-                call_id = self._by_pid.pop(event.pid, None)
-                self._dead_since.pop(event.pid, None)
-                if call_id is not None:
-                    try:
-                        call = self.d.calls.get(call_id)
-                    except CgroupGone:
-                        continue
-                    self.d.end_call(call, event.exit_code, event.signal, waiter=None)
+        """Exec and exit events from the daemon's ring-buffer drain (MonitorTap)."""
+        self.execs.on_events(events)
 
     def housekeeping(self, now: float) -> None:
-        if now < self._next_check or not (self.adopted or self._by_pid or self._stopping):
-            return
-        self._next_check = now + ALIVE_CHECK_S
-        for cgroup_id in [c for c, until in self._stopping.items() if until < now]:
-            del self._stopping[cgroup_id]
-        for pid, call_id in list(self._by_pid.items()):
-            if PROC.is_alive(pid):
-                continue
-            since = self._dead_since.setdefault(pid, now)
-            if now - since >= LOST_EXIT_S:       # its exit event was lost: status unknown
-                self._by_pid.pop(pid, None)
-                self._dead_since.pop(pid, None)
-                try:
-                    self.d.end_call(self.d.calls.get(call_id), None, None, waiter=None)
-                except CgroupGone:
-                    pass
-        for name, entry in list(self.adopted.items()):
-            if not entry.alive():
-                self.release(name, "container exited")
-
-    def _on_exec(self, entry: Adopted, event: Any) -> bool:
-        """Handle one exec; True when the process was sent its SIGCONT already."""
-        pid, filename = event.pid, event.filename
-        base = os.path.basename(filename)
-        if base.startswith(_RUNC_NAMES) or filename.startswith(("/proc/self/", "memfd:")):
-            return False
-        ppid = event.ppid or _ppid(pid)
-        # From outside: its parent is not in the container (runc, for `podman exec`). A
-        # process the container forked itself may still exec in the container's cgroup
-        # while adoption moves the others: it is the agent's and joins agent/.
-        from_outside = not self._inside(entry, ppid)
-        if not from_outside and (pid == entry.init_pid or ppid == entry.init_pid) \
-                and entry.matcher.matches(filename):
-            return self._begin(entry, event, False)
-        if from_outside:
-            return self._begin(entry, event, True)
-        if event.cgroup_id == entry.root_id:
-            try:
-                entry.tree.attach(AGENT, pid)
-            except AgentcgError:
-                pass   # exited meanwhile
-        return False
-
-    def _inside(self, entry: Adopted, pid: int | None) -> bool:
-        """True when `pid` lives in the container's cgroup or below it."""
-        if not pid:
-            return False
-        try:
-            path = (PROC.v2_cgroup(pid) or "").strip("/")
-        except AgentcgError:
-            return False
-        return path == entry.cgroup.v2 or path.startswith(entry.cgroup.v2 + "/")
-
-    def _begin(self, entry: Adopted, event: Any, from_outside: bool) -> bool:
-        """The exec becomes a call: cgroup, move, SIGCONT, then the bookkeeping (the
-        command waits stopped only for what it must: its cgroup and the move)."""
-        d, pid = self.d, event.pid
-        if len(d.calls.running()) >= d.config.limits.max_running_calls:
-            log.warning("%s: max_running_calls reached; %s runs untracked", entry.name, event.filename)
-            return False
-        tool = os.path.basename(event.filename) or event.comm or "unknown"
-        call = d.calls.begin(entry.name, tool[:64], truncate_command(_command_of(pid, event.filename)),
-                             create_sandbox=False)
-        call.start_monotonic_s = event.monotonic_s
-        call.start_wall_s = time.time() - (time.monotonic() - event.monotonic_s)
-        source = "" if event.cgroup_id == entry.root_id else AGENT
-        try:
-            d.apply_call_limits(call)
-            call.attach(pid)
-            moved = True
-        except (CgroupGone, AgentcgError):
-            moved = False
-        if moved:
-            if d.monitor is not None:
-                try:
-                    d.monitor.watch_pid(pid, call.cgroup_id)
-                except InvalidInput:
-                    pass
-            if not getattr(event, "stopped", False):   # it ran meanwhile, and may have forked
-                self._move_children(entry, call, source, pid)
-        host_pid, container_pid = ns_pids(pid)
-        start_ticks = PROC.start_ticks(pid) if moved else None
-        call.extra.update({"host_pid": host_pid, "container_pid": container_pid, "from_exec": 1 if from_outside else 0,
-                           "detect_latency_s": time.monotonic() - event.monotonic_s})
-        _continue(event)
-        if entry.container_id:
-            call.extra["container_id"] = entry.container_id[:12]   # type: ignore[assignment]
-        d.state.calls[call.call_id] = CallEntry(
-            call_id=call.call_id, sandbox=entry.name, tool=call.tool, command=call.command,
-            start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s, grace_s=call.grace_s,
-            # no owner for the daemon's owner check: its end comes from the eBPF exit event (with
-            # the status), or from housekeeping when that event was lost; after a restart the
-            # call is ended once its cgroup is empty
-            owner_pid=0)
-        d.save()
-        d.engine_tool_began(call)
-        if moved:
-            self._by_pid[pid] = call.call_id
-            self._dead_since.pop(pid, None)
-            entry.calls[call.call_id] = (pid, start_ticks or 0)
-            self.save()
-        else:
-            call.measured = False
-            d.end_call(call, None, None, waiter=None)
-        return True
-
-    def _move_children(self, entry: Adopted, call: Any, source: str, pid: int) -> None:
-        """What the command forked between its exec and the move is still in `source`."""
-        family = {pid}
-        for _ in range(8):
-            try:
-                pids = entry.tree.pids(source)
-            except CgroupGone:
-                return
-            found = [p for p in pids if p != entry.init_pid and _ppid(p) in family]
-            for p in found:
-                try:
-                    call.attach(p)
-                    family.add(p)
-                except AgentcgError:
-                    pass
-            if not found:
-                return
+        if self.execs.housekeeping(now):
+            for name, entry in list(self.adopted.items()):
+                if not entry.alive():
+                    self.release(name, "container exited")
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        return PROC.stat(pid).ppid
-    except AgentcgError:
-        return None
-
-
-def _continue(event: Any) -> None:
-    if getattr(event, "stopped", False):
-        try:
-            os.kill(event.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+def _check_claim(cg: ContainerCgroup, kind: Any, pid: int | None, runtime: str | None,
+                 container_id: str | None) -> None:
+    """The container id a client (or the runtime's inspect) names must be the one in the
+    cgroup path of the process that stands for it, where the runtime names its cgroups by
+    id: a wrong pid, or one reused since the inspect, is refused, not adopted under a
+    false name. Other runtimes' labels are taken as given (the op is root's)."""
+    if container_id is None or kind.ident is None or kind.runtime not in _ID_NAMED:
+        return
+    if runtime is not None and runtime in _ID_NAMED and runtime != kind.runtime:
+        raise InvalidInput(f"pid {pid} is in a {kind.runtime} container's cgroup (/{cg.v2}), not {runtime}'s; "
+                           "check the pid (`podman inspect` / `docker inspect` shows it)")
+    if not (container_id.startswith(kind.ident) or kind.ident.startswith(container_id)):
+        raise InvalidInput(f"pid {pid} is in container {kind.ident[:12]}'s cgroup (/{cg.v2}), not in "
+                           f"{container_id[:12]}'s; check the pid (`{kind.runtime} inspect` shows it), or the "
+                           "container restarted: adopt it again")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,6 +13,7 @@ from agentcg.controller.container_cgroups import ContainerCgroup
 from agentcg.controller.container_nest import Nesting
 from agentcg.errors import AgentcgError
 from agentcg.procfs import ProcFs
+from agentcg.safefile import atomic_write
 
 log = logging.getLogger("agentcg.daemon.containers")
 
@@ -48,6 +48,18 @@ class Adopted:
                 "init_start_ticks": self.init_start_ticks, "memory_budget_bytes": self.memory_budget_bytes,
                 "budget_from": self.budget_from, "tools": list(self.tools) if self.tools is not None else None,
                 "exclude": list(self.exclude), "calls": {k: list(v) for k, v in self.calls.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Adopted":
+        """One saved entry (load_adopted); KeyError, TypeError or ValueError when malformed."""
+        entry = cls(str(data["name"]), ContainerCgroup.from_dict(data["cgroup"]),
+                    Nesting.from_dict(data.get("nesting", {})), str(data.get("runtime", "unknown")),
+                    data.get("container_id"), data.get("init_pid"), data.get("init_start_ticks"),
+                    data.get("memory_budget_bytes"), str(data.get("budget_from", "none")),
+                    tuple(data["tools"]) if data.get("tools") is not None else None,
+                    tuple(data.get("exclude") or ()))
+        entry.calls = {str(k): (int(v[0]), int(v[1])) for k, v in dict(data.get("calls") or {}).items()}
+        return entry
 
     @property
     def matcher(self) -> ToolMatcher:
@@ -93,8 +105,5 @@ def load_adopted(path: Path) -> list[dict[str, Any]]:
 def save_adopted(path: Path, entries: Iterable[Adopted]) -> None:
     data = {"version": STATE_VERSION, "containers": [e.to_dict() for e in entries]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    # as the daemon's state.json: never through a planted link, not fsynced (rewritten often)
+    atomic_write(path, json.dumps(data, sort_keys=True), 0o600, fsync=False)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from agentcg.errors import InvalidInput
@@ -52,15 +53,24 @@ class BenchRow:
     op: str
     block_bytes: int
     bytes: int
-    store_bytes_per_s: float
+    store_bytes_per_s: float       # median over the repetitions
     ceiling: str
-    ceiling_bytes_per_s: float
+    ceiling_bytes_per_s: float     # median over the repetitions
     target_ratio: float | None
     layout: str = "contiguous"
+    ratios: tuple[float, ...] = ()  # per repetition: ceiling time / store time of one adjacent pair
 
     @property
     def ratio(self) -> float:
+        """The median of the paired ratios (each store move against its own ceiling run)."""
+        if self.ratios:
+            return statistics.median(self.ratios)
         return self.store_bytes_per_s / self.ceiling_bytes_per_s
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """Lowest and highest paired ratio."""
+        return (min(self.ratios), max(self.ratios)) if self.ratios else (self.ratio, self.ratio)
 
     @property
     def meets_target(self) -> bool | None:
@@ -74,7 +84,7 @@ class BenchResult:
     io_mode: str
     host_lock: str
     rows: list[BenchRow] = field(default_factory=list)
-    reference: list[tuple[str, int, float]] = field(default_factory=list)  # (name, bytes, bytes/s)
+    reference: list[tuple[str, int, float | None]] = field(default_factory=list)  # (name, bytes, bytes/s)
     integrity_ok: bool = True
     kernel_view: object | None = None  # agentcg.gpu.kernel_view.KernelView when measured
     elapsed_s: float = 0.0
@@ -207,8 +217,11 @@ def _fragment(store: TieredKVStore, device_blocks: int) -> None:
 
 def _device_rows(store: TieredKVStore, rid: str) -> torch.Tensor:
     """The request's blocks, in order, gathered from the device pool (a copy)."""
-    slots = torch.from_numpy(store._requests[rid].slot.astype("int64")).to(store.device.pool.device)
-    return store.device.pool.index_select(0, slots)
+    pool = store.device.pool
+    if pool.device.type == "cpu":
+        return torch.from_numpy(pool.numpy()[store._requests[rid].slot])
+    slots = torch.from_numpy(store._requests[rid].slot.astype("int64")).to(pool.device)
+    return pool.view(torch.int64).index_select(0, slots).view(torch.uint8)   # int64 rows: see device_tier._wide
 
 
 def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repeats: int, tmp: Path,
@@ -226,56 +239,88 @@ def _bench_one(store: TieredKVStore, n: int, nbytes: int, block_bytes: int, repe
     sync()
     before = zlib.crc32(pattern.numpy())
     del pattern
-    times: dict[str, list[float]] = {k: [] for k in (
-        "swap_out", "swap_in", "offload", "load", "memcpy_d2h", "memcpy_h2d", "ssd_write", "ssd_read")}
     direct = store.ssd.io_mode == "o_direct"
     ceiling = _SsdCeiling(tmp / "ceiling.blocks", nbytes, direct)
     d2h = (lambda: host.copy_(dev, non_blocking=True)) if cuda else (lambda: _memcpy_loop(host, dev))
     h2d = (lambda: dev.copy_(host, non_blocking=True)) if cuda else (lambda: _memcpy_loop(dev, host))
+    # In the order the store's moves must run (each leaves the request where the next starts).
+    pairs: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+        ("swap_out", d2h, lambda: store.swap_out("bench").wait()),
+        ("swap_in", h2d, lambda: store.swap_in("bench").wait()),
+        ("offload", ceiling.write, lambda: store.offload("bench").wait()),
+        ("load", ceiling.read, lambda: store.load("bench").wait()),
+    ]
+    store_s: dict[str, list[float]] = {op: [] for op, _, _ in pairs}
+    ceiling_s: dict[str, list[float]] = {op: [] for op, _, _ in pairs}
     try:
-        # Warm-up, untimed: starts the transfer thread, faults in every page on both sides,
-        # and writes both files once so no measured write meets unwritten extents.
-        store.swap_out("bench").wait()
-        store.swap_in("bench").wait()
-        host.copy_(dev)
+        # Warm-up, untimed: starts the transfer and I/O threads, makes the bounce buffer,
+        # faults in every page on both sides, writes both files once (no measured write
+        # meets unwritten extents), and runs every ceiling once.
         ceiling.write()
-        store.offload("bench").wait()
-        store.load("bench").wait()
-        # Each store move runs right after its ceiling, so drift on a shared host hits both.
+        for op, ceiling_run, store_run in pairs:
+            ceiling_run()
+            store_run()
+        sync()
+        # Each store move is paired with its ceiling run right before it, on the same memory
+        # (the memcpy ceilings write the pool the request is about to move into, so they can
+        # only run before the move); a pair's ratio is taken within the pair, so drift on a
+        # shared host hits both sides of it.
         for _ in range(repeats):
-            times["memcpy_d2h"].append(_timed(d2h, sync))
-            times["swap_out"].append(_timed(lambda: store.swap_out("bench").wait(), sync))
-            times["memcpy_h2d"].append(_timed(h2d, sync))
-            times["swap_in"].append(_timed(lambda: store.swap_in("bench").wait(), sync))
-            times["ssd_write"].append(_timed(ceiling.write, sync))
-            times["offload"].append(_timed(lambda: store.offload("bench").wait(), sync))
-            times["ssd_read"].append(_timed(ceiling.read, sync))
-            times["load"].append(_timed(lambda: store.load("bench").wait(), sync))
+            for op, ceiling_run, store_run in pairs:
+                ceiling_s[op].append(_timed(ceiling_run, sync))
+                store_s[op].append(_timed(store_run, sync))
+        if layout == "scattered" and store.device.host_addressable and direct:
+            _segment_reference(store, ceiling, n, block_bytes, result)
     finally:
         ceiling.close()
     after = zlib.crc32(_device_rows(store, "bench").cpu().numpy())
     if after != before:
         result.integrity_ok = False
         result.notes.append(f"block size {block_bytes} ({layout}): data read back differs from data written")
-    rate = {k: nbytes / statistics.median(v) for k, v in times.items()}
     kind = "pinned copy" if cuda else "memcpy loop"
     swap_target = SWAP_TARGET if block_bytes >= SWAP_TARGET_MIN_BLOCK else None
     io = "O_DIRECT" if direct else "buffered"
-    for op, ceiling, name, target in (
-            ("swap_out", "memcpy_d2h", f"{kind} D2H", swap_target),
-            ("swap_in", "memcpy_h2d", f"{kind} H2D", swap_target),
-            ("offload", "ssd_write", f"fio-like seq write 16 MiB QD1 ({io})", SSD_TARGET),
-            ("load", "ssd_read", f"fio-like seq read 16 MiB QD1 ({io})", SSD_TARGET)):
+    for op, name, target in (
+            ("swap_out", f"{kind} D2H", swap_target),
+            ("swap_in", f"{kind} H2D", swap_target),
+            ("offload", f"fio-like seq write 16 MiB QD1 ({io})", SSD_TARGET),
+            ("load", f"fio-like seq read 16 MiB QD1 ({io})", SSD_TARGET)):
         if layout == "scattered":
             target = SCATTERED_TARGET
-        result.rows.append(BenchRow(op, block_bytes, nbytes, rate[op], name, rate[ceiling], target, layout))
-    if cuda and not result.reference:  # once: pageable copies do not depend on the block size
-        pageable = torch.empty(nbytes, dtype=torch.uint8)
-        flat = dev.view(-1)[:nbytes]
-        result.reference.append(("pageable H2D", nbytes, nbytes / _timed(lambda: flat.copy_(pageable), sync)))
-        result.reference.append(("pageable D2H", nbytes, nbytes / _timed(lambda: pageable.copy_(flat), sync)))
-        del pageable
+        ratios = tuple(c / s for c, s in zip(ceiling_s[op], store_s[op]))
+        result.rows.append(BenchRow(op, block_bytes, nbytes, nbytes / statistics.median(store_s[op]), name,
+                                    nbytes / statistics.median(ceiling_s[op]), target, layout, ratios))
+    if not result.reference:  # once: these do not depend on the block size
+        if cuda:
+            pageable = torch.empty(nbytes, dtype=torch.uint8)
+            flat = dev.view(-1)[:nbytes]
+            result.reference.append(("pageable H2D", nbytes, nbytes / _timed(lambda: flat.copy_(pageable), sync)))
+            result.reference.append(("pageable D2H", nbytes, nbytes / _timed(lambda: pageable.copy_(flat), sync)))
+            del pageable
+        else:
+            whole = min(_timed(lambda: _MEMCPY(host.data_ptr(), dev.data_ptr(), nbytes), sync) for _ in range(3))
+            result.reference.append(("one memcpy call of all the bytes D2H (glibc may use non-temporal "
+                                     "stores; not the ceiling)", nbytes, nbytes / whole))
     store.discard("bench")
+
+
+def _segment_reference(store: TieredKVStore, ceiling: _SsdCeiling, n: int, block_bytes: int,
+                       result: BenchResult) -> None:
+    """What the disk itself does with the request's memory layout: the ceiling's own loop
+    (sequential 16 MiB requests, QD1, on its file) with each request's buffer given as the
+    request's scattered blocks, one iovec each. Printed for reference, never the ceiling."""
+    from agentcg.gpu.kvstore_iov import plan_ios, run_ios
+
+    slots = store._requests["bench"].slot.astype(np.uint64)
+    plan = plan_ios(np.arange(n, dtype=np.int64) * block_bytes, store.device.region.address + slots * block_bytes,
+                    np.full(n, block_bytes, dtype=np.int64))
+    rates = []
+    for own, segmented in ((ceiling.write, lambda: run_ios(ceiling.fd, plan, write=True, pool=None)),
+                           (ceiling.read, lambda: run_ios(ceiling.fd, plan, write=False, pool=None))):
+        pairs = [(_timed(own, lambda: None), _timed(segmented, lambda: None)) for _ in range(3)]
+        rates.append(statistics.median(a / b for a, b in pairs))
+    result.reference.append((f"ceiling's own I/O loop with the blocks as {format_bytes(block_bytes)} iovecs, "
+                             f"as ratio of it: write {rates[0]:.2f}, read {rates[1]:.2f}", n * block_bytes, None))
 
 
 def _kernel_view(ssd_dir: str, nbytes: int, result: BenchResult, progress: Callable[[str], None] | None) -> None:
@@ -295,17 +340,22 @@ def format_result(result: BenchResult) -> str:
     lines += [f"  {k:<7} {v}" for k, v in result.machine.items()]
     lines += [f"  device tier: {result.device_kind}; host pool locked by: {result.host_lock}; "
               f"SSD tier I/O: {result.io_mode}", ""]
-    header = (f"{'op':<9} {'layout':<10} {'block':>9} {'moved':>9} {'store':>11} {'ceiling':>11}  {'ratio':>6}  "
-              f"{'target':>7}  ceiling is")
+    repeats = max((len(r.ratios) for r in result.rows), default=0)
+    lines += [f"  each row: {repeats} repetitions after a warm-up, each store move right after its own ceiling run; "
+              "ratio = median over the pairs of ceiling time / store time, [lowest..highest]", ""]
+    header = (f"{'op':<9} {'layout':<10} {'block':>9} {'moved':>9} {'store':>11} {'ceiling':>11}  {'ratio':>6} "
+              f"{'spread':>13}  {'target':>7}  ceiling is")
     lines += [header, "-" * len(header)]
     for row in result.rows:
         target = "-" if row.target_ratio is None else f">={row.target_ratio:.2f}"
         verdict = "" if row.meets_target is None else ("  ok" if row.meets_target else "  MISSED")
+        low, high = row.spread
         lines.append(f"{row.op:<9} {row.layout:<10} {format_bytes(row.block_bytes):>9} {format_bytes(row.bytes):>9} "
                      f"{row.store_bytes_per_s / 1e9:>7.2f} GB/s {row.ceiling_bytes_per_s / 1e9:>6.2f} GB/s  "
-                     f"{row.ratio:>6.3f}  {target:>7}  {row.ceiling}{verdict}")
+                     f"{row.ratio:>6.3f} [{low:5.2f}..{high:5.2f}]  {target:>7}  {row.ceiling}{verdict}")
     for name, nbytes, rate in result.reference:
-        lines.append(f"reference: {name} of {format_bytes(nbytes)}: {rate / 1e9:.2f} GB/s")
+        figure = "" if rate is None else f": {rate / 1e9:.2f} GB/s"   # None: the name carries the figures
+        lines.append(f"reference: {name} of {format_bytes(nbytes)}{figure}")
     view = result.kernel_view
     if view is not None:
         lines.append(f"kernel view (BPF block I/O charged to the store's cgroup, {view.io_mode}): "

@@ -87,7 +87,8 @@ def _sizes(text: str) -> tuple[int, ...]:
               help="Directory for the SSD tier (default: a temp dir on the repository's filesystem).")
 @click.option("--block-sizes", default="16K,64K,256K,1M,4M", show_default=True)
 @click.option("--total", default="256M", show_default=True, help="Bytes moved per operation.")
-@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--repeats", type=int, default=7, show_default=True,
+              help="Store moves per row, each paired with its own ceiling run; the ratio is their median.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report to this file.")

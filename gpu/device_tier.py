@@ -10,7 +10,8 @@
 `CudaDeviceTier` runs each batch on its own CUDA stream and waits on an event recorded
 after the batch, so compute on the default stream overlaps the copies; the store calls
 `copy` from its transfer thread, never from the engine's. `CpuDeviceTier` stands in when
-there is no GPU: the pool is page-aligned host memory and a copy is a torch memcpy.
+there is no GPU: the pool is page-aligned host memory and a copy is a memmove on the
+transfer thread alone, as one copy engine (kvstore_copy.py says why not torch there).
 `choose_device_tier()` picks one at run time.
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from agentcg.gpu.hostmem import HostRegion
+from agentcg.gpu.kvstore_copy import host_block_copy
 
 FEW_RUNS = 8                  # up to this many runs: one plain copy per run
-INDEXED_CHUNK_ROWS = 1024     # rows per temporary when both sides are scattered
 
 
 class DeviceTier(abc.ABC):
@@ -45,9 +46,9 @@ class DeviceTier(abc.ABC):
         """Copy rows src_pool[src_slots[i]] -> dst_pool[dst_slots[i]]; returns the copies made.
         A few runs of consecutive rows are one copy each; blocks scattered as a paged
         engine leaves them are gathered or scattered in one indexed copy instead of one
-        small copy per block."""
-        runs = block_runs(src_slots, dst_slots)
-        if len(runs) <= FEW_RUNS or dst_pool.device != src_pool.device:
+        small copy per block (in host memory: one memmove per block in one C loop)."""
+        if count_runs(src_slots, dst_slots) <= FEW_RUNS or dst_pool.device != src_pool.device:
+            runs = block_runs(src_slots, dst_slots)
             self.copy([(dst_pool[d:d + k], src_pool[s:s + k]) for s, d, k in runs], after=after)
             return len(runs)
         return indexed_copy(dst_pool, dst_slots, src_pool, src_slots)
@@ -87,8 +88,8 @@ class CudaDeviceTier(DeviceTier):
         are scattered on (index_select on the GPU; numpy rows on the host, into pinned
         memory) and placed on the other. Not run on a host without a GPU (the CPU tier's
         path is what the tests and the bench there exercise)."""
-        runs = block_runs(src_slots, dst_slots)
-        if len(runs) <= FEW_RUNS:
+        if count_runs(src_slots, dst_slots) <= FEW_RUNS:
+            runs = block_runs(src_slots, dst_slots)
             self.copy([(dst_pool[d:d + k], src_pool[s:s + k]) for s, d, k in runs], after=after)
             return len(runs)
         n = len(src_slots)
@@ -98,9 +99,9 @@ class CudaDeviceTier(DeviceTier):
             if after is not None:
                 self.stream.wait_event(after)  # type: ignore[arg-type]
             if src_pool.is_cuda:
-                gathered = src_pool.index_select(0, _index(src_slots, src_pool.device))
+                gathered = _wide(src_pool).index_select(0, _index(src_slots, src_pool.device)).view(torch.uint8)
                 if dst_pool.is_cuda:
-                    dst_pool.index_copy_(0, _index(dst_slots, dst_pool.device), gathered)
+                    _wide(dst_pool).index_copy_(0, _index(dst_slots, dst_pool.device), _wide(gathered))
                 elif _contiguous(dst_slots):
                     dst_pool[int(dst_slots[0]):int(dst_slots[0]) + n].copy_(gathered, non_blocking=True)
                 else:
@@ -110,14 +111,15 @@ class CudaDeviceTier(DeviceTier):
             else:
                 if _contiguous(src_slots):
                     rows = src_pool[int(src_slots[0]):int(src_slots[0]) + n]
-                else:
-                    rows = torch.from_numpy(src_pool.numpy()[src_slots]).pin_memory()
+                else:   # gathered on the host straight into pinned memory, then one copy
+                    rows = torch.empty((n, src_pool.shape[1]), dtype=torch.uint8, pin_memory=True)
+                    host_block_copy(rows, np.arange(n), src_pool, src_slots)
                 staged = rows.to(self.device, non_blocking=True)
-                dst_pool.index_copy_(0, _index(dst_slots, dst_pool.device), staged)
+                _wide(dst_pool).index_copy_(0, _index(dst_slots, dst_pool.device), _wide(staged))
             done.record(self.stream)
         done.synchronize()
         if host_result is not None:
-            dst_pool.numpy()[host_result[0]] = host_result[1].numpy()
+            host_block_copy(dst_pool, host_result[0], host_result[1], np.arange(n))
         return 1
 
     def close(self) -> None:
@@ -138,34 +140,41 @@ def block_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(src[a]), int(dst[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
+def count_runs(src: np.ndarray, dst: np.ndarray) -> int:
+    """How many runs block_runs would give, without building them (a Python tuple per run
+    cost 20-28 ms for 16,384 scattered blocks: a third of their copy)."""
+    if len(src) == 0:
+        return 0
+    return 1 + int(np.count_nonzero((np.diff(src) != 1) | (np.diff(dst) != 1)))
+
+
 def _contiguous(slots: np.ndarray) -> bool:
     return len(slots) > 0 and int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool(np.all(np.diff(slots) == 1))
 
 
+def _wide(pool: torch.Tensor) -> torch.Tensor:
+    """Rows of a uint8 pool as int64 elements where the row size allows: torch's index
+    kernels work element by element, and on uint8 rows of 64 KiB and more index_select
+    measured at a few percent of memcpy (CPU)."""
+    return pool.view(torch.int64) if pool.shape[-1] % 8 == 0 else pool
+
+
 def indexed_copy(dst_pool: torch.Tensor, dst_slots: np.ndarray, src_pool: torch.Tensor,
                  src_slots: np.ndarray) -> int:
-    """One gather or scatter copy between pools on the same device. Measured on CPU:
-    index_select into a contiguous destination and numpy's row assignment run near memcpy;
-    torch's index_copy_/index_put_ ran at a tenth of it, so scatters on CPU go through numpy."""
+    """One gather or scatter copy between pools on the same device: in host memory a
+    memmove per block in one C loop (kvstore_copy.host_block_copy); on a GPU index_select
+    or index_copy_ on int64 views of the rows."""
+    if dst_pool.device.type == "cpu" and src_pool.device.type == "cpu":
+        return host_block_copy(dst_pool, dst_slots, src_pool, src_slots)
     n = len(src_slots)
+    src_index = torch.from_numpy(np.ascontiguousarray(src_slots, dtype=np.int64)).to(src_pool.device)
     if _contiguous(dst_slots):
         d = int(dst_slots[0])
-        torch.index_select(src_pool, 0, torch.from_numpy(np.ascontiguousarray(src_slots, dtype=np.int64)).to(
-            src_pool.device), out=dst_pool[d:d + n])
+        torch.index_select(_wide(src_pool), 0, src_index, out=_wide(dst_pool[d:d + n]))
         return 1
-    if dst_pool.device.type != "cpu":
-        dst_pool.index_copy_(0, torch.from_numpy(np.ascontiguousarray(dst_slots, dtype=np.int64)).to(dst_pool.device),
-                             src_pool[torch.from_numpy(np.ascontiguousarray(src_slots, dtype=np.int64)).to(src_pool.device)])
-        return 1
-    dst_np, src_np = dst_pool.numpy(), src_pool.numpy()
-    if _contiguous(src_slots):
-        s = int(src_slots[0])
-        dst_np[dst_slots] = src_np[s:s + n]
-        return 1
-    for start in range(0, n, INDEXED_CHUNK_ROWS):   # both scattered: a bounded temporary
-        part = slice(start, start + INDEXED_CHUNK_ROWS)
-        dst_np[dst_slots[part]] = src_np[src_slots[part]]
-    return -(-n // INDEXED_CHUNK_ROWS)
+    dst_index = torch.from_numpy(np.ascontiguousarray(dst_slots, dtype=np.int64)).to(dst_pool.device)
+    _wide(dst_pool).index_copy_(0, dst_index, _wide(src_pool)[src_index])
+    return 1
 
 
 class CpuDeviceTier(DeviceTier):
@@ -180,8 +189,8 @@ class CpuDeviceTier(DeviceTier):
         self.region = self._region
 
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object | None = None) -> None:
-        for dst, src in pairs:
-            dst.copy_(src)
+        for dst, src in pairs:   # a memmove on this thread (torch's copy_ would wake its OpenMP workers)
+            np.copyto(dst.numpy(), src.numpy())
 
     def close(self) -> None:
         self.pool = None  # type: ignore[assignment]

@@ -43,6 +43,7 @@ class KernelView:
     kernel_write_bytes: int
     kernel_read_bytes: int
     io_mode: str
+    cgroup_path: str              # the throw-away cgroup the child ran in (removed again)
 
 
 def _v2_root() -> Path:
@@ -87,6 +88,6 @@ def measure(ssd_dir: str | os.PathLike, nbytes: int, timeout_s: float = 120.0) -
             counters = monitor.forget(cgroup_id)
         store = json.loads(done.stdout.strip().splitlines()[-1])
         return KernelView(store["written"], store["read"], counters.block_write_bytes or 0,
-                          counters.block_read_bytes or 0, store["io_mode"])
+                          counters.block_read_bytes or 0, store["io_mode"], str(cgroup))
     finally:
         _remove(cgroup)

@@ -14,9 +14,9 @@ placement updated at once) and carried out on one transfer thread in submission 
 moves of the same request chain correctly without waiting. Runs of consecutive slots are
 one copy or one I/O each; slots are handed out as contiguous runs whenever there is one.
 Blocks scattered as a paged engine leaves them are gathered (or scattered) in one indexed
-copy, go to and from the SSD as many iovecs of one I/O, and separate file ranges are read
-or written several at a time (docs/gpu.md, "Scattered blocks"; the SSD paths are in
-kvstore_ssd.py, the free-slot bitmaps in kvstore_slots.py).
+copy (kvstore_copy.py in host memory), and go to and from the SSD with no copy as iovecs
+built by numpy, several I/Os in flight (docs/gpu.md, "Scattered blocks"; the SSD paths
+are in kvstore_ssd.py and kvstore_iov.py, the free-slot bitmaps in kvstore_slots.py).
 A source slot is freed only after its copy has landed. Each leg of a move yields a
 TransferRecord. `on_full="error"` raises KVTierFull before anything moves; `"spill"` sends
 what does not fit to the next tier down (device -> host -> SSD). Nothing is dropped: a move
@@ -36,11 +36,14 @@ import numpy as np
 import torch
 
 from agentcg.errors import InvalidInput
-from agentcg.gpu.device_tier import FEW_RUNS, DeviceTier, block_runs, choose_device_tier, indexed_copy
+from agentcg.gpu.device_tier import (
+    FEW_RUNS, DeviceTier, block_runs, choose_device_tier, count_runs, indexed_copy,
+)
 from agentcg.gpu.hostmem import HostRegion
 from agentcg.gpu.kvgeometry import (
     TIER_NAMES, KVGeometry, KVStateError, KVTierFull, Placement, StoreUsage, TierUsage, TransferRecord,
 )
+from agentcg.gpu.kvstore_copy import copy_run
 from agentcg.gpu.kvstore_slots import _Slots
 from agentcg.gpu.kvstore_ssd import SsdCopies
 from agentcg.gpu.ssd_tier import SsdTier
@@ -112,9 +115,6 @@ class TieredKVStore(SsdCopies):
         self.host: HostRegion | None = None
         self.ssd: SsdTier | None = None
         self._staging: HostRegion | None = None
-        self._bounce: HostRegion | None = None          # made at the first scattered SSD move
-        self._bounce_blocks = 0
-        self._bounce_io: ThreadPoolExecutor | None = None
         try:
             self.device = choose_device_tier(device_blocks, bb, device)
             use_cuda = self.device.kind == "cuda"
@@ -339,12 +339,12 @@ class TieredKVStore(SsdCopies):
         if SSD not in (leg.src, leg.dst):
             pools = {DEVICE: dev.pool, HOST: self.host_pool}
             if leg.src == leg.dst == HOST:   # host pool compaction: sources above the new size, no overlap
-                runs = block_runs(leg.src_slots, leg.dst_slots)
-                if len(runs) > FEW_RUNS:
+                if count_runs(leg.src_slots, leg.dst_slots) > FEW_RUNS:
                     copies = indexed_copy(self.host_pool, leg.dst_slots, self.host_pool, leg.src_slots)
                 else:
+                    runs = block_runs(leg.src_slots, leg.dst_slots)
                     for s, d, k in runs:
-                        self.host_pool[d:d + k].copy_(self.host_pool[s:s + k])
+                        copy_run(self.host_pool, d, self.host_pool, s, k)
                     copies = len(runs)
             else:
                 copies = dev.copy_blocks(pools[leg.dst], leg.dst_slots, pools[leg.src], leg.src_slots, after=ready)
@@ -354,8 +354,7 @@ class TieredKVStore(SsdCopies):
         mem_slots, ssd_slots = (leg.src_slots, leg.dst_slots) if to_ssd else (leg.dst_slots, leg.src_slots)
         if other == HOST or dev.host_addressable:
             region = self.host if other == HOST else dev.region  # type: ignore[attr-defined]
-            pool = self.host_pool if other == HOST else dev.pool
-            ios = self._ssd_io(to_ssd, region, mem_slots, ssd_slots, pool)
+            ios = self._ssd_io(to_ssd, region, mem_slots, ssd_slots)
             return ios, self.ssd.io_mode + (f", {lock}" if other == HOST else "")
         return self._staged(to_ssd, mem_slots, ssd_slots, ready), f"{self.ssd.io_mode} via staging ({self._staging.lock_method})"
 
@@ -457,13 +456,10 @@ class TieredKVStore(SsdCopies):
             self.synchronize()
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self._bounce_io is not None:
-            self._bounce_io.shutdown(wait=True)
-            self._bounce_io = None
-        for part in (self.ssd, self._staging, self._bounce, self.host, self.device):
+        for part in (self.ssd, self._staging, self.host, self.device):
             if part is not None:
                 part.close()
-        self.ssd = self._staging = self._bounce = self.host = self.device = None  # type: ignore[assignment]
+        self.ssd = self._staging = self.host = self.device = None  # type: ignore[assignment]
         self.host_pool = None  # type: ignore[assignment]
 
     def __enter__(self) -> "TieredKVStore":

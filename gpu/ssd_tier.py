@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agentcg.errors import HostUnsupported, InvalidInput
 from agentcg.gpu.hostmem import HostRegion
+from agentcg.gpu.kvstore_iov import IoPlan, run_ios
 
 MAX_IO_BYTES = 16 * 2**20
 DIRECT_ALIGN_BYTES = 4096
@@ -127,6 +128,20 @@ class SsdTier:
     def read_scatter(self, items: list[tuple[int, list[memoryview]]]) -> int:
         """Read several file ranges into several buffers each; as write_gather."""
         return self._many(os.preadv, items)
+
+    def run_plan(self, plan: IoPlan, *, write: bool) -> int:
+        """Run an I/O plan built by kvstore_iov.plan_ios over this file (file offsets in
+        bytes), IO_DEPTH I/Os in flight; returns the number of I/Os."""
+        if plan.n_ios and int(plan.offsets[-1] + plan.sizes[-1]) > self.n_blocks * self.block_bytes:
+            raise InvalidInput(f"SSD tier: an I/O runs past the file's {self.n_blocks} slots")
+        if self._pool is None and plan.n_ios > 1:
+            self._pool = ThreadPoolExecutor(max_workers=IO_DEPTH, thread_name_prefix="agentcg-kv-io")
+        ios = run_ios(self.fd, plan, write=write, pool=self._pool)
+        if write and self.io_mode != "o_direct" and ios:
+            os.fdatasync(self.fd)
+            for offset, size in zip(plan.offsets.tolist(), plan.sizes.tolist()):
+                os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
+        return ios
 
     def _many(self, call, items: list[tuple[int, list[memoryview]]]) -> int:
         pieces: list[tuple[int, list[memoryview]]] = []

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agentcg.controller.cgroup.base import validate_path
+from agentcg.controller.daemon.engine_policy import check_policy_name
 from agentcg.daemon_protocol import MAX_MESSAGE_BYTES  # noqa: F401  one request line, shared with clients
 from agentcg.daemon_protocol import REQUEST_TIMEOUT_S
 from agentcg.errors import HostUnsupported, InvalidInput
@@ -184,7 +185,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> DaemonConfig:
         raw = data.get(name, {})
         if not isinstance(raw, dict):
             raise InvalidInput(f"{source}: [{name}] must be a table")
-        built[name] = _SECTION_PARSERS[name](_Fields(raw, f"{source} [{name}]"))
+        fields = _Fields(raw, f"{source} [{name}]")
+        built[name] = _SECTION_PARSERS[name](fields)
+        fields.done()
     return DaemonConfig(**built)
 
 
@@ -218,6 +221,20 @@ class _Fields:
             raise InvalidInput(f"{self.where}: {key} must be an integer in {low}..{high}, got {value!r}")
         return value
 
+    def numbers(self, section: type, ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """The numeric keys named in `ranges` ({key: (low, high)}), each defaulting to the
+        section dataclass's own default (the one place defaults are written): an int
+        default reads an integer, a float one a number (a duration for keys ending in _s)."""
+        defaults = {x.name: x.default for x in dataclasses.fields(section)}
+        out: dict[str, Any] = {}
+        for key, (low, high) in ranges.items():
+            default = defaults[key]
+            if isinstance(default, int) and not isinstance(default, bool):
+                out[key] = self.integer(key, default, int(low), int(high))
+            else:
+                out[key] = self.number(key, default, low, high)
+        return out
+
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.read)
         if unknown:
@@ -231,7 +248,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _daemon(f: _Fields) -> DaemonSection:
-    mode_text = f.get("socket_mode", (str, int), "0660")
+    mode_text = f.get("socket_mode", (str, int), f"0{DaemonSection.socket_mode:o}")
     try:
         mode = int(mode_text, 8) if isinstance(mode_text, str) else int(mode_text)
     except ValueError:
@@ -241,7 +258,7 @@ def _daemon(f: _Fields) -> DaemonSection:
     group = f.get("socket_group", (str, int), None)
     if group is not None:
         resolve_group(group, f.where)
-    root = f.get("cgroup_root", str, "agentcg")
+    root = f.get("cgroup_root", str, DaemonSection.cgroup_root)
     try:
         validate_path(root, allow_root=False)
     except InvalidInput as exc:
@@ -250,20 +267,15 @@ def _daemon(f: _Fields) -> DaemonSection:
     if len(os.fsencode(socket_path)) > 107:
         raise InvalidInput(f"{f.where}: socket_path {socket_path} is longer than 107 bytes (the sun_path limit)")
     records = f.get("records_path", str, DEFAULT_RECORDS)
-    section = DaemonSection(
+    return DaemonSection(
         socket_path=socket_path, socket_mode=mode, socket_group=None if group is None else str(group),
         cgroup_root=root, state_dir=Path(f.get("state_dir", str, DEFAULT_STATE_DIR)),
-        records_path=Path(records),
-        oom_score_adj=f.integer("oom_score_adj", -1000, -1000, 1000),
-        realtime_priority=f.integer("realtime_priority", 0, 0, 99),
-        records_mode=_records_mode(f),
-    )
-    f.done()
-    return section
+        records_path=Path(records), records_mode=_records_mode(f),
+        **f.numbers(DaemonSection, {"oom_score_adj": (-1000, 1000), "realtime_priority": (0, 99)}))
 
 
 def _records_mode(f: _Fields) -> int:
-    text = f.get("records_mode", str, "0600")
+    text = f.get("records_mode", str, f"0{DaemonSection.records_mode:o}")
     try:
         mode = int(text, 8)
     except ValueError:
@@ -275,40 +287,26 @@ def _records_mode(f: _Fields) -> int:
 
 
 def _limits(f: _Fields) -> LimitsSection:
-    section = LimitsSection(
-        max_sandboxes=f.integer("max_sandboxes", 256, 1, 4096),
-        max_running_calls=f.integer("max_running_calls", 4096, 1, 65536),
-        max_running_calls_per_sandbox=f.integer("max_running_calls_per_sandbox", 1024, 1, 65536),
-        call_pids_max=f.integer("call_pids_max", 4096, 1, 4_194_304),
-        grace_s=f.number("grace_s", 5.0, 0.0, 3600.0),
-    )
-    f.done()
-    return section
+    return LimitsSection(**f.numbers(LimitsSection, {
+        "max_sandboxes": (1, 4096), "max_running_calls": (1, 65536), "max_running_calls_per_sandbox": (1, 65536),
+        "call_pids_max": (1, 4_194_304), "grace_s": (0.0, 3600.0)}))
 
 
 def _protocol(f: _Fields) -> ProtocolSection:
-    section = ProtocolSection(
-        line_timeout_s=f.number("line_timeout_s", 10.0, 0.1, 3600.0),
-        idle_timeout_s=f.number("idle_timeout_s", 300.0, 0.1, 86400.0),
-        max_connections=f.integer("max_connections", 256, 1, 4096),
-        max_connections_per_uid=f.integer("max_connections_per_uid", 64, 1, 4096),
-        root_connections=f.integer("root_connections", 16, 0, 4096),
-    )
-    f.done()
-    return section
+    return ProtocolSection(**f.numbers(ProtocolSection, {
+        "line_timeout_s": (0.1, 3600.0), "idle_timeout_s": (0.1, 86400.0), "max_connections": (1, 4096),
+        "max_connections_per_uid": (1, 4096), "root_connections": (0, 4096)}))
 
 
 def _metrics(f: _Fields) -> MetricsSection:
-    address = f.get("address", str, "127.0.0.1:9464")
+    address = f.get("address", str, MetricsSection.address)
     if address:
         parse_address(address, f.where)
-    section = MetricsSection(address=address, max_tool_labels=f.integer("max_tool_labels", 64, 1, 1024))
-    f.done()
-    return section
+    return MetricsSection(address=address, **f.numbers(MetricsSection, {"max_tool_labels": (1, 1024)}))
 
 
 def _ebpf(f: _Fields) -> EbpfSection:
-    mode = f.get("mode", str, "auto")
+    mode = f.get("mode", str, EbpfSection.mode)
     if mode not in ("auto", "on", "off"):
         raise InvalidInput(f"{f.where}: mode must be \"auto\", \"on\" or \"off\", got {mode!r}")
     concerns = f.get("concerns", list, list(BPF_CONCERNS))
@@ -316,18 +314,16 @@ def _ebpf(f: _Fields) -> EbpfSection:
     bad = [c for c in concerns if c not in known]
     if bad or not concerns:
         raise InvalidInput(f"{f.where}: concerns {bad or '(empty)'} unknown; choose from {', '.join(known)}")
-    section = EbpfSection(mode=mode, concerns=tuple(concerns), program_stats=f.get("program_stats", bool, False))
-    f.done()
-    return section
+    return EbpfSection(mode=mode, concerns=tuple(concerns),
+                       program_stats=f.get("program_stats", bool, EbpfSection.program_stats))
 
 
 def _psi(f: _Fields) -> PsiSection:
     from agentcg.controller.psi import validate_trigger
 
-    section = PsiSection(enabled=f.get("enabled", bool, True), stall_s=f.number("stall_s", 0.2, 0.001, 10.0),
-                         window_s=f.number("window_s", 2.0, 0.5, 10.0))
+    section = PsiSection(enabled=f.get("enabled", bool, PsiSection.enabled),
+                         **f.numbers(PsiSection, {"stall_s": (0.001, 10.0), "window_s": (0.5, 10.0)}))
     validate_trigger("some", section.stall_s, section.window_s)
-    f.done()
     return section
 
 
@@ -348,17 +344,14 @@ def _policy(f: _Fields) -> PolicySection:
         graduated = GraduatedConfig(**fractions, **seconds)
     except InvalidInput as exc:
         raise InvalidInput(f"{f.where}: {exc}") from None
-    section = PolicySection(name=name, tick_s=f.number("tick_s", 0.5, 0.01, 60.0),
-                            dry_run=f.get("dry_run", bool, False),
-                            host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"),
-                            graduated=graduated, kernel_thresholds=f.get("kernel_thresholds", bool, True))
-    f.done()
-    return section
+    return PolicySection(name=name, dry_run=f.get("dry_run", bool, PolicySection.dry_run),
+                         host_budget_bytes=None if budget is None else parse_size(budget, what=f"{f.where}: host_budget"),
+                         graduated=graduated,
+                         kernel_thresholds=f.get("kernel_thresholds", bool, PolicySection.kernel_thresholds),
+                         **f.numbers(PolicySection, {"tick_s": (0.01, 60.0)}))
 
 
 def _engine(f: _Fields) -> EngineSection:
-    from agentcg.controller.daemon.engine import check_policy_name
-
     uids = f.get("uids", list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 for u in uids) or len(uids) > 64:
         raise InvalidInput(f"{f.where}: uids must be a list of at most 64 user ids (integers), got {uids!r}")
@@ -369,14 +362,12 @@ def _engine(f: _Fields) -> EngineSection:
         except InvalidInput:
             raise InvalidInput(f"{f.where}: group {group!r} does not exist; create it or give a numeric gid") from None
     reserve, floor = f.get("host_reserve", (str, int), 0), f.get("kv_floor", (str, int), 0)
-    section = EngineSection(
-        kv_policy=check_policy_name(f.get("kv_policy", str, "agentcg"), f"{f.where}: kv_policy"),
+    return EngineSection(
+        kv_policy=check_policy_name(f.get("kv_policy", str, EngineSection.kv_policy), f"{f.where}: kv_policy"),
         uids=tuple(uids), group=None if group is None else str(group),
-        max_links=f.integer("max_links", 8, 1, 64), max_requests=f.integer("max_requests", 4096, 1, 65536),
         host_reserve_bytes=parse_size(reserve, what=f"{f.where}: host_reserve") if reserve else 0,
-        kv_floor_bytes=parse_size(floor, what=f"{f.where}: kv_floor") if floor else 0)
-    f.done()
-    return section
+        kv_floor_bytes=parse_size(floor, what=f"{f.where}: kv_floor") if floor else 0,
+        **f.numbers(EngineSection, {"max_links": (1, 64), "max_requests": (1, 65536)}))
 
 
 _SECTION_PARSERS = {"daemon": _daemon, "limits": _limits, "protocol": _protocol, "metrics": _metrics,

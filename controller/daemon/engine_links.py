@@ -1,14 +1,16 @@
 """Engine links (docs/daemon-protocol.md, "Engine links"): a connection that sent
 `engine.attach` carries engine-protocol lines both ways; tool calls starting, ending and
 being frozen or throttled become directives for the engine that serves their sandbox.
-A mixin of service.Daemon (the EngineHub in engine.py does the bookkeeping).
+A mixin of service.Daemon (the EngineHub in engine.py does the bookkeeping, engine_link.py
+each engine's part).
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from agentcg.controller.daemon.engine import EngineLink, read_records_tail
+from agentcg.controller.daemon.engine import read_records_tail
+from agentcg.controller.daemon.engine_link import EngineLink
 from agentcg.controller.daemon.server import ApiError, Connection, encode_error
 from agentcg.controller.toolcall import ToolCall
 from agentcg.engine_protocol import Directive, decode as decode_engine_line, encode as encode_engine_line

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from agentcg.controller.daemon.engine_metrics import engine_families
+from agentcg.controller.daemon.families import counter, counters, gauge
 from agentcg.errors import AgentcgError
 from agentcg.records import ToolCallRecord
 
@@ -144,124 +146,29 @@ class DaemonCollector(Collector):
         d = self.daemon
         stats = d.stats
         yield from self._sandboxes()
-        calls = CounterMetricFamily("agentcg_tool_calls", "Tool calls ended, by tool and outcome.",
-                                    labels=["tool", "outcome"])
-        for (tool, outcome), n in sorted(stats.calls.items()):
-            calls.add_metric([tool, outcome], n)
-        yield calls
-        running = GaugeMetricFamily("agentcg_tool_calls_running", "Tool calls running now.")
-        running.add_metric([], len(d.calls.running()) if d.calls is not None else 0)
-        yield running
-        waiting = GaugeMetricFamily("agentcg_tool_calls_waiting", "Tool calls waiting for admission now.")
-        waiting.add_metric([], d.pending_calls())
-        yield waiting
-        wait = HistogramMetricFamily("agentcg_admission_wait_seconds",
-                                     "How long admitted calls waited for room (calls with a known need).")
-        wait.add_metric([], stats.admission_wait.buckets(), sum_value=stats.admission_wait.sum)
-        yield wait
+        yield counters("agentcg_tool_calls", "Tool calls ended, by tool and outcome.", ["tool", "outcome"], stats.calls)
+        yield gauge("agentcg_tool_calls_running", "Tool calls running now.",
+                    len(d.calls.running()) if d.calls is not None else 0)
+        yield gauge("agentcg_tool_calls_waiting", "Tool calls waiting for admission now.", d.pending_calls())
+        yield _histogram("agentcg_admission_wait_seconds",
+                         "How long admitted calls waited for room (calls with a known need).", stats.admission_wait)
         yield _histograms("agentcg_tool_call_duration_seconds", "Tool-call wall time, by tool.", stats.durations)
         yield _histograms("agentcg_tool_call_peak_memory_bytes", "Tool-call peak memory (cgroup), by tool.",
                           stats.peaks)
-        actions = CounterMetricFamily("agentcg_actions", "Actions taken, by kind and reason.",
-                                      labels=["kind", "reason"])
-        for (kind, reason), n in sorted(stats.actions.items()):
-            actions.add_metric([kind, reason], n)
-        yield actions
-        reaction = HistogramMetricFamily("agentcg_reaction_latency_seconds",
-                                         "From the observation (the kernel's timestamp of an eBPF event, the read "
-                                         "of a memcg threshold or PSI trigger, the tick) to the action's write "
-                                         "returning.")
-        reaction.add_metric([], stats.reaction.buckets(), sum_value=stats.reaction.sum)
-        yield reaction
-        requests = CounterMetricFamily("agentcg_api_requests", "Socket API requests, by op and result code.",
-                                       labels=["op", "code"])
-        for (op, code), n in sorted(stats.requests.items()):
-            requests.add_metric([op, code], n)
-        yield requests
-        triggers = CounterMetricFamily("agentcg_psi_triggers", "PSI memory triggers fired, by scope.",
-                                       labels=["scope"])
-        for scope, n in sorted(stats.psi_triggers.items()):
-            triggers.add_metric([scope], n)
-        yield triggers
-        memcg = CounterMetricFamily("agentcg_memcg_thresholds", "cgroup v1 memory usage thresholds crossed, by scope.",
-                                    labels=["scope"])
-        for scope, n in sorted(stats.memcg_thresholds.items()):
-            memcg.add_metric([scope], n)
-        yield memcg
-        ticks = CounterMetricFamily("agentcg_policy_ticks", "Policy ticks run.")
-        ticks.add_metric([], stats.ticks)
-        yield ticks
+        yield counters("agentcg_actions", "Actions taken, by kind and reason.", ["kind", "reason"], stats.actions)
+        yield _histogram("agentcg_reaction_latency_seconds",
+                         "From the observation (the kernel's timestamp of an eBPF event, the read of a memcg "
+                         "threshold or PSI trigger, the tick) to the action's write returning.", stats.reaction)
+        yield counters("agentcg_api_requests", "Socket API requests, by op and result code.", ["op", "code"],
+                       stats.requests)
+        yield counters("agentcg_psi_triggers", "PSI memory triggers fired, by scope.", ["scope"], stats.psi_triggers)
+        yield counters("agentcg_memcg_thresholds", "cgroup v1 memory usage thresholds crossed, by scope.", ["scope"],
+                       stats.memcg_thresholds)
+        yield counter("agentcg_policy_ticks", "Policy ticks run.", stats.ticks)
         yield from self._bpf()
-        yield from self._engines()
-
-    def _engines(self) -> Iterator[Any]:
-        hub = getattr(self.daemon, "engines", None)
-        if hub is None:
-            return
-        c = hub.counters
-        links = GaugeMetricFamily("agentcg_engine_links", "Inference engines attached now.")
-        links.add_metric([], len(hub.links))
-        yield links
-        attached = CounterMetricFamily("agentcg_engine_links_attached", "Engine links ever attached.")
-        attached.add_metric([], c.links_attached)
-        yield attached
-        requests = GaugeMetricFamily("agentcg_engine_requests", "Engine requests known now, by state.",
-                                     labels=["state"])
-        kv = GaugeMetricFamily("agentcg_engine_kv_bytes", "KV bytes the engines reported, by tier.", labels=["tier"])
-        states = {"running": 0, "waiting": 0, "paused": 0}
-        tiers = {"gpu": 0, "host": 0, "ssd": 0}
-        for link in hub.links.values():
-            bpt = link.registration.geometry.bytes_per_token if link.registration else 0
-            for r in link.requests.values():
-                states[r.state.value] = states.get(r.state.value, 0) + 1
-                tiers["gpu"] += r.gpu_tokens * bpt
-                tiers["host"] += r.host_tokens * bpt
-                tiers["ssd"] += r.ssd_tokens * bpt
-        for state, n in sorted(states.items()):
-            requests.add_metric([state], n)
-        for tier, n in sorted(tiers.items()):
-            kv.add_metric([tier], n)
-        yield requests
-        yield kv
-        events = CounterMetricFamily("agentcg_engine_events", "Request events, by kind and source "
-                                     "(engine: reported; daemon: inferred from tool calls).", labels=["kind", "source"])
-        for (kind, source), n in sorted(c.events.items()):
-            events.add_metric([kind, source], n)
-        yield events
-        decisions = CounterMetricFamily("agentcg_engine_policy_decisions", "KV policy decisions, by trigger.",
-                                        labels=["trigger"])
-        for trigger, n in sorted(c.decisions.items()):
-            decisions.add_metric([trigger], n)
-        yield decisions
-        sent = CounterMetricFamily("agentcg_engine_directives", "Directives sent to engines, by action.",
-                                   labels=["action"])
-        for action, n in sorted(c.directives.items()):
-            sent.add_metric([action], n)
-        yield sent
-        results = CounterMetricFamily("agentcg_engine_directive_results", "Directive results the engines reported, "
-                                      "by action and result (ok, refused).", labels=["action", "result"])
-        for (action, result), n in sorted(c.results.items()):
-            results.add_metric([action, result], n)
-        yield results
-        failures = CounterMetricFamily("agentcg_engine_policy_failures", "KV policy calls that raised, by policy.",
-                                       labels=["policy"])
-        for policy, n in sorted(c.policy_failures.items()):
-            failures.add_metric([policy], n)
-        yield failures
-        fallbacks = CounterMetricFamily("agentcg_engine_policy_fallbacks", "Decisions made by vllm-v1 because the "
-                                        "KV policy failed, by policy.", labels=["policy"])
-        for policy, n in sorted(c.fallbacks.items()):
-            fallbacks.add_metric([policy], n)
-        yield fallbacks
-        errors = CounterMetricFamily("agentcg_engine_protocol_errors", "Malformed engine lines (each closed its link).")
-        errors.add_metric([], c.protocol_errors)
-        yield errors
-        unknown = CounterMetricFamily("agentcg_engine_unknown_usage", "KV usage reports for requests the daemon "
-                                      "does not know (ignored).")
-        unknown.add_metric([], c.unknown_usage)
-        yield unknown
-        from agentcg.controller.daemon.engine_metrics import engine_families
-        yield from engine_families(hub)
+        hub = getattr(d, "engines", None)
+        if hub is not None:
+            yield from engine_families(hub)
 
     def _sandboxes(self) -> Iterator[Any]:
         d = self.daemon
@@ -303,40 +210,28 @@ class DaemonCollector(Collector):
 
     def _bpf(self) -> Iterator[Any]:
         d = self.daemon
-        loaded = GaugeMetricFamily("agentcg_bpf_loaded", "1 when the eBPF programs are loaded.")
-        loaded.add_metric([], 1 if d.monitor is not None else 0)
-        yield loaded
-        events = CounterMetricFamily("agentcg_bpf_events", "Ring-buffer events consumed, by type.", labels=["type"])
-        for kind, n in sorted(d.stats.bpf_events.items()):
-            events.add_metric([kind], n)
-        yield events
+        yield gauge("agentcg_bpf_loaded", "1 when the eBPF programs are loaded.", 1 if d.monitor is not None else 0)
+        yield counters("agentcg_bpf_events", "Ring-buffer events consumed, by type.", ["type"], d.stats.bpf_events)
         if d.monitor is None:
             return
         try:
             s = d.monitor.stats()
         except AgentcgError:
             return
-        drops = CounterMetricFamily("agentcg_bpf_ringbuf_drops", "Events lost because the ring buffer was full.")
-        drops.add_metric([], s.ringbuf_full)
-        yield drops
-        full = CounterMetricFamily("agentcg_bpf_map_full", "Map inserts refused because the map was full.",
-                                   labels=["map"])
-        for name, n in sorted(s.map_full.items()):
-            full.add_metric([name], n)
-        yield full
-        decode = CounterMetricFamily("agentcg_bpf_decode_errors", "Ring-buffer records that could not be decoded.")
-        decode.add_metric([], s.decode_errors)
-        yield decode
-        runs = CounterMetricFamily("agentcg_bpf_program_runs", "Runs of each BPF program (needs BPF stats enabled).",
-                                   labels=["program"])
-        run_time = CounterMetricFamily("agentcg_bpf_program_run_seconds", "Time spent in each BPF program.",
-                                       labels=["program"])
-        for program in s.programs:
-            if program.run_count is not None:
-                runs.add_metric([program.name], program.run_count)
-                run_time.add_metric([program.name], program.run_time_s or 0.0)
-        yield runs
-        yield run_time
+        yield counter("agentcg_bpf_ringbuf_drops", "Events lost because the ring buffer was full.", s.ringbuf_full)
+        yield counters("agentcg_bpf_map_full", "Map inserts refused because the map was full.", ["map"], s.map_full)
+        yield counter("agentcg_bpf_decode_errors", "Ring-buffer records that could not be decoded.", s.decode_errors)
+        counted = [p for p in s.programs if p.run_count is not None]
+        yield counters("agentcg_bpf_program_runs", "Runs of each BPF program (needs BPF stats enabled).", ["program"],
+                       {p.name: p.run_count for p in counted})
+        yield counters("agentcg_bpf_program_run_seconds", "Time spent in each BPF program.", ["program"],
+                       {p.name: p.run_time_s or 0.0 for p in counted})
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], histogram.buckets(), sum_value=histogram.sum)
+    return family
 
 
 def _histograms(name: str, documentation: str, table: dict[str, Histogram]) -> HistogramMetricFamily:

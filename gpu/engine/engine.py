@@ -22,17 +22,20 @@ from __future__ import annotations
 import collections
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from agentcg.engine_protocol import (
-    Action, Bandwidth, ComputeCost, Directive, DirectiveResult, EventKind, KvGeometry, KvUsage, Message, Register,
+    Bandwidth, ComputeCost, Directive, DirectiveResult, EventKind, KvGeometry, KvUsage, Message, Register,
     RequestEvent, Tier, TierCapacity,
 )
 from agentcg.errors import InvalidInput
+from agentcg.gpu.engine.directives import DirectiveHandling
 from agentcg.gpu.engine.model import Feed, RandomDecoder
+from agentcg.gpu.engine.requests import (
+    DONE, PAUSED, PENDING, RUNNING, TIER_OF, WAITING, EngineLimits, EngineStats, _Req,
+)
 from agentcg.gpu.engine.paged import PagedKV, blocks_for
 from agentcg.gpu.engine.turns import EngineSession, TurnResult, turn_input_tokens
 from agentcg.gpu.kvgeometry import KVTierFull, TransferRecord
@@ -41,80 +44,12 @@ from agentcg.policies.kv.harness import KvDecider, build_snapshot, is_decoding
 from agentcg.policies.kv.types import KvPolicy, KvSnapshot, RequestView, State, Trigger
 from agentcg.policies.kv.vllm_v1 import VllmV1Policy
 
-PENDING, WAITING, RUNNING, PAUSED, DONE = "pending", "waiting", "running", "paused", "done"
 MAX_PRESSURE_ROUNDS = 32
 MAX_IDLE_SLEEP_S = 0.05
 DIRECTIVE_QUEUE_MAX = 4096
-TIER_OF = {"device": Tier.GPU, "host": Tier.HOST, "ssd": Tier.SSD}
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    max_batched_tokens: int = 512     # tokens per model step, prefill chunks and decodes together
-    max_running: int = 16
-    time_scale: float = 1.0           # tool-call durations are multiplied by this
-    max_new_tokens: int | None = None  # cap on each turn's output tokens
-    max_turn_input_tokens: int | None = None  # cap on each turn's new context tokens
-
-    def __post_init__(self) -> None:
-        if self.max_batched_tokens < 1 or self.max_running < 1:
-            raise InvalidInput("engine: max_batched_tokens and max_running must be at least 1")
-        if not (self.time_scale >= 0 and math.isfinite(self.time_scale)):
-            raise InvalidInput(f"engine: time_scale must be a finite non-negative number, got {self.time_scale!r}")
-
-
-@dataclass
-class _Req:
-    session: EngineSession
-    index: int
-    start_s: float
-    state: str = PENDING
-    turn: int = 0
-    tokens: list[int] = field(default_factory=list)
-    kv_tokens: int = 0
-    hwm: int = 0                    # tokens whose KV was ever computed
-    out_left: int = 0
-    allocated: bool = False         # the store knows the request
-    pinned: bool = False
-    evictable_since: float | None = None
-    ttl_deadline: float | None = None
-    loading: Transfer | None = None
-    resume_at: float | None = None
-    arrival_s: float = 0.0
-    admitted_s: float | None = None
-    paused_s: float | None = None
-    preempted_s: float | None = None
-    turn_admitted_s: float | None = None
-    turn_first_token_s: float | None = None
-    turn_cached: int = 0
-    turn_prompt: int = 0
-    turn_recomputed: int = 0
-    turn_output: list[int] = field(default_factory=list)
-    results: list[TurnResult] = field(default_factory=list)
-
-    @property
-    def rid(self) -> str:
-        return self.session.session_id
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    fed_tokens: int = 0
-    decode_tokens: int = 0
-    recomputed_tokens: int = 0
-    preemptions: int = 0
-    evictions: int = 0
-    policy_errors: int = 0
-    refused_directives: int = 0
-    fallbacks: int = 0
-    step_s: float = 0.0
-    bytes_moved: dict[tuple[str, str], int] = field(default_factory=lambda: collections.defaultdict(int))
-    moves: dict[tuple[str, str], int] = field(default_factory=lambda: collections.defaultdict(int))
-    move_s: dict[tuple[str, str], float] = field(default_factory=lambda: collections.defaultdict(float))
-
-
-class Engine:
+class Engine(DirectiveHandling):
     """One engine over one store and one model; `add_session()` then `run()`."""
 
     def __init__(self, store: TieredKVStore, model: RandomDecoder, policy: KvPolicy, *,
@@ -369,96 +304,6 @@ class Engine:
             self.wake_at = decision.wake_at_s if self.wake_at is None else min(self.wake_at, decision.wake_at_s)
         for d in decision.directives:
             self._apply(d)
-
-    # ---- directives ------------------------------------------------------------------
-    def _apply(self, d: Directive) -> DirectiveResult:
-        try:
-            reason = self._carry_out(d)
-        except KVTierFull as exc:
-            reason = str(exc)
-        result = DirectiveResult(d.request_id, d.action, reason is None, reason)
-        if reason is not None:
-            self.stats.refused_directives += 1
-        self._emit(result)
-        r = self.reqs.get(d.request_id)
-        if r is not None and r.state not in (PENDING, DONE):
-            self._usage(r)
-        return result
-
-    def _carry_out(self, d: Directive) -> str | None:
-        """Carry out one directive; the reason it was refused, or None."""
-        r = self.reqs.get(d.request_id)
-        if r is None or r.state in (PENDING, DONE):
-            return f"unknown request {d.request_id!r} (not started or finished)"
-        a = d.action
-        if a is Action.PREEMPT:
-            return self._preempt(r, d.tier or Tier.GPU) if r.state == RUNNING else "only a running request can be preempted"
-        if r.state == RUNNING:
-            return f"{a.value} of a running request; preempt it first"
-        if a is Action.KEEP:
-            if not self._on_device(r) or r.kv_tokens == 0:
-                return "no KV on the device to keep"
-            if d.ttl_s is not None and d.ttl_s <= 0:
-                self._make_evictable(r)
-            else:
-                r.pinned, r.evictable_since = True, None
-                r.ttl_deadline = None if d.ttl_s is None else self.now() + d.ttl_s
-            return None
-        if not r.allocated or r.kv_tokens == 0:
-            return "the request has no KV"
-        if a is Action.SWAP_TO_HOST:
-            if d.keep_gpu_copy:
-                return "the tiered store keeps one copy per block: keep_gpu_copy is not supported"
-            if self.store.placement(r.rid).device_blocks == 0:
-                return "no KV on the device"
-            self._move(r, self.store.swap_out)
-            return None
-        if a is Action.OFFLOAD_TO_SSD:
-            self._move(r, self.store.offload)
-            return None
-        if a is Action.DISCARD:
-            self._drop(r)
-            return None
-        if a is Action.PREFETCH:
-            return None if self._bring_back(r) else "no room on the device"
-        return f"unsupported action {a.value}"
-
-    def _move(self, r: _Req, op: Callable[[str], Transfer]) -> Transfer:
-        transfer = op(r.rid)
-        self.paged.forget(r.rid)
-        r.pinned, r.evictable_since, r.ttl_deadline = False, None, None
-        return transfer
-
-    def _bring_back(self, r: _Req) -> bool:
-        """Start loading host/SSD KV back to the device (async); False: no room."""
-        p = self.store.placement(r.rid)
-        need = p.host_blocks + p.ssd_blocks
-        if need == 0 or r.loading is not None:
-            return True
-        if not self._evict(need, keep=r):
-            return False
-        r.loading = self._move(r, self.store.load if p.ssd_blocks else self.store.swap_in)
-        r.pinned = True
-        return True
-
-    def _preempt(self, r: _Req, tier: Tier) -> str | None:
-        self.running.remove(r)
-        self.stats.preemptions += 1
-        r.state, r.preempted_s, r.admitted_s = WAITING, self.now(), None
-        self.waiting.append(r)
-        self._event(EventKind.PREEMPTED, r)
-        reason = None
-        if r.allocated and tier in (Tier.HOST, Tier.SSD):
-            try:
-                self._move(r, self.store.swap_out if tier is Tier.HOST else self.store.offload)
-                return None
-            except KVTierFull as exc:
-                reason = f"preempted, but the KV stays in the prefix cache: {exc}"
-        if tier is Tier.NONE:
-            self._drop(r)
-        else:
-            self._make_evictable(r)
-        return reason
 
     # ---- the loop ----------------------------------------------------------------------
     @property

@@ -8,12 +8,17 @@ from __future__ import annotations
 import os
 import pwd
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from agentcg.errors import InvalidInput, UnsafePath
-from agentcg.safefile import atomic_write, ensure_private_dir, open_private, read_private
+from agentcg.safefile import atomic_file, atomic_write, ensure_private_dir, open_private, read_private
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _nobody() -> int:
@@ -64,6 +69,60 @@ def test_atomic_write_into_a_missing_directory_says_so(tmp_path: Path) -> None:
         atomic_write(tmp_path / "missing" / "x.zip", "x")
     with pytest.raises(UnsafePath, match="is a directory"):
         atomic_write(tmp_path, "x")
+
+
+def test_atomic_file_streams_with_the_same_rules(tmp_path: Path, victim: Path) -> None:
+    """The streaming writer is atomic_write's one implementation: through no planted link,
+    the exact mode, the target only once the block succeeded, no temp file left."""
+    target = tmp_path / "trace.zip"
+    target.symlink_to(victim)
+    with atomic_file(target, 0o640) as fh:
+        fh.write(b"part one, ")
+        assert target.is_symlink()                     # not there until the block ends
+        fh.write(b"part two")
+    assert victim.read_text() == "precious"
+    assert target.read_bytes() == b"part one, part two" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as fh:
+            fh.write(b"half")
+            raise RuntimeError("the writer failed")
+    assert target.read_bytes() == b"part one, part two"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_file_passes_the_blocks_own_errors(tmp_path: Path) -> None:
+    """A PermissionError of the block is the caller's (a source it could not read), not
+    an unsafe target: it passes unchanged."""
+    with pytest.raises(PermissionError):
+        with atomic_file(tmp_path / "out"):
+            raise PermissionError(13, "the caller's own")
+    assert not (tmp_path / "out").exists()
+
+
+def test_atomic_write_and_atomic_file_refuse_a_directory_they_may_not_write() -> None:
+    """As a user who may enter the directory but not write it, both say so (UnsafePath),
+    never a traceback of PermissionError."""
+    if os.geteuid() != 0:
+        pytest.skip("running as another uid needs root")
+    _nobody()
+    directory = Path(tempfile.mkdtemp(prefix="agentcg-test-safefile-"))
+    try:
+        directory.chmod(0o755)
+        code = ("import sys\nfrom agentcg.errors import UnsafePath\nfrom agentcg.safefile import atomic_file, atomic_write\n"
+                "for write in (lambda p: atomic_write(p, 'x'), lambda p: atomic_file(p).__enter__()):\n"
+                "    try:\n        write(sys.argv[1])\n    except UnsafePath as exc:\n        print('refused:', exc)\n")
+        # the system python: this test's interpreter may live where `nobody` may not enter
+        done = subprocess.run(["/usr/bin/python3", "-c", code, str(directory / "out")], user=65534, group=65534,
+                              capture_output=True, text=True, timeout=60, cwd="/",
+                              env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 2 and all(f"cannot write {directory / 'out'}" in line for line in lines), done.stdout
+        assert list(directory.iterdir()) == []
+    finally:
+        for p in directory.iterdir():
+            p.unlink()
+        directory.rmdir()
 
 
 def test_open_private_refuses_a_symlink(tmp_path: Path, victim: Path) -> None:

@@ -3,11 +3,14 @@
 `podman exec`, `podman stop`. Nothing here is mocked."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from agentcg.controller.daemon.testing import read_line
 from containerutil import PODMAN, cgroup_dirs, init_pid, podman
 from testutil import wait_until
 
@@ -236,3 +239,52 @@ def test_commands_the_containers_agent_starts_are_tool_calls_too(containers, ado
     assert podman("pause", cid).returncode == 0 and podman("unpause", cid).returncode == 0
     assert len(d.records()) == 2
     (shared / "stop").touch()
+
+
+def test_adopt_by_container_inspects_off_the_loop_and_checks_the_claimed_id(containers, adopting_daemon, tmp_path,
+                                                                           monkeypatch):
+    """`sandbox.adopt {"container"}`: the daemon's `podman inspect` is held (a podman on
+    the daemon's PATH that waits for a file), and meanwhile the daemon answers others, a
+    fifth inspect is refused as busy, and the adoption is answered once inspect is done.
+    A pid whose cgroup is another container's than the id claimed is refused."""
+    cid, other = containers(), containers()
+    bin_dir, go, started = tmp_path / "bin", tmp_path / "go", tmp_path / "started"
+    bin_dir.mkdir()
+    real = subprocess.run(["sh", "-c", "command -v podman"], capture_output=True, text=True).stdout.strip()
+    (bin_dir / "podman").write_text(f"#!/bin/sh\necho $$ >> {started}\nwhile [ ! -e {go} ]; do sleep 0.05; done\n"
+                                    f"exec {real} \"$@\"\n")
+    (bin_dir / "podman").chmod(0o755)
+    with monkeypatch.context() as m:     # only the daemon's podman is held; the test's own is the real one
+        m.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        d = adopting_daemon()
+    waiting = []
+    try:
+        for i in range(4):
+            sock = d.connect()
+            waiting.append(sock)
+            sock.sendall(json.dumps({"v": 1, "id": i, "op": "sandbox.adopt",
+                                     "args": {"name": f"I{i}", "container": cid[:12], "runtime": "podman"}}).encode()
+                         + b"\n")
+        assert wait_until(lambda: started.exists() and len(started.read_text().split()) == 4, 15)
+        assert d.result("sandbox.list")["sandboxes"] == []
+        held = [int(p) for p in started.read_text().split()]
+        assert all(Path(f"/proc/{p}").exists() for p in held)        # answered while all four inspects wait
+        busy = d.request("sandbox.adopt", name="I9", container=cid, runtime="podman")
+        assert busy["error"]["code"] == "busy", busy
+        go.touch()
+        answers = [json.loads(read_line(sock)) for sock in waiting]
+    finally:
+        go.touch()
+        for sock in waiting:
+            sock.close()
+    adopted = [a for a in answers if a["ok"]]
+    assert len(adopted) == 1, answers
+    assert adopted[0]["result"]["adopted"]["container_id"] == cid
+    assert adopted[0]["result"]["adopted"]["runtime"] == "podman"
+    assert all(a["error"]["code"] == "exists" for a in answers if not a["ok"]), answers
+    assert _proc_cgroup(init_pid(cid)).splitlines()[-1] == f"0::/libpod_parent/libpod-{cid}/agent"
+
+    wrong = d.request("sandbox.adopt", name="W", pid=init_pid(other), container_id=cid, runtime="podman")
+    assert wrong["error"]["code"] == "invalid_input" and f"not in {cid[:12]}'s" in wrong["error"]["message"], wrong
+    assert d.result("sandbox.list")["sandboxes"][0]["name"] == adopted[0]["result"]["name"]
+    assert _proc_cgroup(init_pid(other)).splitlines()[-1] == f"0::/libpod_parent/libpod-{other}"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agentcg.controller.daemon.config import load_config, parse_config
+from agentcg.controller.daemon.config import DaemonConfig, load_config, parse_config
 from agentcg.controller.daemon.testing import daemon_process, read_line
 from agentcg.errors import InvalidInput
 from testutil import wait_until
@@ -33,6 +33,7 @@ def test_config_defaults_need_no_file():
     assert config.metrics.address.startswith("127.0.0.1:")
     assert config.psi.window_s == 2.0 and config.ebpf.mode == "auto"
     assert config.policy.name == "agentcg" and config.daemon.realtime_priority == 0
+    assert config == DaemonConfig()        # the parsers' defaults are the sections' own, written once
 
 
 @pytest.mark.parametrize("data, words", [

@@ -6,7 +6,9 @@ import pytest
 
 from agentcg.controller.daemon import engine_state as es
 from agentcg.controller.daemon.config import parse_config
-from agentcg.controller.daemon.engine import EngineCounters, EngineHub, EngineLink, read_records_tail
+from agentcg.controller.daemon.engine import EngineHub, read_records_tail
+from agentcg.controller.daemon.engine_counters import EngineCounters
+from agentcg.controller.daemon.engine_link import EngineLink
 from agentcg.engine_protocol import (
     Action, Bandwidth, Directive, DirectiveResult, EventKind, KvGeometry, KvUsage, Register, RequestEvent, Tier,
     TierCapacity,
