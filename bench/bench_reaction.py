@@ -7,25 +7,32 @@ concerns, i.e. no per-fault programs; PSI on; tick 0.5 s), except the policy's f
 (throttle = freeze at 80 %, kill at 99 %, no growth projection, a grace long enough that
 nothing is killed) so that the first action is a freeze. Each round begins a tool call
 through the daemon's socket, starts a worker in it that touches --alloc-mib MiB (crossing
-80 % of the sandbox's --budget-mib on the way), waits for the daemon's "freeze" event of
-that call in its event log (`events.since`), then kills the worker and ends the call.
+80 % of the sandbox's --budget-mib on the way), waits until the call's cgroup reports
+frozen (a kernfs poll on its cgroup.events: nothing asks the daemon anything during the
+round; --wait events polls `events.since` every 2 ms instead, as this bench did before),
+reads the daemon's "freeze" event of that call (`events.since`), then kills the worker and
+ends the call. The rows run interleaved, round by round, each with its own daemon, so that
+every row sees the same host load.
 
-How the crossing is stamped:
+How the crossing is stamped (bench/reaction_probe.py, a separate observer process):
 - the daemon reacted on a memcg usage-threshold eventfd (v1 `cgroup.event_control`, per
-  call and per sandbox: the default path), or on its tick/PSI: the eventfd carries no
-  timestamp, so this benchmark's own observer stamps it: a separate process loads a small
-  kmem:rss_stat tracepoint program, filtered to the call's cgroup (bpf_get_current_cgroup_id)
-  and to the call's task's anonymous pages, that records bpf_ktime_get_ns (CLOCK_MONOTONIC,
-  as the daemon's time.monotonic()) when the worker's anonymous RSS reaches 1 MiB (+ 1/256
-  of the way, for page tables) below the point where the memcg usage reaches the daemon's
-  lowest threshold (calibrated per round: usage and RssAnon read while the worker waits to
-  start allocating). Pessimistic by the time the worker takes to touch that 1 MiB; a stamp
-  later than the daemon's own read of the eventfd would mean a bad calibration and is counted.
+  call and per sandbox: the default path), its watch of a call armed early, or its
+  tick/PSI: at each of the worker's page faults (kmem:rss_stat in the worker's context)
+  the observer reads the kernel's page counters of the call's and the sandbox's memcg
+  (task->cgroups->subsys[memory]->memory.usage, what v1 thresholds compare with; offsets
+  from BTF) with bpf_ktime_get_ns (CLOCK_MONOTONIC, as the daemon's time.monotonic()). The
+  daemon's lowest threshold (the sandbox's fractions, the call's, and any the daemon
+  reported) was crossed by a charge between two faults: the earlier fault's time is the
+  stamp, never later than the crossing (a stamp after the daemon's own read is counted,
+  and fails the row). The earlier method (anonymous RSS 1 MiB below the calibrated
+  crossing: pessimistic by the worker's time to touch that MiB) is printed beside it.
 - the daemon reacted on its own eBPF RSS-threshold event (`faults` loaded): that event's
   kernel timestamp.
 The freeze's write-return time is the daemon's own (`detail.applied_monotonic_s`, its write to
 cgroup.freeze returned). Reaction = the difference. Also printed: until the cgroup reported
-every task frozen (`done_monotonic_s`). Both cores are kept busy by busy-loop processes.
+every task frozen (`done_monotonic_s`), and where the time went, from sched_waking /
+sched_switch of the daemon and the worker and the daemon's raw syscalls (same observer).
+Both cores are kept busy by busy-loop processes.
 
 Rows (each a fresh daemon):
   default/SCHED_OTHER   memcg eventfd thresholds per call and per sandbox (no per-fault eBPF)
@@ -38,15 +45,15 @@ Target: p99 <= 5 ms over >= 200 crossings, none missed, in every row but the bas
 "NOT met" on a miss.
 
     sudo .venv/bin/python bench/bench_reaction.py [--rounds 200] [--tick-rounds 30] [--all-rows]
+        [--rows NAME,...] [--wait cgroup|events]
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
-import re
+import select
 import shutil
 import signal
 import statistics
@@ -58,13 +65,19 @@ from pathlib import Path
 
 from agentcg.client import spawn_into
 from agentcg.controller.cgroup import open_tree
-from agentcg.controller.core.thresholds import Thresholds, call_threshold_bytes
+from agentcg.controller.core.thresholds import Thresholds, call_threshold_bytes, sandbox_thresholds
 from agentcg.controller.daemon.testing import DaemonProcess, read_line
 from agentcg.controller.sandbox import call_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reaction_probe import (  # noqa: E402  (the observer: bench/reaction_probe.py)
+    OLD, SEGMENTS, Observer, breakdown, crossing_bracket, first_usage, syscall_mix,
+)
 
 TARGET_P99_S = 0.005
 MiB = 2**20
 FRACTION = 0.8
+KILL_AT = 0.99
 WORKER = ("import sys\nsys.stdout.write('ready\\n'); sys.stdout.flush()\nsys.stdin.readline()\n"
           "b = bytearray({mib} << 20)\nsys.stdout.write('held\\n'); sys.stdout.flush()\nsys.stdin.read()\n")
 WORKER_C = r"""
@@ -100,79 +113,6 @@ def worker_argv(workdir: Path, alloc_mib: int) -> tuple[list[str], str]:
             return [str(workdir / "worker"), str(alloc_mib)], "C"
     return [sys.executable, "-S", "-c", WORKER.format(mib=alloc_mib)], "Python"
 
-OBSERVER_C = r"""
-BPF_ARRAY(cfg, u64, 2);       /* [0] the call's cgroup id, [1] anonymous RSS to stamp at */
-BPF_ARRAY(stamp, u64, 1);     /* bpf_ktime_get_ns of the first event at or above it; 0 = none yet */
-TRACEPOINT_PROBE(kmem, rss_stat) {
-    if (args->member != ANON_MEMBER || !args->curr)
-        return 0;
-    u32 k0 = 0, k1 = 1;
-    u64 *cg = cfg.lookup(&k0);
-    if (!cg || *cg != bpf_get_current_cgroup_id())
-        return 0;
-    u64 *at = cfg.lookup(&k1);
-    if (!at || args->size < (long)*at)
-        return 0;
-    u64 *st = stamp.lookup(&k0);
-    if (st && *st == 0)
-        *st = bpf_ktime_get_ns();
-    return 0;
-}
-"""
-RSS_STAT_FORMAT = Path("/sys/kernel/tracing/events/kmem/rss_stat/format")
-
-
-def observer_main() -> int:
-    """The observer process: `arm <cgroup id> <bytes>` -> `ok`; `get` -> the stamp (ns, 0 = none)."""
-    import bcc
-    fmt = RSS_STAT_FORMAT.read_text() if RSS_STAT_FORMAT.exists() else \
-        Path("/sys/kernel/debug/tracing/events/kmem/rss_stat/format").read_text()
-    member = re.search(r'\{\s*(\d+),\s*"MM_ANONPAGES"\s*\}', fmt)
-    if member is None:
-        print("error: kmem:rss_stat has no MM_ANONPAGES member here", flush=True)
-        return 1
-    b = bcc.BPF(text=OBSERVER_C.replace("ANON_MEMBER", member.group(1)))
-    cfg, stamp = b["cfg"], b["stamp"]
-    print("ready", flush=True)
-    for line in sys.stdin:
-        words = line.split()
-        if words[:1] == ["arm"]:
-            cfg[ctypes.c_int(1)] = ctypes.c_ulonglong(2**63)
-            stamp[ctypes.c_int(0)] = ctypes.c_ulonglong(0)
-            cfg[ctypes.c_int(0)] = ctypes.c_ulonglong(int(words[1]))
-            cfg[ctypes.c_int(1)] = ctypes.c_ulonglong(int(words[2]))
-            print("ok", flush=True)
-        elif words[:1] == ["get"]:
-            print(stamp[ctypes.c_int(0)].value, flush=True)
-    return 0
-
-
-class Observer:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--observer"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"the rss_stat observer did not start: {line or 'it exited'}")
-
-    def _ask(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def arm(self, cgroup_id: int, anon_bytes: int) -> None:
-        assert self._ask(f"arm {cgroup_id} {anon_bytes}") == "ok"
-
-    def stamp_s(self) -> float | None:
-        ns = int(self._ask("get"))
-        return ns / 1e9 if ns else None
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(10)
-        self.proc.stdout.close()
-
-
 class Session:
     """One persistent connection to the daemon."""
 
@@ -193,7 +133,7 @@ class Session:
 
 
 def sections(kernel: bool, faults: bool, fifo: bool) -> dict:
-    policy = {"name": "agentcg", "throttle_at": FRACTION, "freeze_at": FRACTION, "kill_at": 0.99,
+    policy = {"name": "agentcg", "throttle_at": FRACTION, "freeze_at": FRACTION, "kill_at": KILL_AT,
               "relax_below": 0.5, "lookahead_s": 0, "grace_s": 600, "kernel_thresholds": kernel}
     ebpf = {"mode": "auto"}                                        # the daemon's default
     if faults:
@@ -210,77 +150,153 @@ def rss_anon(pid: int) -> int:
     raise RuntimeError(f"no RssAnon for {pid}")
 
 
-def run_mode(name: str, rounds: int, budget_mib: int, argv: list[str], *, kernel: bool, faults: bool, fifo: bool,
-             observer: Observer) -> dict:
-    d = DaemonProcess(sections(kernel, faults, fifo))
-    r = {"name": name, "latencies": [], "confirmed": [], "missed": 0, "sources": {}, "clocks": {}, "late_stamps": 0,
-         "reaction": None}
-    thresholds, budget = Thresholds((FRACTION,)), budget_mib * MiB
-    try:
-        d.start()
-        t_start = time.monotonic()
-        s = Session(d)
-        r["reaction"] = s.call("state")["reaction"]
-        s.call("sandbox.create", name="bench", memory_budget_bytes=budget)
-        tree = open_tree(root=d.root)
-        seq = 1
-        for i in range(rounds):
-            # a new tool name each round: the learned peak of "alloc" would (rightly) hold the
-            # next call back until the sandbox has room for it
-            begun = s.call("toolcall.begin", sandbox="bench", tool=f"alloc-{i}", grace_s=0.0)
-            scope_at_begin = tree.memory_current("bench")
-            worker = spawn_into(begun["cgroup_procs"], argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert worker.stdout.readline().strip() == "ready"
-            # calibrate: the memcg usage the daemon's lowest threshold fires at, as anonymous RSS
-            sandbox_now, anon_now = tree.memory_current("bench"), rss_anon(worker.pid)
-            call_now = tree.memory_current(call_path("bench", begun["call_id"]))
-            room = min(math.ceil(budget * FRACTION) - sandbox_now,
-                       call_threshold_bytes(budget, scope_at_begin, 0, thresholds) - call_now)
-            observer.arm(begun["cgroup_id"], anon_now + room - MARGIN_BYTES - max(0, room) // 256)
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
+class Row:
+    """One row: its own daemon, driven one round at a time (rows interleave round by round,
+    so every row sees the same host load)."""
+
+    def __init__(self, name: str, rounds: int, budget_mib: int, *, kernel: bool, faults: bool, fifo: bool,
+                 wait: str) -> None:
+        self.name, self.rounds, self.kernel, self.wait = name, rounds, kernel, wait
+        self.budget = budget_mib * MiB
+        self.d = DaemonProcess(sections(kernel, faults, fifo))
+        self.r = {"name": name, "latencies": [], "old": [], "confirmed": [], "missed": 0, "sources": {}, "clocks": {},
+                  "late_stamps": 0, "reaction": None, "parts": [], "bad_walk": 0, "busy_s": 0.0, "done": 0,
+                  "why_missed": {}, "watched": 0, "by_tick": 0}
+        self.s: Session | None = None
+        self.seq = 1
+
+    def start(self) -> None:
+        self.d.start()
+        self.s = Session(self.d)
+        self.r["reaction"] = self.s.call("state")["reaction"]
+        self.s.call("sandbox.create", name="bench", memory_budget_bytes=self.budget)
+        self.tree = open_tree(root=self.d.root)
+        self.fractions = Thresholds(tuple(sorted({FRACTION, KILL_AT})))   # the daemon's: Thresholds.of(its policy)
+
+    def _freeze_event(self, call_id: str, own: set[float], deadline: float) -> dict | None:
+        """The daemon's freeze event of `call_id` (and the threshold events on the way)."""
+        while True:
+            page = self.s.call("events.since", seq=self.seq, sandbox="bench")
+            self.seq = page["next_seq"]
             freeze = None
-            own: set[float] = set()        # kernel timestamps of the daemon's own eBPF crossings
-            deadline = time.monotonic() + 5.0
-            while freeze is None and time.monotonic() < deadline:
-                page = s.call("events.since", seq=seq, sandbox="bench")
-                seq = page["next_seq"]
-                for event in page["events"]:
-                    if event["kind"] == "freeze" and event["call_id"] == begun["call_id"]:
-                        freeze = event
-                    elif event["kind"] == "threshold":
-                        detail = event["detail"]
-                        key = f"{detail.get('source')}/{detail.get('scope', 'call')}"
-                        r["sources"][key] = r["sources"].get(key, 0) + 1
-                        if detail.get("source") == "ebpf" and event["call_id"] == begun["call_id"]:
+            for event in page["events"]:
+                if event["kind"] == "freeze" and event["call_id"] == call_id:
+                    freeze = event
+                elif event["kind"] == "threshold":
+                    detail = event["detail"]
+                    key = f"{detail.get('source')}/{detail.get('scope', 'call')}"
+                    self.r["sources"][key] = self.r["sources"].get(key, 0) + 1
+                    if event["call_id"] in (call_id, None):      # this call's, or its sandbox's own
+                        self.thresholds_seen.append({**detail, "call_id": event["call_id"]})
+                        if detail.get("source") == "ebpf":
                             own.add(detail["kernel_monotonic_s"])
-                if freeze is None:
-                    time.sleep(0.002)
-            crossed = None
-            if freeze is not None and freeze["detail"]["observed_monotonic_s"] in own:
-                crossed = freeze["detail"]["observed_monotonic_s"]    # the kernel's stamp of the daemon's own crossing
-                r["clocks"]["daemon's eBPF event"] = r["clocks"].get("daemon's eBPF event", 0) + 1
-            elif freeze is not None:
-                crossed = observer.stamp_s()
-                if crossed is not None:
-                    r["clocks"]["benchmark's rss_stat observer"] = r["clocks"].get("benchmark's rss_stat observer", 0) + 1
-                    if kernel and crossed > freeze["detail"]["observed_monotonic_s"]:
-                        r["late_stamps"] += 1          # stamped after the daemon read the eventfd: bad calibration
-            if crossed is not None and freeze is not None and freeze["detail"]["ok"]:
-                r["latencies"].append(freeze["detail"]["applied_monotonic_s"] - crossed)
-                r["confirmed"].append(freeze["detail"]["done_monotonic_s"] - crossed)
-            else:
-                r["missed"] += 1
-            worker.send_signal(signal.SIGKILL)       # a frozen task still dies of SIGKILL
-            worker.wait()
-            worker.stdout.close()
-            worker.stdin.close()
-            s.call("toolcall.end", call_id=begun["call_id"], signal=9)
-        s.close()
-        r["round_s"] = (time.monotonic() - t_start) / max(1, rounds)
-    finally:
-        d.cleanup()
-    return r
+            if freeze is not None or time.monotonic() >= deadline:
+                return freeze
+            time.sleep(0.002)
+
+    def _wait_frozen(self, events_file: Path, worker: subprocess.Popen, deadline: float) -> None:
+        """Sleep until the call's cgroup reports frozen (kernfs notifies cgroup.events) or
+        the worker is through: nothing in this process touches the daemon meanwhile."""
+        fd = os.open(events_file, os.O_RDONLY)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            poller.register(worker.stdout.fileno(), select.POLLIN | select.POLLHUP)
+            while time.monotonic() < deadline:
+                if b"frozen 1" in os.pread(fd, 4096, 0):
+                    return
+                for ready, _ in poller.poll(max(1, int((deadline - time.monotonic()) * 1e3))):
+                    if ready == worker.stdout.fileno():
+                        return
+        finally:
+            os.close(fd)
+
+    def round(self, i: int, argv: list[str], observer: Observer) -> None:
+        s, tree, budget, r = self.s, self.tree, self.budget, self.r
+        t0 = time.monotonic()
+        # a new tool name each round: the learned peak of "alloc" would (rightly) hold the
+        # next call back until the sandbox has room for it
+        begun = s.call("toolcall.begin", sandbox="bench", tool=f"alloc-{i}", grace_s=0.0)
+        call_id = begun["call_id"]
+        scope_at_begin = tree.memory_current("bench")
+        worker = spawn_into(begun["cgroup_procs"], argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert worker.stdout.readline().strip() == b"ready"
+        # the old stamp: anonymous RSS 1 MiB below where the lowest threshold fires (calibrated)
+        sandbox_now, anon_now = tree.memory_current("bench"), rss_anon(worker.pid)
+        call_now = tree.memory_current(call_path("bench", call_id))
+        call_thr = call_threshold_bytes(budget, scope_at_begin, 0, self.fractions)
+        room = min(math.ceil(budget * FRACTION) - sandbox_now, call_thr - call_now)
+        observer.arm(begun["cgroup_id"], anon_now + room - MARGIN_BYTES - max(0, room) // 256, self.d.proc.pid,
+                     worker.pid)
+        self.thresholds_seen: list[dict] = []
+        own: set[float] = set()        # kernel timestamps of the daemon's own eBPF crossings
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+        deadline = time.monotonic() + 5.0
+        if self.wait == "cgroup":
+            self._wait_frozen(tree.cgroup_dir(call_path("bench", call_id), "v2") / "cgroup.events", worker, deadline)
+        freeze = self._freeze_event(call_id, own, deadline if self.wait == "events" else time.monotonic() + 2.0)
+        events = observer.events()
+        usage0 = first_usage(events)
+        if usage0 is not None and (abs(usage0[0] - call_now) > 4 * MiB or abs(usage0[1] - sandbox_now) > 4 * MiB):
+            r["bad_walk"] += 1          # the BTF walk read something else than memory.usage_in_bytes
+        marks = [("sandbox", t) for t in sandbox_thresholds(budget, self.fractions)] + [("call", call_thr)]
+        marks += [("call", d["threshold_bytes"]) for d in self.thresholds_seen
+                  if d.get("scope") == "call" and d.get("call_id") == call_id and d.get("threshold_bytes")]
+        bracket = crossing_bracket(events, marks)
+        old = next((e[1] / 1e9 for e in events if e[0] == OLD), None)
+        crossed = None
+        if freeze is not None and freeze["detail"]["observed_monotonic_s"] in own:
+            crossed = freeze["detail"]["observed_monotonic_s"]    # the kernel's stamp of the daemon's own crossing
+            clock = "daemon's eBPF event"
+        elif freeze is not None and bracket is not None:
+            crossed, clock = bracket[0], "observer's memcg usage bracket"
+        if crossed is not None and freeze["detail"]["ok"]:
+            detail = freeze["detail"]
+            r["clocks"][clock] = r["clocks"].get(clock, 0) + 1
+            read_s = detail["observed_monotonic_s"] if self.kernel and clock != "daemon's eBPF event" else None
+            source = next((d for d in self.thresholds_seen if d.get("read_monotonic_s") == read_s), None)
+            if source is None and read_s is not None:
+                r["by_tick"] += 1              # the step that froze was a tick's or a PSI trigger's
+            elif read_s is not None and crossed > read_s:
+                r["late_stamps"] += 1          # the stamp after the daemon read the crossing: must not happen
+            r["latencies"].append(detail["applied_monotonic_s"] - crossed)
+            r["confirmed"].append(detail["done_monotonic_s"] - crossed)
+            if old is not None:
+                r["old"].append(detail["applied_monotonic_s"] - old)
+            part = breakdown(events, crossed, read_s, detail["applied_monotonic_s"], begun["cgroup_id"],
+                             self.d.proc.pid, worker.pid)
+            part["total"] = detail["applied_monotonic_s"] - crossed
+            if (source or {}).get("watched"):       # the daemon's own watch saw it (armed early), no kernel wake-up
+                part.update(notice=None, on_cpu=None, epoll=None, read=None, woken=False, watch=read_s - crossed)
+                r["watched"] += 1
+            part["bracket_s"] = bracket[1] - bracket[0] if bracket else None
+            r["parts"].append(part)
+        else:
+            r["missed"] += 1
+            samples = [e for e in events if e[0] == 1]
+            why = ("no freeze event" if freeze is None else "the freeze failed" if not freeze["detail"]["ok"]
+                   else "no crossing stamp (no usage sample)" if not samples
+                   else "no crossing stamp (over the threshold at the first sample)" if crossing_bracket(samples[:1], marks)
+                   is None and any(
+                       (s[3] if sc == "call" else s[6]) * 4096 >= lim for s in samples[:1] for sc, lim in marks)
+                   else "no crossing stamp (not crossed in the samples)")
+            r["why_missed"][why] = r["why_missed"].get(why, 0) + 1
+        worker.send_signal(signal.SIGKILL)       # a frozen task still dies of SIGKILL
+        worker.wait()
+        worker.stdout.close()
+        worker.stdin.close()
+        s.call("toolcall.end", call_id=call_id, signal=9)
+        r["busy_s"] += time.monotonic() - t0
+        r["done"] += 1
+
+    def close(self) -> None:
+        try:
+            if self.s is not None:
+                self.s.close()
+        finally:
+            self.d.cleanup()
+        self.r["round_s"] = self.r["busy_s"] / max(1, self.r["done"])
 
 
 def summary(latencies: list[float]) -> str:
@@ -295,18 +311,57 @@ def p99(latencies: list[float]) -> float | None:
     return statistics.quantiles(latencies, n=100, method="inclusive")[98] if len(latencies) >= 2 else None
 
 
+def quantile(values: list[float], q: int) -> float | None:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) >= 2 else None
+
+
+def print_breakdown(parts: list[dict]) -> None:
+    """Each segment's p50 / p99 over all rounds, and where the slowest 5 % of rounds spent it."""
+    if not parts:
+        return
+    tail_at = quantile([p["total"] for p in parts], 95) or 0.0
+    tail = [p for p in parts if p["total"] >= tail_at]
+    for key, label in SEGMENTS[:1] + (("watch", "crossing -> the daemon's watch reads it (armed early)"),) + SEGMENTS[1:] + (("daemon_preempted", "the daemon preempted, woken -> freeze written"),
+                                  ("daemon_blocked", "the daemon asleep (a lock, I/O), epoll -> freeze written"),
+                                  ("worker_preempted", "the worker preempted, crossing -> woken"),
+                                  ("bracket_s", "the crossing bracket's width (one page fault)")):
+        values = [p[key] for p in parts if p.get(key) is not None]
+        tail_values = [p[key] for p in tail if p.get(key) is not None]
+        if not values:
+            continue
+        q50, q99 = quantile(values, 50), quantile(values, 99)
+        print(f"  {'':21s}   {label:66s} p50 {ms(q50)} p99 {ms(q99)}  slowest 5 %: mean "
+              f"{ms(statistics.mean(tail_values) if tail_values else None)} (n={len(values)})", flush=True)
+    woken = sum(1 for p in parts if p["woken"])
+    calls = [p["syscalls_before_write"] for p in parts]
+    median = sorted(parts, key=lambda p: p["syscalls_before_write"])[len(parts) // 2]
+    watched = sum(1 for p in parts if p.get("watch") is not None)
+    print(f"  {'':21s}   daemon woken by the call's own context in {woken}/{len(parts)} rounds, its watch saw the crossing "
+          f"in {watched}; "
+          f"syscalls between the eventfd read and the freeze write: p50 {statistics.median(calls):.0f}, max {max(calls)} "
+          f"(a median round: {syscall_mix(median['syscall_ids'])}); writes before the freeze write: max "
+          f"{max(p['syscall_ids'].count(1) for p in parts)}",
+          flush=True)
+
+
+def ms(value: float | None) -> str:
+    return f"{value * 1e3:7.2f} ms" if value is not None else "    n/a   "
+
+
 ROWS = (("default/SCHED_OTHER", True, False, False), ("default/SCHED_FIFO", True, False, True),
         ("faults/SCHED_FIFO", True, True, True), ("tick+PSI (baseline)", False, False, False))
-FAULTS_OTHER = ("faults/SCHED_OTHER", True, True, False)      # --all-rows (over the 4-minute budget here)
+FAULTS_OTHER = ("faults/SCHED_OTHER", True, True, False)      # --all-rows
 
 
 def main() -> int:
-    if sys.argv[1:] == ["--observer"]:
-        return observer_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200, help="crossings per row (>= 200 for the target)")
     parser.add_argument("--tick-rounds", type=int, default=30, help="crossings for the tick/PSI baseline")
     parser.add_argument("--all-rows", action="store_true", help="also faults/SCHED_OTHER")
+    parser.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument("--wait", choices=("cgroup", "events"), default="cgroup",
+                        help="how the benchmark waits for the freeze: on the call's cgroup.events (default: "
+                             "nothing asks the daemon anything meanwhile) or polling events.since every 2 ms")
     parser.add_argument("--budget-mib", type=int, default=64)
     parser.add_argument("--alloc-mib", type=int, default=56)
     args = parser.parse_args()
@@ -316,26 +371,33 @@ def main() -> int:
         print("bench_reaction: --rounds and --tick-rounds must be >= 1 and --alloc-mib must pass "
               f"{FRACTION:.0%} of --budget-mib", file=sys.stderr)
         return 2
+    chosen = ROWS[:2] + (FAULTS_OTHER,) + ROWS[2:] if args.all_rows else ROWS
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        unknown = wanted - {row[0] for row in ROWS + (FAULTS_OTHER,)}
+        if unknown:
+            print(f"bench_reaction: no row {', '.join(sorted(unknown))}; rows: "
+                  f"{', '.join(row[0] for row in ROWS + (FAULTS_OTHER,))}", file=sys.stderr)
+            return 2
+        chosen = tuple(row for row in ROWS + (FAULTS_OTHER,) if row[0] in wanted)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-reaction-"))
     argv, worker_kind = worker_argv(workdir, args.alloc_mib)
+    rows = [Row(name, args.rounds if kernel else args.tick_rounds, args.budget_mib, kernel=kernel, faults=faults,
+                fifo=fifo, wait=args.wait) for name, kernel, faults, fifo in chosen]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
-    results = []
     observer = None
     try:
         observer = Observer()
-        for name, kernel, faults, fifo in (ROWS[:2] + (FAULTS_OTHER,) + ROWS[2:] if args.all_rows else ROWS):
-            rounds = args.rounds if kernel else args.tick_rounds
-            results.append(run_mode(name, rounds, args.budget_mib, argv, kernel=kernel, faults=faults,
-                                    fifo=fifo, observer=observer))
-            res = results[-1]
-            print(f"  {name:21s} {summary(res['latencies'])}  missed {res['missed']}  "
-                  f"{res['round_s']:.2f} s per round; daemon's mode {res['reaction']}", flush=True)
-            print(f"  {'':21s} to every task confirmed frozen: {summary(res['confirmed'])}", flush=True)
-            print(f"  {'':21s} crossings the daemon saw {res['sources'] or 'none (no kernel threshold)'}; "
-                  f"crossing stamped by {res['clocks']}; stamps later than the daemon's read: {res['late_stamps']}",
-                  flush=True)
+        for row in rows:
+            row.start()
+        for i in range(max(row.rounds for row in rows)):
+            for row in rows:
+                if i < row.rounds:
+                    row.round(i, argv, observer)
     finally:
+        for row in rows:
+            row.close()
         if observer is not None:
             observer.close()
         for p in busy:
@@ -344,17 +406,38 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"Reaction, kernel-side time of the crossing -> the daemon's freeze write returning; {os.cpu_count()} "
           f"CPUs all busy; sandbox {args.budget_mib} MiB, {worker_kind} worker touching {args.alloc_mib} MiB, threshold "
-          f"{FRACTION:.0%}; {time.monotonic() - started:.0f} s")
-    print("  crossing stamped: for a memcg-eventfd or tick/PSI reaction by this benchmark's own kmem:rss_stat observer "
-          "(a separate process; bpf_ktime_get_ns = CLOCK_MONOTONIC; the call's cgroup; anonymous RSS 1 MiB below the "
-          "usage of the daemon's lowest threshold, calibrated per round: pessimistic by the time to touch it); "
-          "for an eBPF reaction by the kernel timestamp of the daemon's own event")
+          f"{FRACTION:.0%}; rows interleaved round by round, one daemon each; the benchmark waits on "
+          f"{'the call cgroup.events' if args.wait == 'cgroup' else 'events.since every 2 ms'}; "
+          f"{time.monotonic() - started:.0f} s")
+    for row in rows:
+        res = row.r
+        print(f"  {row.name:21s} {summary(res['latencies'])}  missed {res['missed']}  "
+              f"{res['why_missed'] or ''}  {res.get('round_s', 0):.2f} s per round; daemon's mode {res['reaction']}",
+              flush=True)
+        print(f"  {'':21s} old stamp (anonymous RSS 1 MiB early): {summary(res['old'])}", flush=True)
+        print(f"  {'':21s} to every task confirmed frozen: {summary(res['confirmed'])}", flush=True)
+        print(f"  {'':21s} crossings the daemon saw {res['sources'] or 'none (no kernel threshold)'}; "
+              f"crossing stamped by {res['clocks']}; stamps later than the daemon's read of the crossing: "
+              f"{res['late_stamps']}; frozen by a tick or PSI step: {res['by_tick']}; "
+              f"BTF walk off: {res['bad_walk']}", flush=True)
+        print_breakdown(res["parts"])
+    print("  crossing stamped: for a memcg-eventfd or tick/PSI reaction by this benchmark's own observer "
+          "(bench/reaction_probe.py, a separate process): at each of the worker's page faults (kmem:rss_stat, in its "
+          "context) it reads the kernel's memcg page counters of the call and its sandbox (what v1 thresholds compare "
+          "with); the crossing of the daemon's lowest threshold lies between two faults, and the earlier one's "
+          "bpf_ktime_get_ns (CLOCK_MONOTONIC) is the stamp: not later than the crossing. For an eBPF reaction: the "
+          "kernel timestamp of the daemon's own event. 'old stamp': the earlier method (anonymous RSS 1 MiB below "
+          "the calibrated crossing: pessimistic by the time to touch that MiB), for comparison")
     ok = True
-    base = p99(results[-1]["latencies"])
-    for r in results[:-1]:
+    base_rows = [row for row in rows if not row.kernel]
+    base = p99(base_rows[0].r["latencies"]) if base_rows else None
+    for row in rows:
+        if not row.kernel:
+            continue
+        r = row.r
         value = p99(r["latencies"])
         met = (value is not None and value <= TARGET_P99_S and r["missed"] == 0 and r["late_stamps"] == 0
-               and len(r["latencies"]) >= 200)
+               and len(r["latencies"]) >= 200 and r["bad_walk"] == 0)
         ok &= met
         ratio = f", {base / value:.0f}x faster than the tick/PSI baseline" if value and base else ""
         print(f"  target {r['name']}: p99 <= {TARGET_P99_S * 1e3:.0f} ms over >= 200 crossings, none missed: "

@@ -91,11 +91,9 @@ struct acg_counters {
     __u32 block_devs[BLOCK_DEV_SLOTS];
     __u32 block_devs_more;
     __u32 pad;
-};
-
-/* runq_hist: cgroup id -> this; slot i counts latencies in [2^i, 2^(i+1)) ns */
-struct acg_hist {
-    __u64 slots[HIST_SLOTS];
+    /* sched concern: run-queue waits, slot i counts waits in [2^i, 2^(i+1)) ns. Here, not in
+     * a map of its own, so charging a task at its exit is one lookup fewer (round 3) */
+    __u64 runq_slots[HIST_SLOTS];
 };
 
 /* tasks: tid -> this. The sched concern keeps the task's own scheduler counters as of its
@@ -109,8 +107,12 @@ struct acg_task {
     __u64 base_run_delay_ns;
     __u64 base_pcount;
     __u32 has_base;  /* 1: the bases are the task's (a fork starts at 0); 0: take them next */
-    __u32 pad;
+    __u32 flags;     /* TASK_EXIT_NOTED */
 };
+
+/* acg_task.flags of a process's leader (tid == tgid): `exits` may hold an entry for it, so
+ * its exit looks there; without it (the common case) the exit program skips that lookup */
+#define TASK_EXIT_NOTED 1
 
 /* mms: mm_id (kmem:rss_stat) -> this. Sizes are the members' last reported values; the
  * cgroup is charged only what an mm gained after it was first seen there (size - base).

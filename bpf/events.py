@@ -53,17 +53,14 @@ class Counters(ct.Structure):
         ("block_devs", ct.c_uint32 * BLOCK_DEV_SLOTS),
         ("block_devs_more", ct.c_uint32),
         ("pad", ct.c_uint32),
+        ("runq_slots", ct.c_uint64 * HIST_SLOTS),
     ]
-
-
-class Hist(ct.Structure):
-    _fields_ = [("slots", ct.c_uint64 * HIST_SLOTS)]
 
 
 class Task(ct.Structure):
     _fields_ = [("cgroup_id", ct.c_uint64), ("ppid", ct.c_uint32), ("tgid", ct.c_uint32),
                 ("base_runtime_ns", ct.c_uint64), ("base_run_delay_ns", ct.c_uint64),
-                ("base_pcount", ct.c_uint64), ("has_base", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("base_pcount", ct.c_uint64), ("has_base", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
 class Mm(ct.Structure):
@@ -117,9 +114,12 @@ class Event(ct.Structure):
     ]
 
 
+# bytes of a short record (every kind but EV_EXEC): all but the file name
+EVENT_HEAD = Event.filename.offset
+
 # C struct name -> ctypes mirror, for the layout test
 C_STRUCTS: dict[str, type[ct.Structure]] = {
-    "acg_watch": Watch, "acg_counters": Counters, "acg_hist": Hist, "acg_task": Task,
+    "acg_watch": Watch, "acg_counters": Counters, "acg_task": Task,
     "acg_mm": Mm, "acg_stamp": Stamp, "acg_exit": Exit, "acg_blk_key": BlkKey,
     "acg_blk_stats": BlkStats, "acg_io_key": IoKey, "acg_io": Io, "acg_event": Event,
 }

@@ -43,8 +43,8 @@ MAX_BLOCK_KEYS = 8192
 MAX_INFLIGHT_IO = 16384
 RINGBUF_PAGES = 256              # 1 MiB: about 3,400 events between two polls
 RECLAIM_STALL_S = 0.010          # a reclaim longer than this sends a ReclaimStallEvent
-WAKE_BATCH_EVENTS = 64          # non-urgent events submitted per reader wake-up (agentcg.h)
-WAKE_AFTER_S = 0.020            # ... or once the oldest unannounced one is this old
+WAKE_BATCH_EVENTS = 256         # non-urgent events submitted per reader wake-up (agentcg.h)
+WAKE_AFTER_S = 0.100            # ... or once the oldest unannounced one is this old
 REMOVED_KEPT = 1024              # final counters of removed cgroups kept for a late forget()
 
 # maps with one entry per something; `live_entries()` reports them
@@ -53,7 +53,7 @@ _HASH_MAPS = {
     "process": ("exits",),
     "memory": ("reclaim_start",),
     "faults": ("mms", "mm_fresh"),
-    "sched": ("runq_hist",),
+    "sched": (),
     "block": ("io_owner", "io_inflight", "block_stats"),
     "switches": (),
     "exit_codes": (),
@@ -137,23 +137,43 @@ class BpfMonitor:
             raise BpfError(f"compiling/loading the BPF programs ({', '.join(self.concerns)}) failed: {exc}; "
                            "check kernel headers (`bash scripts/host.sh setup`) and `agentcg doctor`") from None
         try:
-            for fn, tracepoint, raw in self._programs:
-                if raw:
-                    self._b.attach_raw_tracepoint(tp=tracepoint.split(":")[1].encode(), fn_name=fn.encode())
-                else:
-                    self._b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
             self._b[b"events"].open_ring_buffer(self._on_event)
+        except Exception as exc:
+            self.close()
+            raise BpfError(f"opening the ring buffer failed: {exc}") from None
+        self.attach()
+
+    def attach(self) -> None:
+        """Attach every program (done at load; again after detach())."""
+        b = self._require_open()
+        try:
+            for fn, tracepoint, raw in self._programs:
+                if raw and tracepoint.split(":")[1].encode() not in b.raw_tracepoint_fds:
+                    b.attach_raw_tracepoint(tp=tracepoint.split(":")[1].encode(), fn_name=fn.encode())
+                elif not raw and tracepoint.encode() not in b.tracepoint_fds:
+                    b.attach_tracepoint(tp=tracepoint.encode(), fn_name=fn.encode())
         except Exception as exc:
             self.close()
             raise BpfError(f"attaching the BPF programs failed: {exc}; is tracefs mounted and are you root?") from None
 
+    def detach(self) -> None:
+        """Detach every program; maps, counters and the ring buffer stay, so attach() resumes
+        (benchmark (3) measures the same loaded programs attached and not)."""
+        b = self._require_open()
+        for tp in list(b.raw_tracepoint_fds):
+            b.detach_raw_tracepoint(tp=tp)
+        for tp in list(b.tracepoint_fds):
+            b.detach_tracepoint(tp=tp)
+
     def _on_event(self, ctx: Any, data: Any, size: int) -> None:
         self._events_received += 1
-        if size < ct.sizeof(ev.Event):
+        if size < ev.EVENT_HEAD:
             self._decode_errors += 1
             return
+        raw = ev.Event()    # a short record (all kinds but exec) leaves the file name out
+        ct.memmove(ct.addressof(raw), data, min(size, ct.sizeof(raw)))
         try:
-            self._pending.append(ev.decode_event(ct.cast(data, ct.POINTER(ev.Event)).contents))
+            self._pending.append(ev.decode_event(raw))
         except BpfError:
             self._decode_errors += 1
 
@@ -177,13 +197,17 @@ class BpfMonitor:
             if len(self._watched) >= MAX_CGROUPS:
                 raise BpfError(f"already watching {MAX_CGROUPS} cgroups (MAX_CGROUPS); forget() some first")
             b[b"counters"][key] = ev.Counters()
-            if "sched" in self.concerns:
-                b[b"runq_hist"][key] = ev.Hist()
             self._removed.pop(cgroup_id, None)
         flags = ev.WATCH_STOP_AT_EXEC if stop_at_exec else 0
+        self._flags[cgroup_id] = flags
+        self._count_stop_watches()   # before the flag is visible, so no exec misses its stop
         b[b"watched"][key] = ev.Watch(threshold, flags, 0)
         self._watched.add(cgroup_id)
-        self._flags[cgroup_id] = flags
+
+    def _count_stop_watches(self) -> None:
+        """stop_watches[0]: the exec program looks `watched` up only while it is non-zero."""
+        n = sum(1 for f in self._flags.values() if f & ev.WATCH_STOP_AT_EXEC)
+        self._b[b"stop_watches"][ct.c_int(0)] = ct.c_uint32(n)
 
     def set_rss_threshold(self, cgroup_id: int, rss_threshold_bytes: int | None) -> None:
         """Set (or clear with None) the RSS threshold; also re-arms a threshold that fired."""
@@ -233,10 +257,7 @@ class BpfMonitor:
         has = self.concerns.__contains__
         hist: tuple[int, ...] | None = None
         if has("sched"):
-            try:
-                hist = tuple(int(v) for v in b[b"runq_hist"][key].slots)
-            except KeyError:
-                hist = (0,) * ev.HIST_SLOTS
+            hist = tuple(int(v) for v in c.runq_slots)
         devices: tuple[BlockDeviceCounters, ...] | None = None
         if has("block"):
             devices = tuple(
@@ -283,6 +304,7 @@ class BpfMonitor:
             pass  # removed by the kernel (cgroup_rmdir) a moment ago
         self._watched.discard(cgroup_id)
         self._flags.pop(cgroup_id, None)
+        self._count_stop_watches()
         final = self._read(cgroup_id)
         self._purge(cgroup_id)
         return final
@@ -315,12 +337,10 @@ class BpfMonitor:
                 c = b[b"counters"][key]
             except KeyError:
                 pass
-        names = ["counters"] + (["runq_hist"] if "sched" in self.concerns else [])
-        for name in names:
-            try:
-                del b[name.encode()][key]
-            except KeyError:
-                pass
+        try:
+            del b[b"counters"][key]
+        except KeyError:
+            pass
         if c is not None:
             table = b[b"block_stats"]
             for k, _v in self._block_entries(cgroup_id, c):
@@ -344,6 +364,7 @@ class BpfMonitor:
             if isinstance(event, ev.CgroupRemovedEvent) and event.cgroup_id in self._watched:
                 self._watched.discard(event.cgroup_id)
                 self._flags.pop(event.cgroup_id, None)
+                self._count_stop_watches()
                 self._removed[event.cgroup_id] = self._read(event.cgroup_id)
                 while len(self._removed) > REMOVED_KEPT:
                     self._removed.popitem(last=False)

@@ -29,10 +29,10 @@ int acg_process__task__task_newtask(struct bpf_raw_tracepoint_args *ctx)
     if (clone_flags & CLONE_THREAD) {
         __sync_fetch_and_add(&c->threads, 1);
         /* a thread shares its process's parent; the last thread out reports the exit */
-        acg_track_tgid(child, tgid, cg, self_ppid, 1);
+        acg_track_new(child, tgid, cg, self_ppid);
     } else {
         __sync_fetch_and_add(&c->forks, 1);
-        acg_track_tgid(child, child, cg, tgid, 1);
+        acg_track_new(child, child, cg, tgid);
     }
     return 0;
 }
@@ -70,17 +70,20 @@ int acg_process__sched__sched_process_exec(struct bpf_raw_tracepoint_args *ctx)
             acg_charge_sched(c, t);  /* first seen here: its counters so far are not the cgroup's */
 #endif
     }
-    struct acg_event *e = acg_reserve(EV_EXEC, cg, pid);
+    struct acg_event *e = acg_reserve_sized(EV_EXEC, cg, pid, sizeof(struct acg_event));
     if (!e)
         return 0;
     e->ppid = ppid;
     /* Stopped only once its event is reserved: user space is then sure to see it and send
      * SIGCONT (woken at once). The stop takes effect before the new image runs. */
-    int urgent = 0;
-    struct acg_watch *w = watched.lookup(&cg);
-    if (w && (w->flags & WATCH_STOP_AT_EXEC) && bpf_send_signal(SIGSTOP_NR) == 0) {
-        e->aux = 1;
-        urgent = 1;
+    int urgent = 0, zero = 0;
+    u32 *stops = stop_watches.lookup(&zero);
+    if (stops && *stops) {
+        struct acg_watch *w = watched.lookup(&cg);
+        if (w && (w->flags & WATCH_STOP_AT_EXEC) && bpf_send_signal(SIGSTOP_NR) == 0) {
+            e->aux = 1;
+            urgent = 1;
+        }
     }
     bpf_get_current_comm(e->comm, sizeof(e->comm));
     const char *filename = NULL;
@@ -110,16 +113,22 @@ int acg_process__signal__signal_generate(struct bpf_raw_tracepoint_args *ctx)
         return 0;  /* the first fatal signal wins */
     struct acg_exit x = {.cgroup_id = t->cgroup_id, .exit_code = -1, .signal = sig};
     exits.update(&tgid, &x);
+    acg_note_exit(tgid, tgid == pid ? t : NULL);
     return 0;
 }
 
 /* signal_deliver(int sig, struct kernel_siginfo *info, struct k_sigaction *ka) */
 int acg_process__signal__signal_deliver(struct bpf_raw_tracepoint_args *ctx)
 {
+    /* the common case (SIGCHLD to a shell, ...) ends here, before the cgroup filter (a
+     * register test is cheaper than its map lookup): `exits` only ever holds default-fatal
+     * signals, so a non-fatal one has nothing to record or clear */
+    int sig = ctx->args[0];
+    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)))
+        return 0;
     u64 cg;
     if (!acg_current(&cg))
         return 0;
-    int sig = ctx->args[0];
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 handler = 0;
     bpf_probe_read_kernel(&handler, sizeof(handler), (char *)ctx->args[2] + ACG_OFF_KSIGACTION_HANDLER);
@@ -130,12 +139,11 @@ int acg_process__signal__signal_deliver(struct bpf_raw_tracepoint_args *ctx)
             exits.delete(&tgid);
         return 0;
     }
-    if (sig <= 0 || sig > 63 || (NOT_FATAL_MASK & (1ULL << sig)))
-        return 0;
     if (old && old->signal && sig == 9)
         return 0;  /* SIGKILL standing in for the signal recorded at generation */
     struct acg_exit x = {.cgroup_id = cg, .exit_code = -1, .signal = sig};
     exits.update(&tgid, &x);
+    acg_note_exit(tgid, NULL);
     return 0;
 }
 
@@ -151,6 +159,12 @@ int acg_process__sched__sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
     u32 tid = pid_tgid, tgid = pid_tgid >> 32;
     struct acg_task *t = tasks.lookup(&tid);
     u32 ppid = t ? t->ppid : 0;
+    /* `exits` is looked up only where it may hold this process: its leader was marked, or
+     * the leader's entry is not at hand (another thread exits last, or none was tracked) */
+    int may_have_exit = !t || tid != tgid || (t->flags & TASK_EXIT_NOTED);
+#ifdef ACG_CONCERN_EXIT_CODES
+    may_have_exit = 1;   /* exit_group(2) statuses are in `exits` for every process */
+#endif
 #ifdef ACG_CONCERN_SCHED
     if (t)
         acg_charge_sched(c, t);  /* its last slice: no switch-out follows in the cgroup */
@@ -162,7 +176,7 @@ int acg_process__sched__sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
 #endif
     if (!(ctx->args[1] & 0xff))
         return 0;
-    struct acg_exit *x = exits.lookup(&tgid);
+    struct acg_exit *x = may_have_exit ? exits.lookup(&tgid) : NULL;
     s32 code = x ? x->exit_code : -1, sig = x ? x->signal : 0;
     if (x)
         exits.delete(&tgid);

@@ -23,6 +23,9 @@ struct acg_unwoken {
     u64 first_ns;   /* when the oldest of them was reserved */
 };
 BPF_ARRAY(unwoken, struct acg_unwoken, 1);
+/* [0]: how many watched cgroups have WATCH_STOP_AT_EXEC (user space keeps it); 0 spares the
+ * exec program its `watched` lookup (a constant-key array lookup is inlined: no map walk) */
+BPF_ARRAY(stop_watches, u32, 1);
 #ifdef ACG_CONCERN_FAULTS
 /* tid -> cgroup: the task exec'd in a watched cgroup (process concern) and the faults
  * concern has not seen its new mm yet; that mm starts empty, so all of it counts. */
@@ -58,22 +61,33 @@ static __always_inline u32 acg_read_u32(void *base, u64 offset)
     return v;
 }
 
-static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u32 pid)
+/* A record of `size` bytes: ACG_EVENT_HEAD (all but the file name) for every kind but
+ * exec, sizeof(struct acg_event) for exec. Short records touch 2 cache lines of the ring
+ * instead of 6; user space zero-fills what a record leaves out (bpf/monitor.py). */
+#define ACG_EVENT_HEAD __builtin_offsetof(struct acg_event, filename)
+
+static __always_inline struct acg_event *acg_reserve_sized(u32 kind, u64 cgroup_id, u32 pid, u64 size)
 {
-    struct acg_event *e = events.ringbuf_reserve(sizeof(struct acg_event));
+    struct acg_event *e = events.ringbuf_reserve(size);
     if (!e) {
         acg_error(ERR_RINGBUF_FULL);
         return NULL;
     }
-    /* all but the file name, which only exec events fill (and which starts empty) */
-    __builtin_memset(e, 0, __builtin_offsetof(struct acg_event, filename));
-    e->filename[0] = 0;
+    __builtin_memset(e, 0, ACG_EVENT_HEAD);
+    if (size > ACG_EVENT_HEAD)
+        e->filename[0] = 0;
     e->ktime_ns = bpf_ktime_get_ns();
     e->kind = kind;
     e->cgroup_id = cgroup_id;
     e->pid = pid;
     e->exit_code = -1;
     return e;
+}
+
+/* A short record (no file name: the verifier rejects a write to e->filename) */
+static __always_inline struct acg_event *acg_reserve(u32 kind, u64 cgroup_id, u32 pid)
+{
+    return acg_reserve_sized(kind, cgroup_id, pid, ACG_EVENT_HEAD);
 }
 
 /* Submit; wake the reader for an urgent event, for every WAKE_BATCH_EVENTS-th, and for
@@ -115,6 +129,22 @@ static __always_inline void acg_track_tgid(u32 tid, u32 tgid, u64 cgroup_id, u32
         acg_error(ERR_TASKS_FULL);
 }
 
+/* A task just forked: a fresh entry, over any stale one a reused tid left (no lookup). */
+static __always_inline void acg_track_new(u32 tid, u32 tgid, u64 cgroup_id, u32 ppid)
+{
+    struct acg_task fresh = {.cgroup_id = cgroup_id, .ppid = ppid, .tgid = tgid, .has_base = 1};
+    if (tasks.update(&tid, &fresh))
+        acg_error(ERR_TASKS_FULL);
+}
+
+/* Marks the leader of `tgid` as having an `exits` entry (see TASK_EXIT_NOTED). */
+static __always_inline void acg_note_exit(u32 tgid, struct acg_task *t_of_tgid)
+{
+    struct acg_task *leader = t_of_tgid ? t_of_tgid : tasks.lookup(&tgid);
+    if (leader)
+        leader->flags |= TASK_EXIT_NOTED;
+}
+
 /* As acg_track_tgid; the tgid is known only when `tid` is the current thread. */
 static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
 {
@@ -123,8 +153,6 @@ static __always_inline void acg_track(u32 tid, u64 cgroup_id, u32 ppid)
 }
 
 #ifdef ACG_CONCERN_SCHED
-BPF_HASH(runq_hist, u64, struct acg_hist, MAX_CGROUPS);
-
 static __always_inline u32 acg_log2(u64 v)
 {
     u32 r = 0, shift;
@@ -160,14 +188,10 @@ static __always_inline void acg_charge_sched(struct acg_counters *c, struct acg_
         __sync_fetch_and_add(&c->cpu_ns, runtime - t->base_runtime_ns);
         u64 waits = pcount - t->base_pcount;
         if (waits) {
-            u64 cg = t->cgroup_id;
-            struct acg_hist *h = runq_hist.lookup(&cg);
-            if (h) {
-                u32 slot = acg_log2((delay - t->base_run_delay_ns) / waits);
-                if (slot >= HIST_SLOTS)
-                    slot = HIST_SLOTS - 1;
-                __sync_fetch_and_add(&h->slots[slot], waits);
-            }
+            u32 slot = acg_log2((delay - t->base_run_delay_ns) / waits);
+            if (slot >= HIST_SLOTS)
+                slot = HIST_SLOTS - 1;
+            __sync_fetch_and_add(&c->runq_slots[slot], waits);
         }
     }
     t->base_runtime_ns = runtime;

@@ -16,6 +16,8 @@ RSS threshold when loaded, else PSI and its tick.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 from pathlib import Path
@@ -39,23 +41,19 @@ class UsageThreshold:
             raise ControllerMissing(f"{control} is missing: the kernel has no cgroup v1 memory thresholds "
                                     "(CONFIG_MEMCG_V1); the daemon reacts through eBPF or PSI instead")
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        usage = -1
+        self._usage = -1          # kept open: usage_bytes() is one pread, no open/stat/close
         try:
-            usage = os.open(self.path / USAGE, os.O_RDONLY | os.O_CLOEXEC)
+            self._usage = os.open(self.path / USAGE, os.O_RDONLY | os.O_CLOEXEC)
             fd = os.open(control, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.write(fd, f"{self._efd} {usage} {threshold_bytes}".encode())
+                os.write(fd, f"{self._efd} {self._usage} {threshold_bytes}".encode())
             finally:
                 os.close(fd)
         except OSError as exc:
-            os.close(self._efd)
-            self._efd = -1
+            self.close()
             if not self.path.is_dir():
                 raise CgroupGone(f"{self.path} was removed") from None
             raise AgentcgError(f"cannot register a memory threshold on {self.path}: {exc.strerror}") from None
-        finally:
-            if usage >= 0:
-                os.close(usage)   # the kernel holds its own reference from here on
 
     def fileno(self) -> int:
         return self._efd
@@ -69,15 +67,68 @@ class UsageThreshold:
         return count, time.monotonic()
 
     def usage_bytes(self) -> int | None:
+        """memory.usage_in_bytes now (the page counter the threshold compares with); None
+        once the cgroup is gone."""
         try:
-            return int((self.path / USAGE).read_text())
+            return int(os.pread(self._usage, 32, 0))
         except (OSError, ValueError):
             return None
 
     def close(self) -> None:
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
+        for name in ("_efd", "_usage"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_MONOTONIC = 1
+_libc = None
+
+
+class Ticker:
+    """A periodic CLOCK_MONOTONIC timerfd (timerfd_create(2); Python's own os.timerfd_*
+    arrives only in 3.13), readable in epoll every `period_s`: the daemon's short watch of
+    a call close to its threshold (reaction.py)."""
+
+    def __init__(self, period_s: float) -> None:
+        global _libc
+        if not 0 < period_s < 1:
+            raise ValueError(f"a ticker's period must be in (0, 1) s, got {period_s!r}")
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._fd = _libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise AgentcgError(f"timerfd_create: {os.strerror(ctypes.get_errno())}")
+        ns = int(period_s * 1e9)
+        spec = _Itimerspec(_Timespec(0, ns), _Timespec(0, ns))
+        if _libc.timerfd_settime(self._fd, 0, ctypes.byref(spec), None) != 0:
+            err = ctypes.get_errno()
+            self.close()
+            raise AgentcgError(f"timerfd_settime: {os.strerror(err)}")
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> int:
+        """Expirations since the last read (0 if none)."""
+        try:
+            return int.from_bytes(os.read(self._fd, 8), "little")
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 EVENTS = "memory.events"

@@ -25,8 +25,9 @@ import time
 from typing import Any, Callable, Iterable
 
 from agentcg.controller.cgroup import CgroupTree
-from agentcg.controller.cgroup.threshold import MemoryEventsWatch, UsageThreshold
+from agentcg.controller.cgroup.threshold import MemoryEventsWatch, Ticker, UsageThreshold
 from agentcg.controller.core import Thresholds, needs_rearm, sandbox_thresholds
+from agentcg.controller.core.thresholds import DRIFT_BYTES
 from agentcg.controller.daemon.metrics import DaemonStats
 from agentcg.errors import AgentcgError, CgroupGone
 
@@ -34,6 +35,18 @@ log = logging.getLogger("agentcg.daemon")
 
 Crossing = tuple[str, "str | None", float, dict]        # sandbox, call_id, observed_s, detail
 DECIDE_KINDS = ("rssthreshold", "oomvictim", "reclaimstall")
+# A v1 memcg threshold is checked every 128 page events per CPU (mm/memcontrol-v1.c,
+# THRESHOLDS_EVENTS_TARGET), after the page counter moved in batches of up to 64 pages
+# (MEMCG_CHARGE_BATCH): the kernel can notice a crossing 192 pages after it, and later
+# still when the allocating task is preempted in between (both cores busy:
+# bench/bench_reaction.py). So a call's eventfd is armed EARLY_BYTES below its threshold
+# (which is DRIFT_BYTES above the point where its sandbox reaches the fraction, whose own
+# eventfd is exact); when it fires below the threshold, the daemon watches the call's
+# (and its sandbox's) usage itself, every WATCH_PERIOD_S for at most WATCH_MAX_S, and
+# reacts at the crossing.
+EARLY_BYTES = DRIFT_BYTES + 192 * 4096
+WATCH_PERIOD_S = 100e-6
+WATCH_MAX_S = 0.05
 
 
 class Reactor:
@@ -50,7 +63,9 @@ class Reactor:
         self._memcg_refused: set[str] = set()
         self._armed: dict[int, int | None] = {}              # cgroup id -> RSS threshold armed
         self._fired: dict[int, int] = {}                     # cgroup id -> RSS when its threshold fired
-        self._calls: dict[str, tuple[str, UsageThreshold]] = {}   # call id -> (sandbox, its memcg threshold)
+        self._calls: dict[str, tuple[str, UsageThreshold, int]] = {}  # call id -> (sandbox, eventfd, threshold)
+        self._watching: dict[str, tuple[float, int | None]] = {}   # call id -> (deadline, its sandbox's usage then)
+        self._ticker: Ticker | None = None
         self._calls_refused: set[str] = set()
         self._ring_fd: int | None = None
         self.enabled = enabled                                     # [policy] kernel_thresholds
@@ -85,7 +100,7 @@ class Reactor:
 
     def armed(self) -> dict[str, int]:
         """call id -> the memcg usage threshold armed on it now (tests, state)."""
-        return {call_id: t.threshold_bytes for call_id, (_, t) in self._calls.items()}
+        return {call_id: threshold for call_id, (_, _, threshold) in self._calls.items()}
 
     def start(self) -> None:
         if self.monitor is None:
@@ -185,10 +200,10 @@ class Reactor:
             if call is None or threshold is None or call_id in self._calls_refused:
                 continue
             old = self._calls.get(call_id)
-            if old is not None and not needs_rearm(old[1].threshold_bytes, threshold):
+            if old is not None and not needs_rearm(old[2], threshold):
                 continue
             try:
-                t = UsageThreshold(self.tree.cgroup_dir(call.path, "memory"), threshold)
+                t = self._early(self.tree.cgroup_dir(call.path, "memory"), threshold)
             except CgroupGone:
                 continue             # it ended meanwhile; call_ended follows
             except (AgentcgError, OSError) as exc:   # OSError: EMFILE (one eventfd per call: mind RLIMIT_NOFILE)
@@ -197,15 +212,30 @@ class Reactor:
                 self._calls_refused.add(call_id)
                 continue
             self._register(t.fileno(), select.EPOLLIN,
-                           lambda fd, mask, sb=call.sandbox, cid=call_id, t=t: self._on_memcg(sb, t, cid))
-            self._calls[call_id] = (call.sandbox, t)
+                           lambda fd, mask, sb=call.sandbox, cid=call_id, t=t, x=threshold: self._on_memcg(sb, t, cid, x))
+            self._calls[call_id] = (call.sandbox, t, threshold)
             if old is not None:      # the new one is armed first: no gap
                 self._unregister(old[1].fileno())
                 old[1].close()
 
+    @staticmethod
+    def _early(directory: Any, threshold: int) -> UsageThreshold:
+        """The eventfd of a call's `threshold`, armed EARLY_BYTES below it, unless the call
+        holds that much already (the kernel signals crossings, not a level): then at it."""
+        early = threshold - EARLY_BYTES
+        if early <= 0:
+            return UsageThreshold(directory, threshold)
+        t = UsageThreshold(directory, early)
+        usage = t.usage_bytes()
+        if usage is not None and usage >= early:
+            t.close()
+            t = UsageThreshold(directory, threshold)
+        return t
+
     def call_ended(self, call_id: str) -> None:
         """Close the call's memcg threshold (its eventfd), so none outlives the call."""
         self._calls_refused.discard(call_id)
+        self._unwatch_call(call_id)
         for key in [k for k in self._watches if k[1] == call_id]:
             self._unwatch(key)
         entry = self._calls.pop(call_id, None)
@@ -238,17 +268,112 @@ class Reactor:
                 self._memcg_refused.add(scope)
             self._memcg[scope], self._memcg_budget[scope] = armed, budget
 
-    def _on_memcg(self, scope: str, t: UsageThreshold, call_id: str | None = None) -> None:
+    def _on_memcg(self, scope: str, t: UsageThreshold, call_id: str | None = None,
+                  threshold: int | None = None) -> None:
         count, read_s = t.read()
         if not count:
             return
+        usage = t.usage_bytes()
+        threshold = t.threshold_bytes if threshold is None else threshold
+        if usage is not None and call_id is not None and t.threshold_bytes <= usage < threshold:
+            self._watch_call(call_id, usage - t.threshold_bytes)   # armed early (EARLY_BYTES): watch the last stretch
+            return
         kind = "call" if call_id is not None else "root" if scope == "" else "sandbox"
         self.stats.bump(self.stats.memcg_thresholds, kind)
-        usage = t.usage_bytes()
-        if usage is None or usage < t.threshold_bytes:
+        if usage is None or usage < threshold:
             return               # crossed downwards (the tick relaxes), or the cgroup went (it signals on removal)
-        self._react([(scope, call_id, read_s, {"source": "memcg", "scope": kind, "threshold_bytes": t.threshold_bytes,
+        for watched in [c for c in self._watching if call_id in (c, None) and self._calls.get(c, ('',))[0] == scope]:
+            self._watching.pop(watched)      # the crossing they watched for is here
+        self._watching.pop(call_id or "", None)
+        self._react([(scope, call_id, read_s, {"source": "memcg", "scope": kind, "threshold_bytes": threshold,
                                                "usage_bytes": usage, "read_monotonic_s": read_s})])
+        self._unwatch_call(None)             # the timer goes after the enforcement write, not before it
+
+    # ---- the short watch of a call armed early ----------------------------------------
+    def _watch_call(self, call_id: str, grown_bytes: int) -> None:
+        """Watch `call_id`, `grown_bytes` past its early mark: its sandbox's fractions count
+        as crossed from the sandbox's usage when the call passed that mark (the kernel may
+        report both eventfds in one check, and this one first)."""
+        sandbox = self._calls[call_id][0]
+        scope = self._memcg.get(sandbox)
+        sb_usage = scope[0].usage_bytes() if scope else None
+        self._watching[call_id] = (time.monotonic() + WATCH_MAX_S,
+                                   None if sb_usage is None else sb_usage - max(0, grown_bytes))
+        if self._ticker is None:
+            try:
+                self._ticker = Ticker(WATCH_PERIOD_S)
+            except AgentcgError as exc:
+                log.warning("no watch timer (%s): the kernel's own threshold check reports the crossing", exc)
+                self._watching.clear()
+                return
+            self._register(self._ticker.fileno(), select.EPOLLIN, self._on_tick)
+        self._on_tick(-1, 0)           # it may be across already
+
+    def watching(self) -> set[str]:
+        """The calls whose usage the daemon watches now (tests, state)."""
+        return set(self._watching)
+
+    def _arm_exact(self, call_id: str) -> None:
+        """A watch ran out below the threshold (the call stopped short of it): the call's
+        eventfd moves to the threshold itself, so the kernel still reports the crossing."""
+        sandbox, old, threshold = self._calls[call_id]
+        try:
+            t = UsageThreshold(old.path, threshold)
+        except (AgentcgError, OSError):
+            return                   # gone, or out of fds: the sandbox's exact eventfds and the tick remain
+        self._register(t.fileno(), select.EPOLLIN,
+                       lambda fd, mask, sb=sandbox, cid=call_id, t=t, x=threshold: self._on_memcg(sb, t, cid, x))
+        self._calls[call_id] = (sandbox, t, threshold)
+        self._unregister(old.fileno())
+        old.close()
+
+    def _unwatch_call(self, call_id: str | None) -> None:
+        if call_id is not None:
+            self._watching.pop(call_id, None)
+        if not self._watching and self._ticker is not None:
+            self._unregister(self._ticker.fileno())
+            self._ticker.close()
+            self._ticker = None
+
+    def _on_tick(self, fd: int, mask: int) -> None:
+        """Each watched call: across its threshold, or its sandbox across one of its own,
+        reacts now (as if its eventfd had fired); a watch past WATCH_MAX_S ends (the
+        kernel's check at the threshold itself still stands: the sandbox's eventfds)."""
+        if self._ticker is not None and fd >= 0:
+            self._ticker.read()
+        now = time.monotonic()
+        crossings: list[Crossing] = []
+        for call_id, (deadline, sb_before) in list(self._watching.items()):
+            entry = self._calls.get(call_id)
+            if entry is None:
+                self._watching.pop(call_id, None)
+                continue
+            sandbox, t, threshold = entry
+            usage = t.usage_bytes()
+            crossed = None
+            if usage is not None and usage >= threshold:
+                crossed = {"source": "memcg", "scope": "call", "threshold_bytes": threshold, "usage_bytes": usage}
+            elif sb_before is not None and self._memcg.get(sandbox):
+                scope = self._memcg[sandbox]
+                sb_usage = scope[0].usage_bytes()
+                passed = [x.threshold_bytes for x in scope if sb_usage is not None
+                          and sb_before < x.threshold_bytes <= sb_usage]
+                if passed:          # one of the sandbox's fractions, crossed while this call grew
+                    crossed = {"source": "memcg", "scope": "sandbox", "threshold_bytes": min(passed),
+                               "usage_bytes": sb_usage}
+            if crossed is not None:
+                self.stats.bump(self.stats.memcg_thresholds, crossed["scope"])
+                read_s = time.monotonic()
+                crossed.update(read_monotonic_s=read_s, watched=True)
+                crossings.append((sandbox, call_id, read_s, crossed))
+                self._watching.pop(call_id, None)
+            elif usage is None or now >= deadline:
+                self._watching.pop(call_id, None)
+                if usage is not None:
+                    self._arm_exact(call_id)
+        if crossings:
+            self._react(crossings)
+        self._unwatch_call(None)
 
     def forget_scope(self, scope: str) -> None:
         self._memcg_refused.discard(scope)

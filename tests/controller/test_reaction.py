@@ -244,3 +244,88 @@ def test_pure_v2_watches_memory_events_instead(fixture_v2_tree):
     off = Reactor(fixture_v2_tree, None, Thresholds((0.8,)), DaemonStats(), lambda *a: None, lambda fd: None,
                   lambda cgroup_id: None, crossings.extend, lambda *a: None, enabled=False)
     assert off.mode == "psi-and-tick"
+
+
+_GROWER = ("import sys\nkeep = []\nprint('ready', flush=True)\n"
+           "for line in sys.stdin:\n    keep.append(b'\\x01' * int(line))\n    print('ok', flush=True)\n")
+
+
+def test_a_call_armed_early_is_watched_over_the_last_stretch_then_armed_exactly(cgroup_tree):
+    """The call's eventfd is armed EARLY_BYTES below its threshold (the kernel checks v1
+    thresholds only every 128 page events): a call that stops in between is watched, not
+    reported; when the watch runs out its eventfd moves to the threshold itself, and the
+    crossing is reported when the call goes on."""
+    from agentcg.controller.daemon.reaction import EARLY_BYTES, WATCH_MAX_S
+    crossings: list = []
+    reactor, ep = _reactor(cgroup_tree, crossings)
+    cgroup_tree.create("sb")
+    cgroup_tree.create("sb/c1")
+    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=cgroup_tree.cgroup_id("sb/c1"))
+    usage_file = cgroup_tree.cgroup_dir("sb/c1", "memory") / "memory.usage_in_bytes"
+    proc = cgroup_tree.spawn("sb/c1", [sys.executable, "-S", "-c", _GROWER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        threshold = int(usage_file.read_text()) + 16 * MiB
+        before = _eventfds()
+        reactor.arm_calls({"c1": threshold}, [call])
+        assert reactor.armed() == {"c1": threshold} and _eventfds() == before + 1
+        # into the stretch between the early mark and the threshold
+        proc.stdin.write(b"%d\n" % (threshold - EARLY_BYTES // 2 - int(usage_file.read_text())))
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"ok"
+        assert threshold - EARLY_BYTES < int(usage_file.read_text()) < threshold
+        assert wait_until(lambda: ep.dispatch(0.01) >= 0 and reactor.watching() == {"c1"}, 5), \
+            "the early eventfd never fired"
+        assert wait_until(lambda: ep.dispatch(0.01) >= 0 and not reactor.watching(), 10 * WATCH_MAX_S + 5)
+        assert crossings == [] and len(ep.handlers) == 1      # the watch's timer closed with it
+        # the eventfd is at the threshold now: going on reports the crossing
+        proc.stdin.write(b"%d\n" % (2 * MiB))
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"ok"
+        assert wait_until(lambda: ep.dispatch(0.1) >= 0 and crossings, 10), "the exact eventfd never fired"
+        sandbox, call_id, _, detail = crossings[0]
+        assert (sandbox, call_id) == ("sb", "c1") and detail["usage_bytes"] >= detail["threshold_bytes"] == threshold
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+    reactor.close()
+    assert _eventfds() == before and not ep.handlers
+
+
+def test_the_watch_reports_the_crossing_itself(cgroup_tree, monkeypatch):
+    from agentcg.controller.daemon import reaction
+    from agentcg.controller.daemon.reaction import EARLY_BYTES
+    monkeypatch.setattr(reaction, "WATCH_MAX_S", 10.0)     # a loaded test host must not outlast the watch
+    crossings: list = []
+    reactor, ep = _reactor(cgroup_tree, crossings)
+    cgroup_tree.create("sb")
+    cgroup_tree.create("sb/c1")
+    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=cgroup_tree.cgroup_id("sb/c1"))
+    usage_file = cgroup_tree.cgroup_dir("sb/c1", "memory") / "memory.usage_in_bytes"
+    proc = cgroup_tree.spawn("sb/c1", [sys.executable, "-S", "-c", _GROWER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        threshold = int(usage_file.read_text()) + 16 * MiB
+        reactor.arm_calls({"c1": threshold}, [call])
+        proc.stdin.write(b"%d\n" % (threshold - EARLY_BYTES // 2 - int(usage_file.read_text())))
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"ok"
+        assert wait_until(lambda: ep.dispatch(0.01) >= 0 and reactor.watching() == {"c1"}, 5)
+        proc.stdin.write(b"%d\n" % MiB)        # across, while watched: no kernel check needed
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"ok"
+        assert wait_until(lambda: ep.dispatch(0.01) >= 0 and crossings, 5), "the watch missed the crossing"
+        _, call_id, read_s, detail = crossings[0]
+        assert call_id == "c1" and detail["watched"] and detail["usage_bytes"] >= detail["threshold_bytes"] == threshold
+        assert not reactor.watching()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+    reactor.close()
+    assert not ep.handlers
