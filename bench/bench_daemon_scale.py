@@ -15,7 +15,8 @@ many connections (so the load generator, not the daemon, is the lighter side):
 2. Daemon CPU while idle with 1,000 tracked calls, over `--idle-s`, from the daemon's
    utime+stime in /proc (percent of one CPU). Baseline: the same with no calls. Target < 2 %.
 3. Throughput: `--clients` connections (100), each one begin + end after another, for
-   `--load-s`; calls/s over all. Target >= 500 calls/s.
+   `--load-s`; calls/s over all. Target >= 500 calls/s. Printed with it: the daemon's CPU
+   per begin+end over that load, all its threads and its loop's thread alone (from /proc).
 
     sudo .venv/bin/python bench/bench_daemon_scale.py [--samples 60] [--rounds 2] [--idle-s 10] [--load-s 10]
 
@@ -69,6 +70,11 @@ class Conn:
 
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -248,7 +254,13 @@ def main() -> int:
         holder.close()
         conn.close()
         print(f"  (held calls ended: {time.monotonic() - t0:.0f} s)")
+        cpu_before, loop_before, t_before = cpu_s(pid), thread_cpu_s(pid, pid), time.monotonic()
         rate, errors = throughput(d.socket_path, args.clients, args.load_s)
+        calls_done = rate * args.load_s
+        # the daemon's CPU per begin+end over the load (all its threads, and its loop's
+        # thread alone: the loop is what one daemon cannot spread over more CPUs)
+        load_cpu = ((cpu_s(pid) - cpu_before) / calls_done, (thread_cpu_s(pid, pid) - loop_before) / calls_done,
+                    (cpu_s(pid) - cpu_before) / (time.monotonic() - t_before)) if calls_done else None
     finally:
         d.cleanup()
     base, top = latency[min(latency)], latency[max(latency)]
@@ -261,6 +273,10 @@ def main() -> int:
         (f"throughput, {args.clients} concurrent clients, begin+end ({errors} refused)", f"{rate:.0f} calls/s",
          f">= {TARGET_CALLS_PER_S:g} calls/s", rate >= TARGET_CALLS_PER_S),
     ]
+    if load_cpu is not None:
+        print(f"  (throughput load: daemon CPU per begin+end {load_cpu[0] * 1e3:.2f} ms, its loop thread "
+              f"{load_cpu[1] * 1e3:.2f} ms; daemon busy {load_cpu[2] * 100:.0f} % of one CPU; "
+              f"host load {os.getloadavg()[0]:.1f})")
     for name, value, target, ok in results:
         print(f"{name}: {value} (target {target}): {verdict(ok)}")
     return 0 if all(ok for *_, ok in results) else 1

@@ -40,7 +40,8 @@ class DaemonCalls(ToolCallManager):
         if self.monitor is not None and cgroup_id is not None and cgroup_id in self.monitor.watched():
             self.monitor.forget(cgroup_id)
         files = self._procs_files(sandbox, call_id)
-        if not removals.queue(sandbox, call_id, [str(f.parent) for f in files]):
+        # v2 last: should a v1 rmdir fail, the loop's CgroupTree.remove still finds the cgroup
+        if not removals.queue(sandbox, call_id, [str(f.parent) for f in reversed(files)]):
             super()._discard(sandbox, call_id, path, created_sandbox, None, join_fds)
 
     def adopt_entry(self, entry: CallEntry) -> ToolCall:

@@ -441,9 +441,15 @@ class Daemon(DaemonClaims, DaemonSignals, DaemonAdmission, OwnedCalls, ClientCon
     def _end_turn(self) -> None:
         """Save what the turn changed, then send what it answered (in that order: no answer
         leaves before the state it reports is written)."""
+        saved = True
         if self._save_due:
-            self.save()
-        if self.calls.removals is not None:
+            try:
+                self.save()
+            except (AgentcgError, OSError) as exc:   # the answers still go: a client must not hang on it
+                saved, self._save_due = False, True   # tried again at the end of the next turn
+                self._bad_requests.log(logging.ERROR, ("state", 0), "cannot save the state %s: %s",
+                                       self.config.state_path, exc, now=time.monotonic())
+        if saved and self.calls.removals is not None:
             self.calls.removals.release()    # after the save: the state no longer lists them
         self._flush_turn()
 
