@@ -40,12 +40,13 @@ from agentcg.controller.sandbox import (
 )
 from agentcg.errors import AgentcgError, CgroupError, CgroupGone, InvalidInput
 from agentcg.controller.toolcall_pool import CallPool, Removal, Spare, new_call_id
+from agentcg.controller.toolcall_record import append_record, read_record
 from agentcg.records import ToolCallRecord, truncate_command
 
 log = logging.getLogger("agentcg.toolcall")
 
 if TYPE_CHECKING:
-    from agentcg.bpf.monitor import BpfMonitor, CgroupCounters
+    from agentcg.bpf.monitor import BpfMonitor
 
 DEFAULT_GRACE_S = 5.0
 MAX_RUNNING_CALLS = 4096          # = the monitor's MAX_CGROUPS: one watched cgroup per call
@@ -412,37 +413,7 @@ class ToolCallManager:
         return record
 
     def _record(self, call: ToolCall) -> ToolCallRecord:
-        end_mono = call.returned_monotonic_s if call.returned_monotonic_s is not None else time.monotonic()
-        end_wall = call.returned_wall_s if call.returned_wall_s is not None else time.time()
-        record = ToolCallRecord(
-            sandbox=call.sandbox, call_id=call.call_id, tool=call.tool, command=call.command,
-            start_monotonic_s=call.start_monotonic_s, start_wall_s=call.start_wall_s,
-            end_monotonic_s=end_mono, end_wall_s=end_wall, exit_code=call.exit_code, signal=call.signal,
-            priority=call.priority, mem_hint_bytes=call.mem_hint_bytes, extra=dict(call.extra),
-        )
-        if not call.measured:
-            record.message = "exited before agentcg could move it into its own cgroup; its usage stays with the agent's"
-            if self.monitor is not None:
-                self.monitor.forget(call.cgroup_id)
-            return record
-        tree = self.tree
-        try:
-            record.peak_memory_bytes = tree.memory_peak(call.path) if "memory.peak" in tree.capabilities else None
-            record.cpu_s = tree.cpu_stat(call.path).usage_s
-            if "memory.max" in tree.capabilities:
-                events = tree.memory_events(call.path)
-                record.oom_killed = events.oom_kill > 0
-                record.page_faults = tree.memory_stat(call.path).pgfault
-        except CgroupGone:
-            pass
-        except AgentcgError as exc:  # a controller the host lacks: leave the field unmeasured
-            record.extra["cgroup_read_error"] = str(exc)
-        if self.monitor is not None:
-            try:
-                _apply_counters(record, self.monitor.forget(call.cgroup_id))
-            except AgentcgError as exc:
-                record.extra["ebpf_read_error"] = str(exc)
-        return record
+        return read_record(self.tree, self.monitor, call)
 
     def _discard(self, sandbox: str, call_id: str, path: str, created_sandbox: bool,
                  cgroup_id: int | None = None, join_fds: list[int] | None = None) -> None:
@@ -472,36 +443,8 @@ class ToolCallManager:
                 remove_auto_sandbox_if_unused(self.tree, sandbox, self.state)
 
     def _append(self, record: ToolCallRecord) -> None:
-        if self.records_path is None:
-            return
-        from agentcg.safefile import open_append
-
-        self.records_path.parent.mkdir(parents=True, exist_ok=True)
-        line = (record.to_json() + "\n").encode()
-        # one write(2) on O_APPEND: concurrent writers' lines do not interleave. Mode 0600 by
-        # default: command lines may hold secrets (`--token=...`); never through a link
-        fd = open_append(self.records_path, self.records_mode, self.records_gid)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-
-
-def _apply_counters(record: ToolCallRecord, c: "CgroupCounters") -> None:
-    record.peak_rss_bytes = c.rss_peak_bytes
-    record.runq_latency_p50_s = c.runq_latency_p50_s
-    record.runq_latency_p99_s = c.runq_latency_p99_s
-    record.reclaim_stall_s = c.reclaim_s
-    record.block_read_bytes = c.block_read_bytes
-    record.block_write_bytes = c.block_write_bytes
-    if c.page_faults is not None:
-        record.page_faults = c.page_faults     # user faults; the cgroup's pgfault counts kernel ones too
-    if c.forks is not None:
-        record.processes = c.forks + 1         # forks inside the call plus the process that started it
-    if c.oom_kills:
-        record.oom_killed = True
-    if record.cpu_s is None:
-        record.cpu_s = c.cpu_s
+        if self.records_path is not None:
+            append_record(self.records_path, record, self.records_mode, self.records_gid)
 
 
 def _wait_empty(tree: CgroupTree, path: str, timeout_s: float) -> None:
