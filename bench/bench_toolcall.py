@@ -130,7 +130,7 @@ def measure_daemon(calls: int) -> bool:
                     raise SystemExit(f"tool call {i} through the daemon failed: {result.record}")
             left = client.request("state", {})["running_calls"]
     finally:
-        d.stop()
+        d.cleanup()      # stops it and removes its cgroup root and work directory
     b50, b99 = percentile(base_s, 0.50) * 1e3, percentile(base_s, 0.99) * 1e3
     r50, r99 = percentile(call_s, 0.50) * 1e3, percentile(call_s, 0.99) * 1e3
     ok = r50 - b50 <= TARGET_ADDED_P50_MS
