@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testutil import profile_env
 
 AGENTCG = [sys.executable, "-m", "agentcg.cli"]
 ALLOC_MIB = 300
@@ -23,19 +23,7 @@ THREE_COMMANDS = f"ls / >/dev/null; {ALLOC}; sleep 0.2"
 
 @pytest.fixture
 def env(tmp_path: Path):
-    from agentcg.controller.doctor_pytest import require
-
-    require("cgroup_layout", "cgroup_v2_freeze_kill", "bcc_load")
-    root = f"agentcg-test-profile-{secrets.token_hex(4)}"
-    environ = {**os.environ, "AGENTCG_ROOT": root, "AGENTCG_STATE_DIR": str(tmp_path / "state")}
-    try:
-        yield environ
-    finally:
-        left = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{root}")] + \
-            [str(p) for p in Path("/sys/fs/cgroup").glob(root)]
-        for path in sorted(left, key=len, reverse=True):   # clean up after a failure, then fail
-            subprocess.run(["find", path, "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"], check=False)
-        assert not left, f"profile left cgroups behind: {left}"
+    yield from profile_env(tmp_path, "profile")
 
 
 def _agentcg(args: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:

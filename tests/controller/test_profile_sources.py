@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from testutil import profile_env
 
 from agentcg.profiler.llm_records import BadRecord, parse_record
 
@@ -24,19 +24,7 @@ GPU_BYTES = 3 * 2**30
 
 @pytest.fixture
 def env(tmp_path: Path):
-    from agentcg.controller.doctor_pytest import require
-
-    require("cgroup_layout", "cgroup_v2_freeze_kill", "bcc_load")
-    root = f"agentcg-test-profsrc-{secrets.token_hex(4)}"
-    environ = {**os.environ, "AGENTCG_ROOT": root, "AGENTCG_STATE_DIR": str(tmp_path / "state")}
-    try:
-        yield environ
-    finally:
-        left = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{root}")] + \
-            [str(p) for p in Path("/sys/fs/cgroup").glob(root)]
-        for path in sorted(left, key=len, reverse=True):
-            subprocess.run(["find", path, "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"], check=False)
-        assert not left, f"profile left cgroups behind: {left}"
+    yield from profile_env(tmp_path, "profsrc")
 
 
 AGENT = f"""

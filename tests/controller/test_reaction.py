@@ -250,6 +250,15 @@ _GROWER = ("import sys\nkeep = []\nprint('ready', flush=True)\n"
            "for line in sys.stdin:\n    keep.append(b'\\x01' * int(line))\n    print('ok', flush=True)\n")
 
 
+def _grower_call(tree):
+    """Call c1 of sandbox sb with _GROWER running in it: (call, its memory.usage_in_bytes, process)."""
+    tree.create("sb")
+    tree.create("sb/c1")
+    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=tree.cgroup_id("sb/c1"))
+    usage_file = tree.cgroup_dir("sb/c1", "memory") / "memory.usage_in_bytes"
+    proc = tree.spawn("sb/c1", [sys.executable, "-S", "-c", _GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return call, usage_file, proc
+
 def test_a_call_armed_early_is_watched_over_the_last_stretch_then_armed_exactly(cgroup_tree):
     """The call's eventfd is armed EARLY_BYTES below its threshold (the kernel checks v1
     thresholds only every 128 page events): a call that stops in between is watched, not
@@ -258,12 +267,7 @@ def test_a_call_armed_early_is_watched_over_the_last_stretch_then_armed_exactly(
     from agentcg.controller.daemon.reaction import EARLY_BYTES, WATCH_MAX_S
     crossings: list = []
     reactor, ep = _reactor(cgroup_tree, crossings)
-    cgroup_tree.create("sb")
-    cgroup_tree.create("sb/c1")
-    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=cgroup_tree.cgroup_id("sb/c1"))
-    usage_file = cgroup_tree.cgroup_dir("sb/c1", "memory") / "memory.usage_in_bytes"
-    proc = cgroup_tree.spawn("sb/c1", [sys.executable, "-S", "-c", _GROWER], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE)
+    call, usage_file, proc = _grower_call(cgroup_tree)
     try:
         assert proc.stdout.readline().strip() == b"ready"
         threshold = int(usage_file.read_text()) + 16 * MiB
@@ -301,12 +305,7 @@ def test_the_watch_reports_the_crossing_itself(cgroup_tree, monkeypatch):
     monkeypatch.setattr(reaction, "WATCH_MAX_S", 10.0)     # a loaded test host must not outlast the watch
     crossings: list = []
     reactor, ep = _reactor(cgroup_tree, crossings)
-    cgroup_tree.create("sb")
-    cgroup_tree.create("sb/c1")
-    call = SimpleNamespace(call_id="c1", sandbox="sb", path="sb/c1", cgroup_id=cgroup_tree.cgroup_id("sb/c1"))
-    usage_file = cgroup_tree.cgroup_dir("sb/c1", "memory") / "memory.usage_in_bytes"
-    proc = cgroup_tree.spawn("sb/c1", [sys.executable, "-S", "-c", _GROWER], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE)
+    call, usage_file, proc = _grower_call(cgroup_tree)
     try:
         assert proc.stdout.readline().strip() == b"ready"
         threshold = int(usage_file.read_text()) + 16 * MiB
